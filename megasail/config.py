@@ -1,0 +1,132 @@
+"""Nested dataclass configs, YAML files and dotted command-line overrides.
+
+    cfg = load_config("examples/configs/tiny.yaml", ["parallel.tensor=2", "model.language.num_layers=4"])
+
+OmegaConf structured configs check keys and types; this module adds the closest-key hint for a
+mistyped key and ``--help`` text generated from each field's ``help`` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from megasail.fields import doc
+from megasail.models.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split across devices. The data-parallel size is what remains of the world."""
+
+    tensor: int = doc("tensor-parallel size: attention heads and MLP columns split over this many ranks", 1)
+    pipeline: int = doc("pipeline-parallel size: LLM layers split over stages; ViT and projector on stage 0", 1)
+    virtual_pipeline: int | None = doc("virtual pipeline chunks per stage (interleaved 1F1B); null = off", None)
+    context: int = doc("context-parallel size (sequence split for attention; needs Transformer Engine)", 1)
+    sequence_parallel: bool = doc("shard activations along the sequence in norm/dropout regions (needs tensor > 1)", False)
+    first_stage_llm_layers: int | None = doc(
+        "LLM layers on pipeline stage 0 (which also runs the ViT); null = split evenly", None
+    )
+    distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks (ZeRO-1)", True)
+    overlap_grad_reduce: bool = doc("overlap the data-parallel gradient reduce with backward", False)
+
+    def validate(self) -> None:
+        for name in ("tensor", "pipeline", "context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        if self.virtual_pipeline is not None and self.pipeline == 1:
+            raise ValueError("parallel.virtual_pipeline needs parallel.pipeline > 1")
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Sections grow as training, data and checkpointing land."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = doc("global seed (model init, data order)", 1234)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            key = f"{prefix}{f.name}"
+            keys.append(key)
+            keys.extend(_all_keys(value, key + "."))
+    return keys
+
+
+def _closest_hint(bad_key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.5)
+    if not close:  # try matching just the last component within the same parent
+        leaf = bad_key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[match[0]]] if match else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _merge(base: DictConfig, other: Any, source: str, schema: Any) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = str(getattr(e, "full_key", "") or "") or str(e)
+        raise ConfigError(f"{source}: unknown config key '{key}'{_closest_hint(key, _all_keys(schema))}") from None
+    except ValidationError as e:
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"{source}: bad value for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig) -> Any:
+    """Build a typed config: schema defaults <- YAML file <- dotted overrides (``a.b=value``)."""
+    default = schema()
+    cfg = OmegaConf.structured(default)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path), default)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tensor=2)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", default)
+    obj = OmegaConf.to_object(cfg)
+    obj.parallel.validate()
+    return obj
+
+
+def config_help(schema=RunConfig) -> str:
+    """One line per field: dotted key, default, and its documentation."""
+    lines = []
+
+    def walk(cls, prefix: str) -> None:
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(inst, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                text = f.metadata.get("help", "")
+                lines.append(f"  {prefix}{f.name}={value!r}\n      {text}")
+
+    walk(schema, "")
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (logged at start and saved with checkpoints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
