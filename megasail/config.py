@@ -80,15 +80,30 @@ def _closest_hint(bad_key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _merge(base: DictConfig, other: Any, source: str, schema: Any) -> DictConfig:
+def _line_of(path: str, dotted_key: str) -> str:
+    """':LINE' of the key's last component in a YAML file, or '' when it cannot be found."""
+    leaf = dotted_key.rsplit(".", 1)[-1]
+    try:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip().startswith(f"{leaf}:"):
+                return f":{n}"
+    except OSError:
+        pass
+    return ""
+
+
+def _merge(base: DictConfig, other: Any, source: str, schema: Any, path: str | None = None) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = str(getattr(e, "full_key", "") or "") or str(e)
-        raise ConfigError(f"{source}: unknown config key '{key}'{_closest_hint(key, _all_keys(schema))}") from None
+        where = source + (_line_of(path, key) if path else "")
+        raise ConfigError(f"{where}: unknown config key '{key}'{_closest_hint(key, _all_keys(schema))}") from None
     except ValidationError as e:
-        key = getattr(e, "full_key", "?")
-        raise ConfigError(f"{source}: bad value for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+        key = str(getattr(e, "full_key", "") or "?")
+        where = source + (_line_of(path, key) if path else "")
+        reason = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{key}': {reason}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig) -> Any:
@@ -99,13 +114,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path), default)
+        cfg = _merge(cfg, OmegaConf.load(path), str(path), default, path=str(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tensor=2)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", default)
     obj = OmegaConf.to_object(cfg)
-    obj.parallel.validate()
+    for section in ("model", "parallel"):
+        validate = getattr(getattr(obj, section, None), "validate", None)
+        if validate is not None:
+            try:
+                validate()
+            except ValueError as e:
+                raise ConfigError(f"{path or 'config'}: {e}") from None
     return obj
 
 

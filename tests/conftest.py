@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+# tests/ on sys.path so test modules share helpers (dist_utils, model_utils) and spawned ranks find them
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, REPO)  # the checkout's package wins over any other installed copy
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA: runs on GPU machines only")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def repo_root():
+    return REPO
