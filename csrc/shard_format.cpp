@@ -1,0 +1,249 @@
+// Reading and writing the two index files of a dataset prefix (layout in shard_format.h).
+#include "shard_format.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace megasail {
+
+namespace {
+
+constexpr size_t kFileBufferBytes = 4u << 20;
+constexpr size_t kPointerChunk = 1u << 16;  // pointers are computed and written in chunks, not stored
+
+std::string errno_text() { return std::strerror(errno); }
+
+size_t padding_to_8(size_t bytes) { return (8 - bytes % 8) % 8; }
+
+template <typename T>
+void write_array(OutputFile& out, const std::vector<T>& values, bool pad_to_8) {
+  out.write(values.data(), values.size() * sizeof(T));
+  if (pad_to_8) out.write_zeros(padding_to_8(values.size() * sizeof(T)));
+}
+
+std::vector<char> read_whole_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw IoError("cannot open " + path + ": " + errno_text());
+  std::vector<char> bytes;
+  char chunk[1 << 16];
+  size_t got;
+  while ((got = std::fread(chunk, 1, sizeof(chunk), f)) > 0) bytes.insert(bytes.end(), chunk, chunk + got);
+  const bool failed = std::ferror(f);
+  std::fclose(f);
+  if (failed) throw IoError("cannot read " + path);
+  return bytes;
+}
+
+uint64_t file_size(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) throw IoError("cannot stat " + path + ": " + errno_text());
+  return static_cast<uint64_t>(st.st_size);
+}
+
+// Sequential reader over a byte buffer that names the file when it runs short.
+class ByteReader {
+ public:
+  ByteReader(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {}
+
+  template <typename T>
+  T scalar() {
+    T value;
+    take(&value, sizeof(T));
+    return value;
+  }
+  template <typename T>
+  void array(std::vector<T>& out, uint64_t count, bool padded) {
+    if (count > (bytes_.size() - pos_) / sizeof(T)) fail("truncated");
+    out.resize(count);
+    take(out.data(), count * sizeof(T));
+    if (padded) skip(padding_to_8(count * sizeof(T)));
+  }
+  void skip(size_t n) {
+    if (n > bytes_.size() - pos_) fail("truncated");
+    pos_ += n;
+  }
+  void take(void* dst, size_t n) {
+    if (n > bytes_.size() - pos_) fail("truncated");
+    std::memcpy(dst, bytes_.data() + pos_, n);
+    pos_ += n;
+  }
+  bool at_end() const { return pos_ == bytes_.size(); }
+  [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(path_ + ": " + what); }
+
+ private:
+  const std::vector<char>& bytes_;
+  const std::string& path_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::string token_bin_path(const std::string& prefix) { return prefix + ".bin"; }
+std::string token_idx_path(const std::string& prefix) { return prefix + ".idx"; }
+std::string image_bin_path(const std::string& prefix) { return prefix + ".img.bin"; }
+std::string image_idx_path(const std::string& prefix) { return prefix + ".img.idx"; }
+std::string tmp_path(const std::string& path) { return path + ".tmp"; }
+
+OutputFile::OutputFile(const std::string& path) : path_(path), buffer_(kFileBufferBytes) {
+  file_ = std::fopen(path.c_str(), "wb");
+  if (!file_) throw IoError("cannot create " + path + ": " + errno_text());
+  std::setvbuf(file_, buffer_.data(), _IOFBF, buffer_.size());
+}
+
+OutputFile::~OutputFile() { close_quietly(); }
+
+void OutputFile::write(const void* data, size_t size) {
+  if (!file_) throw IoError("write to closed file " + path_);
+  if (size && std::fwrite(data, 1, size, file_) != size) throw IoError("cannot write " + path_ + ": " + errno_text());
+}
+
+void OutputFile::write_zeros(size_t size) {
+  static const char zeros[8] = {};
+  while (size) {
+    const size_t n = std::min(size, sizeof(zeros));
+    write(zeros, n);
+    size -= n;
+  }
+}
+
+void OutputFile::close_synced() {
+  if (!file_) return;
+  const bool ok = std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0;
+  const int close_rc = std::fclose(file_);
+  file_ = nullptr;
+  if (!ok || close_rc != 0) throw IoError("cannot flush " + path_ + ": " + errno_text());
+}
+
+void OutputFile::close_quietly() noexcept {
+  if (file_) std::fclose(file_);
+  file_ = nullptr;
+}
+
+void write_token_index(const std::string& path, const ShardIndex& index) {
+  OutputFile out(path);
+  out.write(kTokenIndexMagic, sizeof(kTokenIndexMagic));
+  out.write(&kTokenIndexVersion, 8);
+  out.write(&kTokenDtypeCodeInt32, 1);
+  const uint64_t sequence_count = index.segment_lengths.size();
+  const uint64_t doc_index_length = index.doc_index.size();  // megatron-core stores D+1 here
+  out.write(&sequence_count, 8);
+  out.write(&doc_index_length, 8);
+  write_array(out, index.segment_lengths, false);
+  std::vector<int64_t> pointers;
+  pointers.reserve(std::min<size_t>(kPointerChunk, index.segment_lengths.size()));
+  int64_t pointer = 0;
+  for (size_t start = 0; start < index.segment_lengths.size(); start += kPointerChunk) {
+    const size_t end = std::min(index.segment_lengths.size(), start + kPointerChunk);
+    pointers.clear();
+    for (size_t s = start; s < end; ++s) {
+      pointers.push_back(pointer);
+      pointer += int64_t{index.segment_lengths[s]} * int64_t{sizeof(int32_t)};
+    }
+    write_array(out, pointers, false);
+  }
+  write_array(out, index.doc_index, false);
+  write_array(out, index.segment_modes, false);
+  out.close_synced();
+}
+
+void write_image_index(const std::string& path, const ShardIndex& index) {
+  OutputFile out(path);
+  out.write(kImageIndexMagic, sizeof(kImageIndexMagic));
+  const uint64_t header[3] = {kImageIndexVersion, index.num_images(), index.num_samples()};
+  out.write(header, sizeof(header));
+  write_array(out, index.image_offsets, true);
+  write_array(out, index.image_sizes, true);
+  write_array(out, index.doc_image_start, true);
+  write_array(out, index.image_widths, true);
+  write_array(out, index.image_heights, true);
+  write_array(out, index.image_crc32, true);
+  write_array(out, index.doc_source, true);
+  write_array(out, index.image_formats, true);
+  out.close_synced();
+}
+
+ShardIndex read_shard_index(const std::string& prefix) {
+  ShardIndex index;
+  {
+    const std::string path = token_idx_path(prefix);
+    const std::vector<char> bytes = read_whole_file(path);
+    ByteReader in(bytes, path);
+    char magic[sizeof(kTokenIndexMagic)];
+    in.take(magic, sizeof(magic));
+    if (std::memcmp(magic, kTokenIndexMagic, sizeof(magic)) != 0) in.fail("not an MMIDIDX index");
+    if (in.scalar<uint64_t>() != kTokenIndexVersion) in.fail("unsupported MMIDIDX version");
+    if (in.scalar<uint8_t>() != kTokenDtypeCodeInt32) in.fail("token dtype is not int32");
+    const uint64_t sequence_count = in.scalar<uint64_t>();
+    const uint64_t doc_index_length = in.scalar<uint64_t>();
+    if (doc_index_length < 1) in.fail("empty document index");
+    in.array(index.segment_lengths, sequence_count, false);
+    std::vector<int64_t> pointers;
+    in.array(pointers, sequence_count, false);
+    in.array(index.doc_index, doc_index_length, false);
+    in.array(index.segment_modes, sequence_count, false);
+    if (!in.at_end()) in.fail("unexpected bytes after the modes (not a multimodal index?)");
+    int64_t expected_pointer = 0;
+    for (uint64_t s = 0; s < sequence_count; ++s) {
+      if (pointers[s] != expected_pointer || index.segment_lengths[s] < 0) in.fail("segments are not contiguous");
+      expected_pointer += int64_t{index.segment_lengths[s]} * 4;
+    }
+    index.num_tokens = static_cast<uint64_t>(expected_pointer) / 4;
+    if (index.doc_index.front() != 0 || index.doc_index.back() != static_cast<int64_t>(sequence_count) ||
+        !std::is_sorted(index.doc_index.begin(), index.doc_index.end()))
+      in.fail("document index is not a monotone 0..S range");
+  }
+  {
+    const std::string path = image_idx_path(prefix);
+    const std::vector<char> bytes = read_whole_file(path);
+    ByteReader in(bytes, path);
+    char magic[sizeof(kImageIndexMagic)];
+    in.take(magic, sizeof(magic));
+    if (std::memcmp(magic, kImageIndexMagic, sizeof(magic)) != 0) in.fail("not an MSIMGIDX index");
+    if (in.scalar<uint64_t>() != kImageIndexVersion) in.fail("unsupported MSIMGIDX version");
+    const uint64_t num_images = in.scalar<uint64_t>();
+    const uint64_t num_docs = in.scalar<uint64_t>();
+    if (num_docs != index.num_samples()) in.fail("sample count disagrees with " + token_idx_path(prefix));
+    in.array(index.image_offsets, num_images, true);
+    in.array(index.image_sizes, num_images, true);
+    in.array(index.doc_image_start, num_docs + 1, true);
+    in.array(index.image_widths, num_images, true);
+    in.array(index.image_heights, num_images, true);
+    in.array(index.image_crc32, num_images, true);
+    in.array(index.doc_source, num_docs, true);
+    in.array(index.image_formats, num_images, true);
+    if (!in.at_end()) in.fail("unexpected trailing bytes");
+    for (uint64_t m = 0; m < num_images; ++m) {
+      if (index.image_offsets[m] != index.image_bytes) in.fail("images are not contiguous");
+      index.image_bytes += index.image_sizes[m];
+    }
+    if (index.doc_image_start.front() != 0 || index.doc_image_start.back() != num_images ||
+        !std::is_sorted(index.doc_image_start.begin(), index.doc_image_start.end()))
+      in.fail("per-sample image ranges are not a monotone 0..M range");
+  }
+  if (file_size(token_bin_path(prefix)) != index.num_tokens * 4)
+    throw std::invalid_argument(token_bin_path(prefix) + ": size disagrees with its index");
+  if (file_size(image_bin_path(prefix)) != index.image_bytes)
+    throw std::invalid_argument(image_bin_path(prefix) + ": size disagrees with its index");
+  return index;
+}
+
+void publish_prefix(const std::string& prefix) {
+  // Indexes last: a reader that finds both indexes finds the data files they describe.
+  for (const std::string& path :
+       {token_bin_path(prefix), image_bin_path(prefix), image_idx_path(prefix), token_idx_path(prefix)}) {
+    if (std::rename(tmp_path(path).c_str(), path.c_str()) != 0)
+      throw IoError("cannot rename " + tmp_path(path) + " to " + path + ": " + errno_text());
+  }
+}
+
+void remove_tmp_files(const std::string& prefix) noexcept {
+  for (const std::string& path :
+       {token_bin_path(prefix), image_bin_path(prefix), image_idx_path(prefix), token_idx_path(prefix)})
+    std::remove(tmp_path(path).c_str());
+}
+
+}  // namespace megasail

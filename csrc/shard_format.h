@@ -1,0 +1,108 @@
+// On-disk layout of one dataset prefix (docs/data_format.md is the full description).
+//
+//   PREFIX.bin      int32 tokens of every segment, back to back
+//   PREFIX.idx      megatron-core MMIDIDX v1 index, multimodal (one int8 mode per segment)
+//   PREFIX.img.bin  encoded image bytes, back to back
+//   PREFIX.img.idx  MSIMGIDX v1 image index
+//
+// ShardIndex holds both indexes in memory; the writer fills it sample by sample, merge_shards
+// concatenates several of them, and write_* turn it into the two index files.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace megasail {
+
+constexpr char kTokenIndexMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
+constexpr uint64_t kTokenIndexVersion = 1;
+constexpr uint8_t kTokenDtypeCodeInt32 = 4;  // megatron-core DType.int32
+constexpr char kImageIndexMagic[8] = {'M', 'S', 'I', 'M', 'G', 'I', 'D', 'X'};
+constexpr uint64_t kImageIndexVersion = 1;
+
+enum SegmentMode : int8_t { kPrompt = 0, kTarget = 1, kImage = 2 };
+enum ImageFormat : uint8_t { kJpeg = 1, kPng = 2, kOtherFormat = 3 };
+
+// A file-system failure; the bindings raise it as Python's OSError.
+struct IoError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ShardIndex {
+  // token index (PREFIX.idx): one entry per segment, document d = segments doc_index[d]..doc_index[d+1]
+  std::vector<int32_t> segment_lengths;
+  std::vector<int8_t> segment_modes;
+  std::vector<int64_t> doc_index{0};
+  // image index (PREFIX.img.idx): one entry per image; sample d owns doc_image_start[d]..[d+1]
+  std::vector<uint64_t> image_offsets;
+  std::vector<uint64_t> image_sizes;
+  std::vector<uint64_t> doc_image_start{0};
+  std::vector<uint32_t> image_widths;
+  std::vector<uint32_t> image_heights;
+  std::vector<uint32_t> image_crc32;
+  std::vector<uint32_t> doc_source;
+  std::vector<uint8_t> image_formats;
+  uint64_t num_tokens = 0;   // sum of segment_lengths
+  uint64_t image_bytes = 0;  // sum of image_sizes
+
+  uint64_t num_samples() const { return doc_index.size() - 1; }
+  uint64_t num_images() const { return image_sizes.size(); }
+};
+
+std::string token_bin_path(const std::string& prefix);  // PREFIX.bin
+std::string token_idx_path(const std::string& prefix);  // PREFIX.idx
+std::string image_bin_path(const std::string& prefix);  // PREFIX.img.bin
+std::string image_idx_path(const std::string& prefix);  // PREFIX.img.idx
+std::string tmp_path(const std::string& path);          // PATH.tmp
+
+// Write PREFIX.idx / PREFIX.img.idx contents of `index` to `path` (no rename).
+void write_token_index(const std::string& path, const ShardIndex& index);
+void write_image_index(const std::string& path, const ShardIndex& index);
+
+// Read both index files of a finished prefix; checks magic, version, dtype and sizes.
+ShardIndex read_shard_index(const std::string& prefix);
+
+// Rename PATH.tmp -> PATH for the four files of `prefix`, data files first, indexes last.
+void publish_prefix(const std::string& prefix);
+// Remove whatever PATH.tmp files of `prefix` exist; never throws.
+void remove_tmp_files(const std::string& prefix) noexcept;
+
+// FILE* owner with a large buffer; every failure throws IoError naming the path.
+class OutputFile {
+ public:
+  OutputFile() = default;
+  explicit OutputFile(const std::string& path);
+  ~OutputFile();
+  OutputFile(const OutputFile&) = delete;
+  OutputFile& operator=(const OutputFile&) = delete;
+  OutputFile(OutputFile&& other) noexcept { swap(other); }
+  OutputFile& operator=(OutputFile&& other) noexcept {
+    close_quietly();
+    swap(other);
+    return *this;
+  }
+
+  void write(const void* data, size_t size);
+  void write_zeros(size_t size);
+  // Flush, fsync and close: the data is on disk before a later rename publishes it.
+  void close_synced();
+  void close_quietly() noexcept;
+  const std::string& path() const { return path_; }
+
+ private:
+  void swap(OutputFile& other) noexcept {
+    path_.swap(other.path_);
+    std::swap(file_, other.file_);
+    buffer_.swap(other.buffer_);  // the FILE's buffer is heap memory; swapping keeps it valid
+  }
+
+  std::string path_;
+  std::FILE* file_ = nullptr;
+  std::vector<char> buffer_;
+};
+
+}  // namespace megasail

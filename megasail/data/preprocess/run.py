@@ -1,0 +1,320 @@
+"""Orchestration of a preprocessing run: checks before any work, units in parallel, merge, manifest.
+
+Output of `run_preprocess(cfg)` for prefix P:
+    P.bin / P.idx            token stream (megatron-core MMIDIDX, one document per sample)
+    P.img.bin / P.img.idx    image sidecar
+    P.rejects.jsonl          one line per rejected record: source, location, reason, message
+    P.manifest.json          written last; a prefix is complete iff it exists
+Work in progress lives in P.parts/ (one finished shard per unit, plus plan.json), removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from megasail.data.preprocess.config import CHOICES, PreprocessConfig
+from megasail.data.preprocess.manifest import build_manifest
+from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
+from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
+from megasail.data.preprocess.writer import merge_shards
+from megasail.data.template import get_template
+from megasail.data.tokenizer import MultimodalTokenizer, TokenizerError
+
+FINAL_SUFFIXES = (
+    ".manifest.json",
+    ".bin",
+    ".idx",
+    ".img.bin",
+    ".img.idx",
+    ".rejects.jsonl",
+)  # manifest first: removed first
+PLAN_FILE = "plan.json"
+
+
+class PreprocessError(RuntimeError):
+    """A problem found before any work starts (bad settings, tokenizer, inputs or output location)."""
+
+
+@dataclass
+class RunPlan:
+    config: PreprocessConfig
+    tokenizer: MultimodalTokenizer
+    inputs: list[InputFile]
+    units: list[WorkUnit]
+    parts_dir: str
+    fingerprint: dict
+
+
+def _check_settings(cfg: PreprocessConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise PreprocessError(
+                f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}"
+            )
+    if not cfg.inputs:
+        raise PreprocessError("no --input given")
+    if not cfg.output_prefix:
+        raise PreprocessError("no --output-prefix given")
+    if cfg.overwrite and cfg.resume:
+        raise PreprocessError("--overwrite and --resume exclude each other")
+    for name in (
+        "max_seq_length",
+        "max_tiles",
+        "max_image_pixels",
+        "max_line_bytes",
+        "workers",
+        "lines_per_unit",
+    ):
+        if getattr(cfg, name) < 1:
+            raise PreprocessError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in (cfg.template, cfg.caption_template):
+        try:
+            get_template(name)
+        except ValueError as e:
+            raise PreprocessError(str(e)) from None
+    if cfg.image_root is not None and not os.path.isdir(cfg.image_root):
+        raise PreprocessError(f"--image-root {cfg.image_root}: not a directory")
+
+
+def _check_output_dir(prefix: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".megasail-write-probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PreprocessError(
+            f"--output-prefix {prefix}: cannot write to {out_dir} ({e.strerror or e})"
+        ) from None
+
+
+def _existing_outputs(prefix: str, parts_dir: str) -> list[str]:
+    found = [prefix + s for s in FINAL_SUFFIXES if os.path.exists(prefix + s)]
+    return found + ([parts_dir] if os.path.isdir(parts_dir) else [])
+
+
+def remove_outputs(prefix: str, parts_dir: str) -> None:
+    """Delete a previous result: the manifest first, so no half-deleted prefix looks complete."""
+    for suffix in FINAL_SUFFIXES:
+        for path in (prefix + suffix, prefix + suffix + ".tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+def _fingerprint(cfg: PreprocessConfig, tokenizer_identity: dict, inputs: list[InputFile]) -> dict:
+    """Everything the output bytes depend on; a resumed run must match it exactly."""
+    settings = asdict(cfg)
+    for volatile in ("workers", "overwrite", "resume", "progress", "writer", "inputs"):
+        settings.pop(volatile)
+    return {
+        "settings": settings,
+        "tokenizer_sha256": tokenizer_identity["sha256"],
+        "inputs": [{"path": i.path, "size": i.size, "mtime_ns": os.stat(i.path).st_mtime_ns} for i in inputs],
+    }
+
+
+def plan_run(cfg: PreprocessConfig) -> RunPlan:
+    """Every check that can fail before work starts; raises PreprocessError with what to do."""
+    _check_settings(cfg)
+    prefix = os.path.abspath(cfg.output_prefix)
+    parts_dir = prefix + ".parts"
+    try:
+        tokenizer = MultimodalTokenizer.load(cfg.tokenizer)
+    except TokenizerError as e:
+        raise PreprocessError(f"--tokenizer: {e}") from None
+    try:
+        inputs = expand_inputs(cfg.inputs, cfg.input_format)
+    except InputError as e:
+        raise PreprocessError(str(e)) from None
+    try:
+        import megasail.data.native  # noqa: F401  (merge_shards is native: fail now, not after the work)
+    except ImportError as e:
+        raise PreprocessError(str(e)) from None
+    _check_output_dir(prefix)
+    existing = _existing_outputs(prefix, parts_dir)
+    if existing and not (cfg.overwrite or cfg.resume):
+        raise PreprocessError(
+            f"--output-prefix {cfg.output_prefix}: {existing[0]} already exists; pass --overwrite to replace it"
+            + (
+                " or --resume to finish the interrupted run"
+                if not os.path.exists(prefix + ".manifest.json")
+                else ""
+            )
+        )
+    fingerprint = _fingerprint(cfg, tokenizer.identity(), inputs)
+    if cfg.resume and os.path.isdir(parts_dir):
+        _check_resumable(parts_dir, fingerprint)
+    units = plan_units(inputs, cfg.lines_per_unit)
+    return RunPlan(cfg, tokenizer, inputs, units, parts_dir, fingerprint)
+
+
+def _check_resumable(parts_dir: str, fingerprint: dict) -> None:
+    try:
+        with open(os.path.join(parts_dir, PLAN_FILE)) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return  # the run died before its plan was saved: nothing finished, start the units afresh
+    if previous != fingerprint:
+        diff = [
+            k
+            for k in fingerprint["settings"]
+            if previous.get("settings", {}).get(k) != fingerprint["settings"][k]
+        ]
+        if previous.get("inputs") != fingerprint["inputs"]:
+            diff.append("inputs (paths, sizes or modification times)")
+        if previous.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+            diff.append("tokenizer")
+        raise PreprocessError(
+            f"--resume: the unfinished run in {parts_dir} used different settings "
+            f"({', '.join(diff)}); pass --overwrite to start over"
+        )
+
+
+_WORKER_CTX: UnitContext | None = None
+_WORKER_COUNTERS = None  # (records, bytes) shared with the main process for the progress bar
+
+
+def _init_worker(ctx: UnitContext, counters) -> None:
+    global _WORKER_CTX, _WORKER_COUNTERS
+    _WORKER_CTX, _WORKER_COUNTERS = ctx, counters
+
+
+def _add_to_shared_counters(records: int, nbytes: int) -> None:
+    for counter, delta in zip(_WORKER_COUNTERS, (records, nbytes), strict=True):
+        with counter.get_lock():
+            counter.value += delta
+
+
+def _run_unit_in_worker(unit: WorkUnit) -> dict:
+    return process_unit(unit, _WORKER_CTX, _add_to_shared_counters)
+
+
+def _progress_bar(cfg: PreprocessConfig, total_bytes: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="preprocess",
+        disable=not (cfg.progress and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+
+
+def execute(plan: RunPlan) -> dict:
+    """Run the pending units, merge the shards in unit order, write rejects and (last) the manifest."""
+    cfg = plan.config
+    prefix = os.path.abspath(cfg.output_prefix)
+    if cfg.resume and os.path.exists(prefix + ".manifest.json"):
+        shutil.rmtree(plan.parts_dir, ignore_errors=True)  # complete already; only the cleanup was cut short
+        with open(prefix + ".manifest.json", encoding="utf-8") as f:
+            return {
+                "manifest": json.load(f),
+                "runtime": {
+                    "seconds": 0.0,
+                    "writer_seconds": 0.0,
+                    "unit_seconds": 0.0,
+                    "merge_seconds": 0.0,
+                    "units_run": 0,
+                    "units_resumed": len(plan.units),
+                },
+            }
+    if not cfg.resume:
+        remove_outputs(prefix, plan.parts_dir)
+    os.makedirs(plan.parts_dir, exist_ok=True)
+    plan_path = os.path.join(plan.parts_dir, PLAN_FILE)
+    with open(plan_path + ".tmp", "w") as f:
+        json.dump(plan.fingerprint, f, sort_keys=True)
+    os.replace(plan_path + ".tmp", plan_path)
+
+    reports: dict[int, dict] = {}
+    for unit in plan.units:
+        if (report := load_report(plan.parts_dir, unit)) is not None:
+            reports[unit.index] = report
+    pending = [u for u in plan.units if u.index not in reports]
+    ctx = UnitContext(cfg, plan.tokenizer, plan.parts_dir)
+    started = time.perf_counter()
+    bar = _progress_bar(cfg, sum(u.end_byte - u.start_byte for u in pending))
+    records_seen = 0
+
+    def show(records: int, nbytes: int) -> None:
+        nonlocal records_seen
+        records_seen += records
+        rate = records_seen / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{records_seen} samples, {rate:.0f} samples/s", refresh=False)
+        bar.update(nbytes)
+
+    try:
+        if cfg.workers == 1 or len(pending) <= 1:
+            for unit in pending:
+                report = process_unit(unit, ctx, show)
+                reports[report["unit"]] = report
+        else:
+            spawn = mp.get_context("spawn")
+            counters = (spawn.Value("q", 0), spawn.Value("q", 0))
+            shown = [0, 0]
+            with spawn.Pool(min(cfg.workers, len(pending)), _init_worker, (ctx, counters)) as pool:
+                results = pool.imap_unordered(_run_unit_in_worker, pending)
+                while len(reports) < len(plan.units):
+                    try:
+                        report = results.next(timeout=0.5)
+                        reports[report["unit"]] = report
+                    except mp.TimeoutError:
+                        pass
+                    now = [c.value for c in counters]
+                    show(now[0] - shown[0], now[1] - shown[1])
+                    shown = now
+    finally:
+        bar.refresh()
+        bar.close()
+
+    ordered = [reports[u.index] for u in plan.units]
+    merge_started = time.perf_counter()
+    merge_shards([unit_prefix(plan.parts_dir, u) for u in plan.units], prefix)
+    merge_seconds = time.perf_counter() - merge_started
+    with open(prefix + ".rejects.jsonl.tmp", "w", encoding="utf-8") as out:
+        for unit in plan.units:
+            with open(unit_prefix(plan.parts_dir, unit) + ".rejects.jsonl", encoding="utf-8") as f:
+                shutil.copyfileobj(f, out)
+    os.replace(prefix + ".rejects.jsonl.tmp", prefix + ".rejects.jsonl")
+    manifest = build_manifest(plan, ordered)
+    with open(prefix + ".manifest.json.tmp", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(prefix + ".manifest.json.tmp", prefix + ".manifest.json")
+    shutil.rmtree(plan.parts_dir, ignore_errors=True)
+    runtime = {
+        "seconds": time.perf_counter() - started,
+        "writer_seconds": sum(
+            reports[u.index]["writer_seconds"] for u in pending
+        ),  # inside add_sample/finalize
+        "unit_seconds": sum(reports[u.index]["seconds"] for u in pending),  # worker time over all units
+        "merge_seconds": merge_seconds,
+        "units_run": len(pending),
+        "units_resumed": len(plan.units) - len(pending),
+    }
+    return {"manifest": manifest, "runtime": runtime}
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Plan, check and run; returns {"manifest": ..., "runtime": {...}}. Raises PreprocessError early."""
+    return execute(plan_run(cfg))
+
+
+def reconcile(manifest: dict) -> Counter:
+    """read - written - rejected per source; all zero for a consistent manifest."""
+    return Counter({s["path"]: s["read"] - s["written"] - s["rejected"] for s in manifest["sources"]})

@@ -1,0 +1,172 @@
+"""One work unit -> one finished shard plus its report; the same bytes in any process, any run.
+
+A unit is done iff its report file exists: it is renamed into place after the shard's files and the
+unit's rejects, so a unit killed at any point is simply redone by `--resume`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megasail.data.preprocess.config import PreprocessConfig
+from megasail.data.preprocess.records import parse_record
+from megasail.data.preprocess.rejects import RecordRejected
+from megasail.data.preprocess.samples import encode_sample
+from megasail.data.preprocess.sources import UnitReader, WorkUnit
+from megasail.data.preprocess.writer import open_shard_writer, write_sample
+from megasail.data.template import get_template
+from megasail.data.tokenizer import MultimodalTokenizer
+
+# Test hook: seconds to sleep before each unit finalizes, so a test can kill a run mid-way.
+UNIT_DELAY_ENV = "MEGASAIL_PREPROCESS_UNIT_DELAY"
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    config: PreprocessConfig
+    tokenizer: MultimodalTokenizer
+    parts_dir: str
+
+
+def unit_prefix(parts_dir: str, unit: WorkUnit) -> str:
+    return os.path.join(parts_dir, f"unit-{unit.index:07d}")
+
+
+def report_path(parts_dir: str, unit: WorkUnit) -> str:
+    return unit_prefix(parts_dir, unit) + ".report.json"
+
+
+def load_report(parts_dir: str, unit: WorkUnit) -> dict | None:
+    try:
+        with open(report_path(parts_dir, unit)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):  # unreadable after a power loss: redo the unit
+        return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    # No fsync: the shard itself is synced by its writer, and a report lost to a power cut only
+    # means the unit is redone (load_report treats an unreadable report as missing).
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+PROGRESS_EVERY = 16  # records between progress callbacks
+
+
+def process_unit(
+    unit: WorkUnit, ctx: UnitContext, progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """Read, validate, encode and write every record of `unit`; return its report (also saved).
+
+    `progress(records, bytes)` is called with increments as the unit advances; over the whole unit
+    they add up to its record count and its byte span.
+    """
+    cfg = ctx.config
+    prefix = unit_prefix(ctx.parts_dir, unit)
+    templates = {
+        "chat": get_template(cfg.template),
+        "caption": get_template(cfg.caption_template),
+        "text": get_template("text"),
+    }
+    rejects: list[str] = []
+    reasons: Counter[str] = Counter()
+    stats = Counter()
+    started = time.perf_counter()
+    writer_seconds = 0.0
+    for leftover in glob.glob(glob.escape(prefix) + ".*"):
+        os.remove(leftover)  # files of an attempt killed mid-unit
+    writer = open_shard_writer(prefix, cfg.writer)
+    reader = UnitReader(unit, cfg.max_line_bytes)
+    reported_records = reported_bytes = 0
+    try:
+        for record in reader:
+            stats["read"] += 1
+            if progress is not None and stats["read"] - reported_records >= PROGRESS_EVERY:
+                progress(stats["read"] - reported_records, reader.bytes_read - reported_bytes)
+                reported_records, reported_bytes = stats["read"], reader.bytes_read
+            try:
+                if record.error is not None:
+                    raise record.error
+                parsed = parse_record(record, cfg.input_format, cfg.image_root, cfg.max_image_pixels)
+                sample = encode_sample(
+                    parsed,
+                    templates[parsed.conversation.kind],
+                    ctx.tokenizer,
+                    max_tiles=cfg.max_tiles,
+                    max_seq_length=cfg.max_seq_length,
+                    on_too_long=cfg.on_too_long,
+                    system_message=cfg.system_message,
+                )
+            except RecordRejected as e:
+                reasons[e.reason] += 1
+                message = (
+                    e.message if e.message.startswith(record.location) else f"{record.location}: {e.message}"
+                )
+                entry = {
+                    "source": unit.path,
+                    "location": record.location,
+                    "reason": e.reason,
+                    "message": message,
+                }
+                if isinstance(record.fields, dict) and isinstance(record.fields.get("id"), (str, int)):
+                    entry["id"] = record.fields["id"]  # the record's own id, when it has one
+                rejects.append(json.dumps(entry, ensure_ascii=False))
+                continue
+            t0 = time.perf_counter()
+            write_sample(writer, sample, unit.source_id)
+            writer_seconds += time.perf_counter() - t0
+            stats["written"] += 1
+            stats["truncated"] += int(sample.truncated)
+            stats["images"] += len(sample.images)
+            stats["text_tokens"] += sample.text_tokens
+            stats["target_tokens"] += sample.target_tokens
+            stats["image_tokens"] += sample.image_tokens
+            stats["image_bytes"] += sum(len(im.data) for im in sample.images)
+            stats["reencoded_images"] += sum(
+                im.source_format not in ("JPEG", "MPO", "PNG") for im in sample.images
+            )
+        if delay := float(os.environ.get(UNIT_DELAY_ENV, "0") or 0):
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        writer.finalize()
+        writer_seconds += time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    if progress is not None:
+        progress(stats["read"] - reported_records, unit.end_byte - unit.start_byte - reported_bytes)
+    _write_atomic(prefix + ".rejects.jsonl", "".join(line + "\n" for line in rejects))
+    report = {
+        "unit": unit.index,
+        "source_id": unit.source_id,
+        "read": stats["read"],
+        "written": stats["written"],
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "counts": {
+            k: stats[k]
+            for k in (
+                "truncated",
+                "images",
+                "reencoded_images",
+                "text_tokens",
+                "target_tokens",
+                "image_tokens",
+                "image_bytes",
+            )
+        },
+        "input_bytes": unit.end_byte - unit.start_byte,
+        "seconds": time.perf_counter() - started,
+        "writer_seconds": writer_seconds,
+    }
+    _write_atomic(report_path(ctx.parts_dir, unit), json.dumps(report, sort_keys=True))
+    return report

@@ -1,0 +1,244 @@
+"""Shard writers (C++ and Python) and merge_shards: bytes on disk, atomicity, validation."""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from megasail.data.builder import PyShardWriter, ShardWriter, image_format_code, merge_shards
+
+FILES = (".bin", ".idx", ".img.bin", ".img.idx")
+JPEG_HEAD, PNG_HEAD = b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n"
+
+
+def random_samples(n: int, seed: int = 0) -> list[dict]:
+    """Samples as add_sample keyword arguments: 1-6 segments of random modes, images of random bytes."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        modes = rng.integers(0, 3, size=rng.integers(1, 7)).astype(np.int8)
+        tokens, lengths, images = [], [], []
+        for mode in modes:
+            if mode == 2:
+                tokens.append([len(images)])
+                lengths.append(1)
+                head = [JPEG_HEAD, PNG_HEAD, b"RIFF"][rng.integers(0, 3)]
+                images.append(head + rng.bytes(int(rng.integers(0, 300))))
+            else:
+                length = int(rng.integers(0, 40))
+                tokens.append(rng.integers(0, 152_000, size=length).tolist())
+                lengths.append(length)
+        samples.append(
+            dict(
+                tokens=np.array([t for seg in tokens for t in seg], dtype=np.int32),
+                segment_lengths=np.array(lengths, dtype=np.int32),
+                segment_modes=modes,
+                images=images,
+                widths=rng.integers(1, 5000, size=len(images)).astype(np.uint32),
+                heights=rng.integers(1, 5000, size=len(images)).astype(np.uint32),
+                formats=np.array([image_format_code(im) for im in images], dtype=np.uint8),
+                source_id=int(rng.integers(0, 2**32)),
+            )
+        )
+    return samples
+
+
+def write(writer_cls, prefix, samples):
+    with writer_cls(prefix) as writer:
+        for sample in samples:
+            writer.add_sample(**sample)
+    return writer
+
+
+def read_files(prefix) -> dict[str, bytes]:
+    out = {}
+    for ext in FILES:
+        with open(f"{prefix}{ext}", "rb") as f:
+            out[ext] = f.read()
+    return out
+
+
+def test_image_format_code_reads_magic_bytes():
+    assert image_format_code(JPEG_HEAD + b"x") == 1
+    assert image_format_code(PNG_HEAD) == 2
+    assert image_format_code(b"GIF89a") == 3
+    assert image_format_code(b"") == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_cpp_writer_is_byte_identical_to_python_writer(tmp_path, n):
+    samples = random_samples(n, seed=n)
+    cpp = write(ShardWriter, tmp_path / "cpp", samples)
+    py = write(PyShardWriter, tmp_path / "py", samples)
+    assert read_files(tmp_path / "cpp") == read_files(tmp_path / "py")
+    for attr in ("num_samples", "num_segments", "num_tokens", "num_images", "image_bytes"):
+        assert getattr(cpp, attr) == getattr(py, attr), attr
+    assert cpp.num_samples == n
+    assert cpp.num_tokens == sum(len(s["tokens"]) for s in samples)
+    assert not cpp.is_open and not py.is_open
+
+
+def parse_image_index(path) -> dict:
+    """Independent struct-level parse of PREFIX.img.idx as docs/data_format.md describes it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    magic, version, m, d = struct.unpack_from("<8sQQQ", raw, 0)
+    assert magic == b"MSIMGIDX" and version == 1
+    at, out = 32, {}
+    for name, fmt, count in [
+        ("offsets", "Q", m),
+        ("sizes", "Q", m),
+        ("doc_image_start", "Q", d + 1),
+        ("widths", "I", m),
+        ("heights", "I", m),
+        ("crc32", "I", m),
+        ("doc_source", "I", d),
+        ("formats", "B", m),
+    ]:
+        out[name] = list(struct.unpack_from(f"<{count}{fmt}", raw, at))
+        at += -(-struct.calcsize(f"<{count}{fmt}") // 8) * 8
+    assert at == len(raw)
+    return out
+
+
+def test_image_index_layout_and_checksums(tmp_path):
+    samples = random_samples(20, seed=3)
+    write(ShardWriter, tmp_path / "s", samples)
+    index = parse_image_index(tmp_path / "s.img.idx")
+    images = [im for s in samples for im in s["images"]]
+    assert index["sizes"] == [len(im) for im in images]
+    assert index["crc32"] == [zlib.crc32(im) for im in images]
+    assert index["offsets"] == np.cumsum([0] + index["sizes"][:-1]).tolist()[: len(images)]
+    assert index["doc_image_start"] == np.cumsum([0] + [len(s["images"]) for s in samples]).tolist()
+    assert index["doc_source"] == [s["source_id"] for s in samples]
+    assert index["widths"] == [int(w) for s in samples for w in s["widths"]]
+    assert index["formats"] == [int(f) for s in samples for f in s["formats"]]
+    with open(tmp_path / "s.img.bin", "rb") as f:
+        assert f.read() == b"".join(images)
+
+
+def test_crc32_matches_zlib_on_long_inputs(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [rng.bytes(n) for n in (1, 7, 8, 9, 4096 + 3, 100_000)]
+    sample = dict(
+        tokens=np.arange(len(images), dtype=np.int32),
+        segment_lengths=np.ones(len(images), np.int32),
+        segment_modes=np.full(len(images), 2, np.int8),
+        images=images,
+        widths=np.ones(len(images), np.uint32),
+        heights=np.ones(len(images), np.uint32),
+    )
+    write(ShardWriter, tmp_path / "s", [sample])
+    assert parse_image_index(tmp_path / "s.img.idx")["crc32"] == [zlib.crc32(im) for im in images]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_merge_equals_one_writer(tmp_path, backend):
+    samples = random_samples(30, seed=11)
+    cuts = [(0, 12), (12, 12), (12, 30)]  # the middle shard is empty
+    prefixes = []
+    for k, (a, b) in enumerate(cuts):
+        prefixes.append(str(tmp_path / f"shard_{k}"))
+        write(ShardWriter if k % 2 else PyShardWriter, prefixes[-1], samples[a:b])
+    write(ShardWriter, tmp_path / "whole", samples)
+    assert merge_shards(prefixes, tmp_path / "merged", backend=backend) == 30
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_merge_refuses_its_own_input_and_corrupt_shards(tmp_path, backend):
+    write(ShardWriter, tmp_path / "a", random_samples(3))
+    with pytest.raises(ValueError, match="also one of its inputs"):
+        merge_shards([tmp_path / "a"], tmp_path / "a", backend=backend)
+    with open(tmp_path / "a.bin", "ab") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ValueError, match="size disagrees"):
+        merge_shards([tmp_path / "a"], tmp_path / "out", backend=backend)
+    with pytest.raises(OSError, match="missing.idx"):
+        merge_shards([tmp_path / "missing"], tmp_path / "out", backend=backend)
+    assert not os.path.exists(tmp_path / "out.idx") and not os.path.exists(tmp_path / "out.idx.tmp")
+
+
+@pytest.mark.parametrize("writer_cls", [ShardWriter, PyShardWriter])
+def test_files_appear_only_at_finalize(tmp_path, writer_cls):
+    writer = writer_cls(tmp_path / "s")
+    writer.add_sample(**random_samples(1)[0])
+    assert sorted(os.listdir(tmp_path)) == sorted(f"s{ext}.tmp" for ext in (".bin", ".img.bin"))
+    writer.finalize()
+    assert sorted(os.listdir(tmp_path)) == sorted(f"s{ext}" for ext in FILES)
+
+
+@pytest.mark.parametrize("writer_cls", [ShardWriter, PyShardWriter])
+def test_exception_in_with_block_aborts(tmp_path, writer_cls):
+    with pytest.raises(KeyError):
+        with writer_cls(tmp_path / "s") as writer:
+            writer.add_sample(**random_samples(1)[0])
+            raise KeyError("preprocessing failed")
+    assert os.listdir(tmp_path) == []
+    assert not writer.is_open
+
+
+BAD_SAMPLES = {
+    "lengths do not cover tokens": (
+        dict(tokens=[1, 2, 3], segment_lengths=[2], segment_modes=[0]),
+        "sum to 2",
+    ),
+    "unknown mode": (dict(tokens=[1], segment_lengths=[1], segment_modes=[5]), "unknown mode 5"),
+    "image slot without image": (
+        dict(tokens=[0], segment_lengths=[1], segment_modes=[2]),
+        "1 image segments but 0",
+    ),
+    "wrong image ordinal": (
+        dict(tokens=[1], segment_lengths=[1], segment_modes=[2], images=[JPEG_HEAD], widths=[4], heights=[4]),
+        "ordinal 0",
+    ),
+    "long image slot": (
+        dict(
+            tokens=[0, 0], segment_lengths=[2], segment_modes=[2], images=[JPEG_HEAD], widths=[4], heights=[4]
+        ),
+        "exactly one token",
+    ),
+    "zero width": (
+        dict(tokens=[0], segment_lengths=[1], segment_modes=[2], images=[JPEG_HEAD], widths=[0], heights=[4]),
+        "zero width",
+    ),
+    "no segments": (dict(tokens=[], segment_lengths=[], segment_modes=[]), "no segments"),
+    "bad format": (
+        dict(
+            tokens=[0],
+            segment_lengths=[1],
+            segment_modes=[2],
+            images=[JPEG_HEAD],
+            widths=[4],
+            heights=[4],
+            formats=[9],
+        ),
+        "format code 9",
+    ),
+    "token overflow": (dict(tokens=[2**31], segment_lengths=[1], segment_modes=[0]), "outside int32"),
+}
+
+
+@pytest.mark.parametrize("writer_cls", [ShardWriter, PyShardWriter])
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample_is_refused_and_leaves_writer_unchanged(tmp_path, writer_cls, case):
+    good = random_samples(2, seed=9)
+    bad, message = BAD_SAMPLES[case]
+    with writer_cls(tmp_path / "s") as writer:
+        writer.add_sample(**good[0])
+        with pytest.raises(ValueError, match=message):
+            writer.add_sample(**bad)
+        writer.add_sample(**good[1])
+    write(PyShardWriter, tmp_path / "expected", good)
+    assert read_files(tmp_path / "s") == read_files(tmp_path / "expected")
+
+
+def test_finalized_writer_refuses_more_samples(tmp_path):
+    writer = write(ShardWriter, tmp_path / "s", random_samples(1))
+    with pytest.raises(RuntimeError, match="already finalized"):
+        writer.add_sample(**random_samples(1)[0])
+    writer.abort()  # no-op after finalize: the published files stay
+    assert os.path.exists(tmp_path / "s.idx")

@@ -1,0 +1,619 @@
+"""tools/preprocess_data.py end to end: round trip, bad records, determinism, kill -9 + resume."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures.multimodal_data import (
+    QWEN_TOKENIZER_DIR,
+    conversation,
+    good_conversation_records,
+    image_bytes,
+    make_tiny_tokenizer,
+    write_images,
+    write_jsonl,
+    write_webdataset,
+)
+from PIL import Image
+
+from megasail.data.indexed import IndexedMultimodalDataset
+from megasail.data.preprocess import PreprocessConfig, run_preprocess
+from megasail.data.preprocess.config import config_help
+from megasail.data.preprocess.run import FINAL_SUFFIXES, reconcile
+from megasail.data.template import Conversation, Turn, get_template, render_text
+from megasail.data.tiling import num_image_tokens
+from megasail.data.tokenizer import MultimodalTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+MAX_TILES = 2
+
+
+def tool_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_tool(script: str, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOLS / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or tool_env(),
+        timeout=timeout,
+    )
+
+
+def prefix_files(prefix) -> dict:
+    return {s: Path(str(prefix) + s).read_bytes() for s in FINAL_SUFFIXES}
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Conversation, caption and text JSONL plus a webdataset tar; expected samples in write order."""
+    root = tmp_path_factory.mktemp("inputs")
+    images = {
+        "a.jpg": image_bytes("JPEG", 64, 48, 1),
+        "b.png": image_bytes("PNG", 30, 90, 2),
+        "c.webp": image_bytes("WEBP", 500, 300, 3),
+        "d.gif": image_bytes("GIF", 40, 40, 4),
+    }
+    write_images(str(root / "imgs"), images)
+    conv = good_conversation_records(7, ["a.jpg", "b.png", "c.webp", "d.gif"])
+    conv.append(conversation(["a.jpg", "b.png"], "First <image> then <image>?", "Two.", id="multi"))
+    conv.append(
+        {
+            "id": "sys",
+            "conversations": [
+                {"from": "system", "value": "Be terse."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Yo"},
+            ],
+        }
+    )
+    caption = [
+        {"image": "c.webp", "caption": "Noise, in WebP."},
+        {"image": "a.jpg", "text": "Noise as text."},
+    ]
+    text = [{"text": "A text-only document."}]
+    tar_samples = [
+        {"jpg": image_bytes("JPEG", 80, 60, 5), "txt": b"tar caption one"},
+        {"png": image_bytes("PNG", 20, 20, 6), "json": b'{"caption": "from json", "url": "x"}'},
+    ]
+    paths = [
+        write_jsonl(str(root / "conv.jsonl"), conv),
+        write_jsonl(str(root / "cap.jsonl"), caption),
+        write_jsonl(str(root / "text.jsonl"), text),
+        write_webdataset(str(root / "shard.tar"), tar_samples),
+    ]
+    expected = []  # (source_id, Conversation, template, [raw image bytes])
+    for rec in conv:
+        turns = tuple(
+            Turn({"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), t["value"])
+            for t in rec["conversations"]
+        )
+        names = [rec["image"]] if isinstance(rec.get("image"), str) else rec.get("image", [])
+        expected.append((0, Conversation(turns, len(names)), "sailvl-chat", [images[n] for n in names]))
+    for rec in caption:
+        text_ = rec.get("caption", rec.get("text"))
+        expected.append(
+            (1, Conversation((Turn("assistant", text_),), 1, "caption"), "caption", [images[rec["image"]]])
+        )
+    expected.append((2, Conversation((Turn("assistant", text[0]["text"]),), 0, "text"), "text", []))
+    expected.append(
+        (
+            3,
+            Conversation((Turn("assistant", "tar caption one"),), 1, "caption"),
+            "caption",
+            [tar_samples[0]["jpg"]],
+        )
+    )
+    expected.append(
+        (3, Conversation((Turn("assistant", "from json"),), 1, "caption"), "caption", [tar_samples[1]["png"]])
+    )
+    return {"root": root, "paths": paths, "image_root": str(root / "imgs"), "expected": expected}
+
+
+def _config(inputs, tokenizer, prefix, **kw) -> PreprocessConfig:
+    return PreprocessConfig(
+        inputs=inputs["paths"],
+        output_prefix=str(prefix),
+        tokenizer=tokenizer,
+        image_root=inputs["image_root"],
+        max_tiles=MAX_TILES,
+        lines_per_unit=4,
+        progress=False,
+        **kw,
+    )
+
+
+def test_round_trip_every_sample(inputs, tiny_tokenizer, tmp_path):
+    prefix = tmp_path / "ds"
+    manifest = run_preprocess(_config(inputs, tiny_tokenizer, prefix))["manifest"]
+    tok = MultimodalTokenizer.load(tiny_tokenizer)
+    ds = IndexedMultimodalDataset(str(prefix))
+    expected = inputs["expected"]
+    assert len(ds) == manifest["num_samples"] == len(expected)
+    assert manifest["counts"]["rejected"] == 0 and manifest["counts"]["reencoded_images"] == 3
+    assert manifest["image_token_ids"] == tok.image_token_ids.as_dict()
+    for i, (source_id, conv, template, raw_images) in enumerate(expected):
+        sample = ds[i]
+        assert sample.source == source_id
+        sizes = [Image.open(io.BytesIO(raw)).size for raw in raw_images]
+        pieces = get_template(template).render(conv)
+        image_tokens = [num_image_tokens(w, h, MAX_TILES) for w, h in sizes]
+        expanded = ds.expand(i, MAX_TILES)
+        # independent reference: the whole rendered string tokenized at once, special tokens parsed
+        assert expanded.input_ids.tolist() == tok.encode_with_special_tokens(
+            render_text(pieces, image_tokens)
+        )
+        answers = "".join(t.text + "<|im_end|>" for t in conv.turns if t.role == "assistant")
+        assert tok.decode(expanded.input_ids[expanded.loss_mask].tolist()) == answers
+        assert len(sample.images) == len(raw_images)
+        for ref, raw, (w, h) in zip(sample.images, raw_images, sizes, strict=True):
+            assert (ref.width, ref.height) == (w, h)
+            if raw[:3] == b"\xff\xd8\xff" or raw[:4] == b"\x89PNG":
+                assert bytes(ref.data) == raw  # JPEG and PNG kept byte for byte
+            else:  # re-encoded losslessly to PNG: same pixels as the original decodes to
+                assert ref.format == 2 and bytes(ref.data[:4]) == b"\x89PNG"
+                original = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+                assert np.array_equal(
+                    np.asarray(Image.open(io.BytesIO(bytes(ref.data))).convert("RGB")), original
+                )
+    assert np.array_equal(
+        ds.token_counts(MAX_TILES), [len(ds.expand(i, MAX_TILES).input_ids) for i in range(len(ds))]
+    )
+    assert manifest["tokens"]["total_at_max_tiles"] == int(ds.token_counts(MAX_TILES).sum())
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    mc = IndexedDataset(str(prefix), multimodal=True)
+    assert len(mc) == sum(len(ds[i].segment_modes) for i in range(len(ds)))
+    assert len(mc.document_indices) == len(ds) + 1
+    # (megatron-core's `sequence_modes` property asserts on an array's truth value; read the index directly)
+    assert np.array_equal(
+        mc.index.sequence_modes, np.concatenate([ds[i].segment_modes for i in range(len(ds))])
+    )
+    tokens, mode = mc[0]
+    assert np.array_equal(tokens, ds[0].segment_tokens[0]) and mode == ds[0].segment_modes[0]
+
+
+def _truncated_jpeg() -> bytes:
+    data = image_bytes("JPEG", 64, 48, 9)
+    return data[: len(data) // 2]
+
+
+def test_bad_records_are_reported_and_counts_reconcile(tmp_path):
+    """Real Qwen tokenizer; one record of every bad kind between good ones; exit 0."""
+    write_images(
+        str(tmp_path / "imgs"),
+        {
+            "ok.jpg": image_bytes("JPEG"),
+            "trunc.jpg": _truncated_jpeg(),
+            "text.jpg": b"this is not an image",
+            "empty.png": b"",
+            "big.png": image_bytes("PNG", 200, 200),
+            "png_named.jpg": image_bytes("PNG"),
+        },
+    )
+    good = conversation("ok.jpg", "<image>\nWhat?", "Noise.")
+    bad = {
+        2: (b'{"conversations": [', "malformed_json"),
+        3: (b'{"text": "caf\xe9"}', "invalid_utf8"),
+        4: (b'{"text": "nul\\u0000byte"}', "invalid_text"),
+        5: ({"id": "x"}, "missing_field"),
+        6: ({"conversations": []}, "empty_conversation"),
+        7: (conversation("ok.jpg", "<image><image> two tags", "a"), "image_tag_mismatch"),
+        8: (conversation("nope.jpg", "q", "a"), "image_missing"),
+        9: (conversation("trunc.jpg", "q", "a"), "image_corrupt"),
+        10: (conversation("text.jpg", "q", "a"), "image_unsupported"),
+        11: (conversation("empty.png", "q", "a"), "image_empty"),
+        12: (conversation("big.png", "q", "a"), "image_too_large"),
+        13: (conversation(None, "q", "word " * 400), "too_long"),
+        14: (b'{"text": "' + b"x" * 5000 + b'"}', "line_too_long"),
+        15: ({"conversations": [{"from": "robot", "value": "hi"}]}, "malformed_record"),
+    }
+    lines = (
+        [good]
+        + [bad[n][0] for n in sorted(bad)]
+        + [conversation("png_named.jpg", "q", "PNG bytes, .jpg name")]
+    )
+    jsonl = write_jsonl(str(tmp_path / "mixed.jsonl"), lines)
+    tar = write_webdataset(str(tmp_path / "broken.tar"), [{"jpg": image_bytes("JPEG"), "txt": b"fine"}] * 3)
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        cut = t.getmembers()[4].offset_data + 100  # inside the third sample's image
+    Path(tar).write_bytes(Path(tar).read_bytes()[:cut])
+    prefix = tmp_path / "out" / "ds"
+    result = run_tool(
+        "preprocess_data.py",
+        "--input",
+        tmp_path / "mix*.jsonl",  # a glob
+        "--input",
+        tar,
+        "--image-root",
+        tmp_path / "imgs",
+        "--tokenizer",
+        QWEN_TOKENIZER_DIR,
+        "--output-prefix",
+        prefix,
+        "--max-tiles",
+        1,
+        "--max-seq-length",
+        300,
+        "--max-image-pixels",
+        10000,
+        "--max-line-bytes",
+        4096,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
+    rejects = [json.loads(line) for line in Path(f"{prefix}.rejects.jsonl").read_text().splitlines()]
+    by_location = {r["location"]: r for r in rejects}
+    for line_no, (_, reason) in bad.items():
+        r = by_location[f"{jsonl}:{line_no}"]
+        assert r["reason"] == reason and r["message"].startswith(f"{jsonl}:{line_no}: ")
+    assert [r["reason"] for r in rejects if r["source"] == tar] == ["archive_corrupt"]
+    assert "nope.jpg' not found (relative to --image-root" in by_location[f"{jsonl}:8"]["message"]
+    assert by_location[f"{jsonl}:8"]["id"] == "q"  # the record's own id travels with its reject
+    jsonl_source, tar_source = manifest["sources"]
+    assert (jsonl_source["read"], jsonl_source["written"], jsonl_source["rejected"]) == (
+        len(lines),
+        2,
+        len(bad),
+    )
+    assert (tar_source["read"], tar_source["written"], tar_source["rejected"]) == (3, 2, 1)
+    assert not any(reconcile(manifest).values())
+    assert sum(manifest["rejected_by_reason"].values()) == manifest["counts"]["rejected"] == len(rejects)
+    ds = IndexedMultimodalDataset(str(prefix))
+    assert len(ds) == manifest["counts"]["written"] == 2 + tar_source["written"]
+    assert ds[1].images[0].format == 2  # PNG bytes under a .jpg name stay PNG
+    assert "image_too_large" in result.stdout and f"{prefix}.rejects.jsonl" in result.stdout
+
+
+def test_truncate_cuts_text_never_an_image(tmp_path, tiny_tokenizer):
+    write_images(str(tmp_path), {"a.jpg": image_bytes("JPEG", 64, 48)})
+    jsonl = write_jsonl(
+        str(tmp_path / "in.jsonl"),
+        [
+            conversation("a.jpg", "<image>\nq", "long answer " * 200),
+            conversation("a.jpg", "long question " * 200 + "<image>", "a"),
+        ],
+    )
+    cfg = PreprocessConfig(
+        inputs=[jsonl],
+        output_prefix=str(tmp_path / "ds"),
+        tokenizer=tiny_tokenizer,
+        max_tiles=1,
+        max_seq_length=400,
+        on_too_long="truncate",
+        progress=False,
+    )
+    manifest = run_preprocess(cfg)["manifest"]
+    assert manifest["counts"] == {
+        "read": 2,
+        "written": 1,
+        "rejected": 1,
+        "truncated": 1,
+        "reencoded_images": 0,
+    }
+    assert manifest["rejected_by_reason"] == {"too_long": 1}
+    sample = IndexedMultimodalDataset(str(tmp_path / "ds")).expand(0, 1)
+    assert len(sample.input_ids) == 400 and sample.loss_mask[-1]
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_tokenizer):
+    write_images(str(tmp_path / "imgs"), {f"{k}.jpg": image_bytes("JPEG", 40 + k, 30, k) for k in range(4)})
+    jsonl = write_jsonl(
+        str(tmp_path / "in.jsonl"),
+        good_conversation_records(39, [f"{k}.jpg" for k in range(4)]) + [b"{broken"],
+    )
+    common = [
+        "--input",
+        jsonl,
+        "--image-root",
+        tmp_path / "imgs",
+        "--tokenizer",
+        tiny_tokenizer,
+        "--max-tiles",
+        MAX_TILES,
+        "--lines-per-unit",
+        4,
+        "--no-progress",
+    ]
+    ref = tmp_path / "ref" / "ds"
+    assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
+
+    two = tmp_path / "two" / "ds"
+    result = run_tool("preprocess_data.py", *common, "--output-prefix", two, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    assert prefix_files(two) == prefix_files(ref)
+
+    killed = tmp_path / "killed" / "ds"
+    parts = Path(f"{killed}.parts")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(TOOLS / "preprocess_data.py"),
+            *map(str, common),
+            "--output-prefix",
+            str(killed),
+        ],
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert _wait_for(lambda: len(list(parts.glob("*.report.json"))) >= 2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not Path(f"{killed}.manifest.json").exists()  # never looks complete
+    finished = len(list(parts.glob("*.report.json")))
+    assert 2 <= finished < 8
+    fresh = run_tool("preprocess_data.py", *common, "--output-prefix", killed)
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr  # refuses to clobber without being asked
+    # Ctrl-C during a resumed attempt: exit 130, still no manifest, finished units kept
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(TOOLS / "preprocess_data.py"),
+            *map(str, common),
+            "--output-prefix",
+            str(killed),
+            "--resume",
+        ],
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_for(lambda: len(list(parts.glob("*.report.json"))) > finished)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err
+    assert not Path(f"{killed}.manifest.json").exists()
+    finished = len(list(parts.glob("*.report.json")))
+    report = tmp_path / "report.json"
+    resumed = run_tool(
+        "preprocess_data.py", *common, "--output-prefix", killed, "--resume", "--report-json", report
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(report.read_text())["runtime"]["units_resumed"] == finished
+    assert prefix_files(killed) == prefix_files(ref)
+    assert not parts.exists()
+
+
+def test_stops_before_any_work(tmp_path, tiny_tokenizer):
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "hello"}])
+    base = ["--input", jsonl, "--tokenizer", tiny_tokenizer, "--no-progress"]
+    prefix = tmp_path / "ds"
+    assert run_tool("preprocess_data.py", *base, "--output-prefix", prefix).returncode == 0
+    before = prefix_files(prefix)
+    r = run_tool("preprocess_data.py", *base, "--output-prefix", prefix)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert prefix_files(prefix) == before
+    assert run_tool("preprocess_data.py", *base, "--output-prefix", prefix, "--overwrite").returncode == 0
+
+    (tmp_path / "file").write_text("x")
+    r = run_tool("preprocess_data.py", *base, "--output-prefix", tmp_path / "file" / "ds")
+    assert r.returncode == 2 and "cannot write to" in r.stderr
+    r = run_tool(
+        "preprocess_data.py", "--input", jsonl, "--tokenizer", tmp_path, "--output-prefix", tmp_path / "o"
+    )
+    assert r.returncode == 2 and "neither tokenizer.json nor" in r.stderr
+    r = run_tool(
+        "preprocess_data.py", *base, "--input", tmp_path / "missing*.jsonl", "--output-prefix", tmp_path / "o"
+    )
+    assert r.returncode == 2 and "matches no file" in r.stderr
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_tokenizer):
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "hello"}])
+    cfg = PreprocessConfig(
+        inputs=[jsonl], output_prefix=str(tmp_path / "ds"), tokenizer=tiny_tokenizer, progress=False
+    )
+    parts = tmp_path / "ds.parts"
+    parts.mkdir()
+    from megasail.data.preprocess.run import plan_run
+
+    plan = plan_run(PreprocessConfig(**{**cfg.__dict__, "resume": True}))
+    (parts / "plan.json").write_text(
+        json.dumps({**plan.fingerprint, "settings": {**plan.fingerprint["settings"], "max_tiles": 6}})
+    )
+    from megasail.data.preprocess import PreprocessError
+
+    with pytest.raises(PreprocessError, match="max_tiles"):
+        plan_run(PreprocessConfig(**{**cfg.__dict__, "resume": True}))
+
+
+def _tool_parser(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), TOOLS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_every_flag_is_documented_and_help_runs():
+    from megasail.data.preprocess.cli import build_parser
+
+    assert all(config_help().values())
+    for parser in (build_parser(), _tool_parser("inspect_dataset.py"), _tool_parser("bench_preprocess.py")):
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, f"{parser.prog}: flags without a help line: {undocumented}"
+    for script in ("preprocess_data.py", "inspect_dataset.py", "bench_preprocess.py"):
+        r = run_tool(script, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout, (script, r.stderr)
+    r = run_tool("preprocess_data.py", "--help")
+    for flag in (
+        "--input",
+        "--image-root",
+        "--tokenizer",
+        "--template",
+        "--output-prefix",
+        "--workers",
+        "--max-seq-length",
+        "--max-tiles",
+        "--on-too-long",
+        "--max-image-pixels",
+        "--overwrite",
+        "--resume",
+    ):
+        assert flag in r.stdout
+
+
+# -- units of the pipeline ------------------------------------------------------------------------
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "GIF", "TIFF", "BMP"])
+def test_convertible_formats_become_lossless_png(fmt):
+    from megasail.data.preprocess.images import FORMAT_PNG, validate_image
+
+    raw = image_bytes(fmt, 33, 17, 5)
+    out = validate_image(raw, "x", 10**6)
+    assert (out.format, out.width, out.height, out.source_format) == (FORMAT_PNG, 33, 17, fmt)
+    decoded = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"))
+    assert np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+    assert validate_image(raw, "x", 10**6).data == out.data  # deterministic re-encode
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    from megasail.data.preprocess.images import validate_image
+    from megasail.data.preprocess.rejects import RecordRejected
+
+    for width, height in ((3000, 3000), (100_000, 100_000)):  # under and over Pillow's own bomb limit
+        with pytest.raises(RecordRejected) as err:
+            validate_image(_png_header_only(width, height), "bomb.png", 1_000_000)
+        assert err.value.reason == "image_too_large"
+
+
+def test_jsonl_units_cover_every_line_once(tmp_path):
+    from megasail.data.preprocess.sources import expand_inputs, iter_unit_records, plan_units
+
+    path = tmp_path / "x.jsonl"
+    lines = b"".join(b'{"text": "%d"}\n' % i for i in range(10))
+    path.write_bytes(
+        b"\xef\xbb\xbf" + lines + b"\n" + b'{"text": "last"}'
+    )  # BOM; blank line; no final newline
+    units = plan_units(expand_inputs([str(path)], "auto"), lines_per_unit=3)
+    assert [u.first_line for u in units] == [1, 4, 7, 10]
+    records = [r for u in units for r in iter_unit_records(u, 1 << 20)]
+    assert [r.fields["text"] for r in records] == [str(i) for i in range(10)] + ["last"]
+    assert records[-1].location == f"{path}:12"  # the blank line 11 is skipped but counted
+    assert [u.end_byte for u in units][-1] == path.stat().st_size
+
+
+def test_webdataset_is_streamed_without_touching_the_filesystem(tmp_path, tiny_tokenizer):
+    import tarfile
+
+    tar_path = tmp_path / "evil.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in (
+            ("../../escape.jpg", image_bytes("JPEG")),
+            ("../../escape.txt", b"caption"),
+            ("/abs/path.png", image_bytes("PNG")),
+            ("/abs/path.txt", b"abs"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    before = {p for p in tmp_path.rglob("*")}
+    cfg = PreprocessConfig(
+        inputs=[str(tar_path)], output_prefix=str(work / "ds"), tokenizer=tiny_tokenizer, progress=False
+    )
+    manifest = run_preprocess(cfg)["manifest"]
+    assert manifest["counts"]["written"] == 2 and manifest["counts"]["rejected"] == 0
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(p.parent == work for p in created), created  # only the prefix's own files
+    assert not (tmp_path / "escape.jpg").exists()
+
+
+def test_caption_template_can_be_a_chat_template(tmp_path, tiny_tokenizer):
+    write_images(str(tmp_path), {"a.jpg": image_bytes("JPEG")})
+    jsonl = write_jsonl(str(tmp_path / "c.jsonl"), [{"image": "a.jpg", "caption": "Noise."}])
+    cfg = PreprocessConfig(
+        inputs=[jsonl],
+        output_prefix=str(tmp_path / "ds"),
+        tokenizer=tiny_tokenizer,
+        caption_template="internvl2_5",
+        system_message="S",
+        max_tiles=1,
+        progress=False,
+    )
+    run_preprocess(cfg)
+    tok = MultimodalTokenizer.load(tiny_tokenizer)
+    sample = IndexedMultimodalDataset(str(tmp_path / "ds")).expand(0, 1)
+    text = tok.decode(sample.input_ids.tolist())
+    assert text.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT>")
+    assert tok.decode(sample.input_ids[sample.loss_mask].tolist()) == "Noise.<|im_end|>"
+
+
+def test_bench_quick_runs():
+    r = run_tool("bench_preprocess.py", "--quick", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "byte-identical: yes" in r.stdout and "| pack_samples |" in r.stdout
+
+
+def test_progress_increments_add_up_to_the_unit(tmp_path, tiny_tokenizer):
+    from megasail.data.preprocess.sources import expand_inputs, plan_units
+    from megasail.data.preprocess.worker import UnitContext, process_unit
+
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": f"doc {i}"} for i in range(40)] + [b"{bad"])
+    (unit,) = plan_units(expand_inputs([jsonl], "auto"), lines_per_unit=100)
+    calls = []
+    ctx = UnitContext(
+        PreprocessConfig(tokenizer=tiny_tokenizer), MultimodalTokenizer.load(tiny_tokenizer), str(tmp_path)
+    )
+    report = process_unit(unit, ctx, lambda records, nbytes: calls.append((records, nbytes)))
+    assert len(calls) > 1  # intermediate updates, not only one at the end
+    assert sum(c[0] for c in calls) == report["read"] == 41
+    assert sum(c[1] for c in calls) == Path(jsonl).stat().st_size

