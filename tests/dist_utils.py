@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import traceback
 
 import torch.multiprocessing as mp
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 from megasail.runtime import free_port
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
+def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -21,7 +22,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     try:
         fn(rank, world_size, *args)
     except BaseException:
-        errors.put((rank, traceback.format_exc()))
+        # a file, not a queue: a long traceback would block on a full pipe nobody reads yet
+        with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc()[-20000:])
         raise
     finally:
         from megasail.runtime import destroy
@@ -34,14 +37,13 @@ def run_distributed_test(fn, world_size: int, *args) -> None:
 
     fn must be a module-level function (it is pickled into spawned processes).
     """
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, errors),
-                           nprocs=world_size, join=True, start_method="spawn")
-    except mp.ProcessRaisedException as e:
-        msgs = []
-        while not errors.empty():
-            rank, tb = errors.get()
-            msgs.append(f"--- rank {rank} ---\n{tb}")
-        raise AssertionError("distributed test failed:\n" + "\n".join(msgs or [str(e)])) from None
+    with tempfile.TemporaryDirectory() as error_dir:
+        try:
+            mp.start_processes(_worker, args=(world_size, free_port(), error_dir, fn, args),
+                               nprocs=world_size, join=True, start_method="spawn")
+        except mp.ProcessRaisedException as e:
+            msgs = []
+            for name in sorted(os.listdir(error_dir)):
+                with open(os.path.join(error_dir, name)) as f:
+                    msgs.append(f"--- {name} ---\n{f.read()}")
+            raise AssertionError("distributed test failed:\n" + "\n".join(msgs or [str(e)])) from None

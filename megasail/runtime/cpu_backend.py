@@ -156,6 +156,16 @@ def install() -> bool:
 
     torch.Tensor.type = _type
 
+    # A mode is off while its own handler runs, and torch.autograd.backward/grad dispatch through
+    # it: re-enter the mode around the autograd engine, where megatron's backward allocates on "cuda".
+    _orig_engine = torch.autograd._engine_run_backward
+
+    def _engine_run_backward(*args, **kwargs):
+        with _CudaDeviceToCpu():
+            return _orig_engine(*args, **kwargs)
+
+    torch.autograd._engine_run_backward = _engine_run_backward
+
     _mode = _CudaDeviceToCpu()
     _mode.__enter__()  # stays active for the life of the process
     _installed = True

@@ -1,0 +1,43 @@
+"""tools/model_summary.py runs on the tiny and 2B configs and its JSON adds up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _summary(repo_root, *args):
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}  # set by earlier in-process tests
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "tools/model_summary.py", *args, "--json"], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tiny_yaml(repo_root):
+    path = os.path.join(repo_root, "examples/configs/tiny.yaml")
+    summary = _summary(repo_root, "--config", path if os.path.exists(path) else "tiny")
+    assert summary["total"] == summary["vision"] + summary["projector"] + summary["language"]
+    assert summary["tokens_per_tile"] == 256
+    assert sum(stage["params"] for stage in summary["stages"]) == summary["total"]
+
+
+@pytest.mark.slow
+def test_2b_preset_split_over_tp_and_pp(repo_root):
+    summary = _summary(repo_root, "--config", "sail_vl_2b", "parallel.tensor=2", "parallel.pipeline=2",
+                       "parallel.first_stage_llm_layers=12")
+    assert {"vision", "projector", "language", "total"} <= set(summary)
+    assert 2.08e9 < summary["total"] < 2.10e9
+    first, last = summary["stages"]
+    assert (first["llm_layers"], last["llm_layers"]) == (12, 16)
+    # TP halves the sharded weights: the two stages together hold a bit more than half the model
+    assert summary["total"] / 2 < first["params"] + last["params"] < summary["total"] * 0.6
+    assert first["total_gib"] > first["weights_gib"] > 0
+    assert 0 < summary["vision_share_of_flops"] < 1
+    assert isinstance(summary["suggested_first_stage_llm_layers"], int)
