@@ -1,0 +1,269 @@
+"""Encoded images -> InternVL tiles: decode, dynamic tiling, ImageNet normalisation.
+
+`decode_tiles` turns a batch of encoded images (JPEG, PNG, ...) into one float32
+`[n, 3, tile_size, tile_size]` tensor per image: the grid's tiles row by row, then a thumbnail
+when the grid has more than one tile (InternVL's `load_image`; `tiling.num_tiles` gives n).
+
+Backends:
+  pil   readable reference: PIL decode, BICUBIC resize, crops, numpy-exact normalisation.
+  dali  NVIDIA DALI: `mixed` nvJPEG decode + GPU resize when a GPU is visible to DALI, else a
+        CPU pipeline (see `decode_dali`).
+  auto  with a GPU, DALI mixed; on CPU, per image by its header (size and format): PIL for
+        photo-sized images, DALI for large JPEG scans (AUTO_DALI_MIN_PIXELS, measured with
+        tools/bench_images.py --sweep-sizes).
+The `backend` argument picks one; when it is "auto", the MEGASAIL_DECODE_BACKEND environment
+variable may override it.
+
+Untrusted inputs: every image's header is read first (no pixel decoded) and images above
+`max_image_pixels` are refused, as are corrupt or non-image bytes. A bad image never fails the
+batch: with on_error="skip" its slot is None and `DecodeStats` counts why; with
+on_error="raise", `ImageDecodeError` names the first bad image's index and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megasail.data import decode_dali
+from megasail.data.tiling import tile_grid
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "pil", "dali")
+BACKEND_ENV_VAR = "MEGASAIL_DECODE_BACKEND"
+# 8192 x 8192: above any real photo or 600-dpi A4 scan (4960 x 7016), far below a decoded bomb's RAM.
+# This limit decides whatever PIL's global MAX_IMAGE_PIXELS is; PIL's Image.open still refuses
+# headers above 2x that global (179 MP by default), so a larger limit needs that raised too.
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
+# auto on CPU: per format, the size (pixels) from which DALI's CPU pipeline beats PIL per core
+# (tools/bench_images.py --sweep-sizes); formats not listed always go to PIL.
+AUTO_DALI_MIN_PIXELS = {"JPEG": 6_000_000}
+IMAGENET_MEAN = decode_dali.IMAGENET_MEAN
+IMAGENET_STD = decode_dali.IMAGENET_STD
+
+# v/255 normalised as (v/255 - mean)/std, folded into one multiply-add per pixel.
+_SCALE_C11 = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=torch.float32).view(3, 1, 1)
+_SHIFT_C11 = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)],
+                          dtype=torch.float32).view(3, 1, 1)
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded. `kind` is "corrupt" or "too_large"."""
+
+    def __init__(self, index: int, kind: str, reason: str):
+        super().__init__(f"image {index}: {kind}: {reason}")
+        self.index = index
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass
+class DecodeStats:
+    """Counters over the `decode_tiles` calls it is passed to."""
+
+    decoded: int = 0  # images turned into tiles
+    tiles: int = 0  # tiles emitted, thumbnails included
+    corrupt: int = 0  # refused: not an image, truncated, or failed to decode
+    too_large: int = 0  # refused from the header: more pixels than max_image_pixels
+    backend_counts: Counter = field(default_factory=Counter)  # decoded images per "pil"/"dali_cpu"/"dali_mixed"
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int
+    height: int
+    format: str  # PIL's name: "JPEG", "PNG", ...
+
+
+def read_header(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageHeader:
+    """Size and format from the header alone; raises ImageDecodeError (index -1) for refused images."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides; PIL's warning for > Image.MAX_IMAGE_PIXELS is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # parses the header, decodes no pixels
+                width, height, fmt = image.width, image.height, image.format or ""
+    except Image.DecompressionBombError as error:  # PIL's own ceiling, 2x Image.MAX_IMAGE_PIXELS, cannot be skipped
+        raise ImageDecodeError(-1, "too_large", f"PIL refused the header: {error}") from error
+    except Exception as error:  # noqa: BLE001 - any parser failure means "not a readable image"
+        raise ImageDecodeError(-1, "corrupt", f"unreadable header ({type(error).__name__}: {error})") from error
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(-1, "corrupt", f"empty image {width}x{height}")
+    if width * height > max_image_pixels:
+        raise ImageDecodeError(-1, "too_large",
+                               f"{width}x{height} = {width * height} pixels > max_image_pixels={max_image_pixels}")
+    return ImageHeader(width, height, fmt)
+
+
+def normalized_tiles_from_uint8(grid_hwc: np.ndarray, cols: int, rows: int, tile_size: int,
+                                thumbnail_hwc: np.ndarray | None) -> torch.Tensor:
+    """uint8 [rows*T, cols*T, 3] grid (+ [T, T, 3] thumbnail) -> float32 [n(+1), 3, T, T], normalised."""
+    n = cols * rows
+    tiles_u8 = torch.empty((n + (thumbnail_hwc is not None), 3, tile_size, tile_size), dtype=torch.uint8)
+    # Rearrange as uint8 (a quarter of the float bytes): tile (r, c) = grid[r*T:(r+1)*T, c*T:(c+1)*T].
+    tiles_u8[:n].view(rows, cols, 3, tile_size, tile_size).copy_(
+        torch.from_numpy(grid_hwc).view(rows, tile_size, cols, tile_size, 3).permute(0, 2, 4, 1, 3))
+    if thumbnail_hwc is not None:
+        tiles_u8[n].copy_(torch.from_numpy(thumbnail_hwc).permute(2, 0, 1))
+    out = torch.empty(tiles_u8.shape, dtype=torch.float32)
+    return out.copy_(tiles_u8).mul_(_SCALE_C11).add_(_SHIFT_C11)
+
+
+def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448) -> torch.Tensor:
+    """One image with PIL, exactly as InternVL's load_image: float32 [cols*rows (+1), 3, T, T].
+
+    Raises OSError / ValueError (from PIL) when the pixel data is corrupt.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes: truncated or corrupt pixel data raises here
+        # Palette, grey, alpha and CMYK become RGB as in InternVL (an RGB image needs no copy).
+        image = image if image.mode == "RGB" else image.convert("RGB")
+    grid = image.resize((cols * tile_size, rows * tile_size), Image.BICUBIC)
+    thumbnail = image.resize((tile_size, tile_size), Image.BICUBIC) if cols * rows > 1 else None
+    return normalized_tiles_from_uint8(np.array(grid), cols, rows, tile_size,
+                                       None if thumbnail is None else np.array(thumbnail))
+
+
+_logged: set[str] = set()
+_tilers: dict[tuple[int, int | None, int], decode_dali.DaliTiler] = {}
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def _dali_tiler(num_threads: int) -> decode_dali.DaliTiler:
+    """The process's DaliTiler: on GPU 'mixed' when DALI sees one, else the CPU pipeline."""
+    device_id = torch.cuda.current_device() if decode_dali.dali_gpu_count() > 0 else None
+    key = (os.getpid(), device_id, num_threads)  # a forked DataLoader worker must not reuse its parent's threads
+    if key not in _tilers:
+        _tilers[key] = decode_dali.DaliTiler(device_id=device_id, num_threads=num_threads)
+    return _tilers[key]
+
+
+def _decode_with_dali(backend: str, header: ImageHeader, on_gpu: bool) -> bool:
+    """Routing of one image; formats DALI cannot read always go to PIL."""
+    if header.format not in decode_dali.DALI_FORMATS or backend == "pil":
+        return False
+    # auto on CPU: DALI's per-image overhead loses on small images, its decode wins on large ones.
+    min_pixels = AUTO_DALI_MIN_PIXELS.get(header.format)
+    return backend == "dali" or on_gpu or (min_pixels is not None and header.width * header.height >= min_pixels)
+
+
+def _dali_reason(error: Exception) -> str:
+    """The line after "encountered:" in DALI's multi-line pipeline error (the decoder's own words)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    if "encountered:" in lines:
+        following = [line for line in lines[lines.index("encountered:") + 1:] if line]
+        if following:
+            return following[0]
+    return lines[0] if lines else type(error).__name__
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend a call uses: the argument, or MEGASAIL_DECODE_BACKEND when the argument is "auto"."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV_VAR, "") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown image decode backend {backend!r} (from the argument or ${BACKEND_ENV_VAR}); "
+                         f"choose one of {', '.join(BACKENDS)}")
+    if backend in ("dali", "auto") and not decode_dali.dali_available():
+        if backend == "dali":
+            decode_dali.DaliTiler()  # raises the install hint
+        backend = "pil"
+    return backend
+
+
+def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "auto", tile_size: int = 448,
+                 min_tiles: int = 1, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: str = "skip",
+                 stats: DecodeStats | None = None, dali_threads: int = 1) -> list[torch.Tensor | None]:
+    """Decode and tile a batch of encoded images.
+
+    Args:
+        images: encoded bytes (JPEG, PNG, BMP, TIFF, WebP, GIF, ...), one per image.
+        max_tiles, min_tiles, tile_size: InternVL's dynamic tiling (`tiling.tile_grid`).
+        backend: "auto", "pil" or "dali" (see the module docstring).
+        max_image_pixels: images whose header declares more pixels are refused undecoded.
+        on_error: "skip" puts None in a bad image's slot; "raise" raises ImageDecodeError for the
+            lowest bad index after the batch is processed (stats still count every image).
+        stats: counters to update (decoded, tiles, corrupt, too_large, backend_counts).
+        dali_threads: worker threads of the DALI CPU pipeline.
+
+    Returns:
+        One float32 tensor [n, 3, tile_size, tile_size] per image (None for refused images with
+        on_error="skip"), n = tiling.num_tiles(width, height, max_tiles, min_tiles, tile_size).
+        Tensors are on the GPU when DALI `mixed` decoded the batch, else on the CPU.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    stats = stats if stats is not None else DecodeStats()
+    backend = resolve_backend(backend)
+    results: list[torch.Tensor | None] = [None] * len(images)
+    errors: dict[int, ImageDecodeError] = {}
+    grids: dict[int, tuple[int, int]] = {}
+    use_dali: list[int] = []
+    on_gpu = backend != "pil" and decode_dali.dali_gpu_count() > 0
+    for index, data in enumerate(images):
+        try:
+            header = read_header(bytes(data), max_image_pixels)
+        except ImageDecodeError as error:
+            errors[index] = ImageDecodeError(index, error.kind, error.reason)
+            continue
+        grids[index] = tile_grid(header.width, header.height, max_tiles, min_tiles, tile_size)
+        if _decode_with_dali(backend, header, on_gpu):
+            use_dali.append(index)
+
+    if backend == "auto":
+        _log_once("image decode backend: auto -> DALI mixed (GPU)" if on_gpu else
+                  f"image decode backend: auto -> per image on CPU: DALI CPU from {AUTO_DALI_MIN_PIXELS} pixels, "
+                  "else PIL")
+    else:
+        _log_once(f"image decode backend: {backend}" + (" (DALI mixed, GPU)" if on_gpu else ""))
+
+    device = _dali_tiler(dali_threads).device if on_gpu else "cpu"  # one device for the whole batch
+    if use_dali:
+        tiler = _dali_tiler(dali_threads)
+        dali_name = "dali_cpu" if tiler.device_id is None else "dali_mixed"
+        decoded = tiler.decode_each([bytes(images[i]) for i in use_dali], [grids[i] for i in use_dali], tile_size)
+        for index, tiles in zip(use_dali, decoded, strict=True):
+            if isinstance(tiles, Exception):
+                errors[index] = ImageDecodeError(index, "corrupt", f"DALI could not decode it: {_dali_reason(tiles)}")
+            else:
+                results[index] = tiles
+                stats.backend_counts[dali_name] += 1
+    dali_set = set(use_dali)
+    for index, (cols, rows) in grids.items():
+        if index in dali_set:
+            continue
+        try:
+            tiles = decode_tiles_pil(bytes(images[index]), cols, rows, tile_size)
+        except Exception as error:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError... on bad data
+            errors[index] = ImageDecodeError(index, "corrupt", f"{type(error).__name__}: {error}")
+            continue
+        results[index] = tiles.to(device)
+        stats.backend_counts["pil"] += 1
+
+    for tiles in results:
+        if tiles is not None:
+            stats.decoded += 1
+            stats.tiles += tiles.shape[0]
+    for error in errors.values():
+        if error.kind == "too_large":
+            stats.too_large += 1
+        else:
+            stats.corrupt += 1
+    if errors and on_error == "raise":
+        raise errors[min(errors)]
+    return results

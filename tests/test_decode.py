@@ -1,0 +1,258 @@
+"""megasail.data.decode: PIL against InternVL's reference, DALI against PIL, bad-input policy, bench smoke."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import internvl_reference as ref  # tests/ is on sys.path (tests/conftest.py)
+import numpy as np
+import pytest
+import skimage
+import torch
+from PIL import Image, ImageDraw
+
+from megasail.data import decode, decode_dali
+from megasail.data.decode import BACKEND_ENV_VAR, DecodeStats, ImageDecodeError, decode_tiles
+from megasail.data.tiling import num_tiles
+
+REPO = Path(__file__).resolve().parents[1]
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+needs_dali = pytest.mark.skipif(not decode_dali.dali_available(), reason="nvidia-dali is not installed")
+MEAN_C11 = np.asarray(ref.IMAGENET_MEAN, dtype=np.float64).reshape(3, 1, 1)
+STD_C11 = np.asarray(ref.IMAGENET_STD, dtype=np.float64).reshape(3, 1, 1)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def skimage_bytes(name: str) -> bytes:
+    return (SKIMAGE_DATA / name).read_bytes()
+
+
+def gradient_noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin(x / 17.0)], -1)
+    pixels = pixels + rng.normal(0, 10, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def text_page(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Dark strokes in lines on white: the content class of document scans."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (248, 248, 245))
+    draw = ImageDraw.Draw(image)
+    for top in range(20, height - 20, 24):
+        for left in range(20, width - 30, 14):
+            if rng.random() < 0.8:
+                draw.line([(left, top), (left + int(rng.integers(3, 10)), top + int(rng.integers(6, 14)))],
+                          fill=(20, 20, 30), width=2)
+    return image
+
+
+def unnormalize(tiles: torch.Tensor) -> np.ndarray:
+    """float32 [n, 3, T, T] normalised -> float64 pixel values in 0..1."""
+    return tiles.cpu().numpy().astype(np.float64) * STD_C11 + MEAN_C11
+
+
+def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
+    """A valid 1x1 PNG whose IHDR claims width x height: refused unless something decodes pixels."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR chunk CRC
+    return bytes(data)
+
+
+REAL_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "page.png"]
+
+
+def inputs_for_reference():
+    """(name, encoded bytes): real photos, a scanned page, synthetic images and odd pixel modes."""
+    cases = [(name, skimage_bytes(name)) for name in REAL_PHOTOS]
+    rgb = gradient_noise(700, 300)
+    cases += [
+        ("synthetic JPEG", encode(rgb, "JPEG", quality=90)),
+        ("synthetic PNG exact grid 896x448", encode(gradient_noise(896, 448, 1), "PNG")),
+        ("RGBA PNG", encode(rgb.convert("RGBA"), "PNG")),
+        ("grayscale JPEG", encode(rgb.convert("L"), "JPEG")),
+        ("palette PNG", encode(rgb.convert("P", palette=Image.ADAPTIVE), "PNG")),
+        ("CMYK JPEG", encode(rgb.convert("CMYK"), "JPEG")),
+        ("1x1 PNG", encode(Image.new("RGB", (1, 1), (200, 10, 30)), "PNG")),
+        ("thin 3000x20 PNG", encode(gradient_noise(3000, 20), "PNG")),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "data"), inputs_for_reference(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("max_tiles", [1, 6])
+def test_pil_matches_internvl_reference(name, data, max_tiles):
+    expected = ref.load_image(data, max_num=max_tiles)
+    (tiles,) = decode_tiles([data], max_tiles, backend="pil")
+    assert tiles.dtype == torch.float32
+    assert tuple(tiles.shape) == expected.shape
+    with Image.open(io.BytesIO(data)) as image:
+        assert tiles.shape[0] == num_tiles(image.width, image.height, max_tiles)
+    np.testing.assert_allclose(tiles.numpy(), expected, rtol=0, atol=1e-5)
+
+
+@needs_dali
+@pytest.mark.parametrize(("name", "data", "max_tiles"), [
+    ("rocket.jpg", skimage_bytes("rocket.jpg"), 6),
+    ("astronaut.png", skimage_bytes("astronaut.png"), 4),
+    ("page.png (document)", skimage_bytes("page.png"), 6),
+    ("text page JPEG", encode(text_page(1240, 1754), "JPEG", quality=90), 12),
+    ("synthetic PNG", encode(gradient_noise(900, 500), "PNG"), 6),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_dali_agrees_with_pil(name, data, max_tiles):
+    pil_tiles, = decode_tiles([data], max_tiles, backend="pil")
+    dali_tiles, = decode_tiles([data], max_tiles, backend="dali")
+    assert dali_tiles.shape == pil_tiles.shape and dali_tiles.dtype == torch.float32
+    mad = np.abs(unnormalize(dali_tiles) - unnormalize(pil_tiles)).mean(axis=(1, 2, 3))
+    assert mad.max() < 2 / 255, mad * 255  # per tile, so a misplaced tile cannot hide in the average
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_tiles_are_row_major_then_thumbnail(backend):
+    """A 3x2 grid of solid colours at exactly the grid size: tile k must be colour k."""
+    cols, rows, t = 3, 2, 448
+    colours = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230], [130, 60, 200]])
+    pixels = np.zeros((rows * t, cols * t, 3), np.uint8)
+    for k, colour in enumerate(colours):
+        r, c = divmod(k, cols)
+        pixels[r * t:(r + 1) * t, c * t:(c + 1) * t] = colour
+    (tiles,) = decode_tiles([encode(Image.fromarray(pixels), "PNG")], 6, backend=backend)
+    assert tiles.shape == (7, 3, t, t)
+    values = unnormalize(tiles) * 255
+    for k, colour in enumerate(colours):
+        np.testing.assert_allclose(values[k].mean(axis=(1, 2)), colour, atol=0.5)
+        r, c = divmod(k, cols)  # the thumbnail shows the same block, scaled down
+        np.testing.assert_allclose(values[6][:, int((r + 0.5) * t / rows), int((c + 0.5) * t / cols)], colour, atol=2)
+
+
+def bad_batch():
+    good_jpeg = encode(gradient_noise(640, 480), "JPEG", quality=90)
+    good_png = skimage_bytes("coffee.png")
+    truncated_jpeg = good_jpeg[: len(good_jpeg) * 6 // 10]  # header intact, scan data cut
+    return [good_jpeg, truncated_jpeg, png_bomb(), b"<html>not an image</html>", good_png]
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_bad_images_are_skipped_and_counted(backend):
+    batch = bad_batch()
+    stats = DecodeStats()
+    results = decode_tiles(batch, 6, backend=backend, stats=stats)
+    assert [r is None for r in results] == [False, True, True, True, False]
+    assert (stats.decoded, stats.corrupt, stats.too_large) == (2, 2, 1)
+    assert stats.tiles == results[0].shape[0] + results[4].shape[0] == 7 + 7
+    # The truncated JPEG was inside the DALI batch; the good images still came from DALI.
+    assert stats.backend_counts == {"pil" if backend == "pil" else "dali_cpu": 2}
+    expected_first = ref.load_image(batch[0], max_num=6)
+    tolerance = 1e-5 if backend == "pil" else 0.25  # DALI: cubic differs slightly, normalised units
+    assert np.abs(results[0].numpy() - expected_first).mean() < tolerance
+
+    again = decode_tiles(batch[:1] + batch[4:], 6, backend=backend, stats=stats)  # pipeline still usable
+    assert all(r is not None for r in again) and stats.decoded == 4
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_on_error_raise_names_index_and_reason(backend):
+    batch = bad_batch()
+    with pytest.raises(ImageDecodeError, match=r"image 1: corrupt") as info:
+        decode_tiles(batch, 6, backend=backend, on_error="raise")
+    assert (info.value.index, info.value.kind) == (1, "corrupt")
+    # 1e8 pixels: above the default limit, below PIL's own ceiling (2x Image.MAX_IMAGE_PIXELS), so ours decides.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not leak out either
+        with pytest.raises(ImageDecodeError, match=r"image 0: too_large: 10000x10000 = 100000000 pixels"):
+            decode_tiles([png_bomb(10000, 10000)], 6, backend=backend, on_error="raise")
+    with pytest.raises(ImageDecodeError, match=r"image 0: too_large"):  # above PIL's ceiling
+        decode_tiles([png_bomb()], 6, backend=backend, on_error="raise")
+
+
+def test_pixel_limit_is_explicit_not_pils_global(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # users often switch PIL's guard off
+    stats = DecodeStats()
+    assert decode_tiles([png_bomb(20000, 20000)], 6, backend="pil", stats=stats) == [None]
+    assert stats.too_large == 1
+    small = encode(gradient_noise(100, 60), "PNG")
+    assert decode_tiles([small], 6, backend="pil", max_image_pixels=100 * 60 - 1, stats=stats) == [None]
+    assert decode_tiles([small], 6, backend="pil", max_image_pixels=100 * 60, stats=stats)[0] is not None
+    assert (stats.too_large, stats.decoded) == (2, 1)
+
+
+@needs_dali
+def test_auto_chooses_per_image_by_size_and_env_overrides(monkeypatch):
+    side = int(decode.AUTO_DALI_MIN_PIXELS["JPEG"] ** 0.5) + 1
+    large = encode(Image.new("RGB", (side, side), (90, 140, 200)), "JPEG", quality=85)
+    small = skimage_bytes("rocket.jpg")
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    stats = DecodeStats()
+    results = decode_tiles([small, large], 1, stats=stats)
+    assert [r.shape[0] for r in results] == [1, 1]
+    assert stats.backend_counts == {"pil": 1, "dali_cpu": 1}
+
+    monkeypatch.setenv(BACKEND_ENV_VAR, "pil")
+    stats = DecodeStats()
+    decode_tiles([small, large], 1, stats=stats)
+    assert stats.backend_counts == {"pil": 2}
+    monkeypatch.setenv(BACKEND_ENV_VAR, "nvjpeg")
+    with pytest.raises(ValueError, match="MEGASAIL_DECODE_BACKEND"):
+        decode_tiles([small], 1)
+
+
+def test_missing_dali_gives_clear_error_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(decode_dali, "fn", None)
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    with pytest.raises(ImportError, match="nvidia-dali"):
+        decode_tiles([skimage_bytes("rocket.jpg")], 1, backend="dali")
+    stats = DecodeStats()
+    decode_tiles([skimage_bytes("rocket.jpg")], 1, backend="auto", stats=stats)
+    assert stats.backend_counts == {"pil": 1}
+
+
+def test_backend_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(decode, "_logged", set())
+    data = [skimage_bytes("rocket.jpg")]
+    with caplog.at_level(logging.INFO, logger="megasail.data.decode"):
+        decode_tiles(data, 1, backend="pil")
+        decode_tiles(data, 1, backend="pil")
+    assert [r.getMessage() for r in caplog.records] == ["image decode backend: pil"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(decode_dali.dali_gpu_count() == 0, reason="needs a GPU visible to DALI")
+def test_dali_mixed_agrees_with_pil_on_gpu():
+    data = skimage_bytes("rocket.jpg")
+    stats = DecodeStats()
+    (gpu_tiles,) = decode_tiles([data], 6, backend="dali", stats=stats)
+    (pil_tiles,) = decode_tiles([data], 6, backend="pil")
+    assert gpu_tiles.is_cuda and stats.backend_counts == {"dali_mixed": 1}
+    assert np.abs(unnormalize(gpu_tiles) - unnormalize(pil_tiles)).mean() < 2 / 255
+
+
+def test_bench_images_quick_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_images.py"), "--quick", "--max-tiles", "1,12",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [[cell.strip() for cell in line.strip("|").split("|")]
+             for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    backends = ["pil", "dali", "auto"] if decode_dali.dali_available() else ["pil", "auto"]
+    expected = sorted((images, mt, b) for images in ("photo JPEG", "photo PNG", "document JPEG", "document PNG")
+                      for mt in ("1", "12") for b in backends)
+    assert sorted((cells[0], cells[2], cells[3].split(" ")[0]) for cells in table) == expected
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(table) and all(r["tiles_per_s"] > 0 for r in rows)

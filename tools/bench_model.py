@@ -1,0 +1,169 @@
+"""Forward+backward time of SailVLModel against a plain megatron-core GPTModel on the same tokens.
+
+Rows (measured side by side in one process, medians of --repeats):
+  gpt            megatron GPTModel with the config's LLM, text tokens
+  sailvl_text    SailVLModel on the same text-only batch (wrapper overhead: embedding path, zero-weighted vision touch)
+  vision         ViT + projector alone on the batch's tiles
+  sailvl_images  SailVLModel with images spliced at <IMG_CONTEXT> (overhead = this - gpt - vision)
+
+On CUDA it also reports tokens/s, TFLOP/s and MFU (bf16 peak from --peak-tflops), and with
+Transformer Engine an FP8 row. On CPU it runs the tiny config and reports the ratios only.
+
+    python tools/bench_model.py --config examples/configs/tiny.yaml
+    python tools/bench_model.py --config examples/configs/sail_vl_2b.yaml --seq-length 8192 --tiles 10   # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="examples/configs/tiny.yaml", help="model config YAML")
+    ap.add_argument("--seq-length", type=int, default=1024, help="tokens per sequence")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    ap.add_argument("--tiles", type=int, default=2, help="image tiles per sequence (448px -> 256 tokens each)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed iterations per row (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations per row")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100 SXM: 989)")
+    ap.add_argument("--fp8", action="store_true", help="add an FP8 row (needs CUDA and Transformer Engine)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.language.num_layers=2")
+    return ap.parse_args(argv)
+
+
+def _time(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fwd_bwd(model, batch):
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.float().mean().backward()
+
+    return run
+
+
+def build(cfg_model, device, dtype):
+    from megatron.core.models.gpt import GPTModel
+
+    from megasail.models import specs
+    from megasail.models.mcore_config import language_transformer_config
+    from megasail.models.sail_vl import SailVLModel
+
+    vlm = SailVLModel(cfg_model).to(device=device, dtype=dtype)
+    lm_cfg = language_transformer_config(cfg_model)
+    lm = cfg_model.language
+    gpt = GPTModel(
+        config=lm_cfg,
+        transformer_layer_spec=specs.language_block_spec(lm_cfg, specs.use_transformer_engine(cfg_model.transformer_impl),
+                                                         False),
+        vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings, parallel_output=True,
+        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
+        position_embedding_type="rope", rotary_base=lm.rotary_base,
+    ).to(device=device, dtype=dtype)
+    return vlm, gpt
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    from megasail.config import load_config
+    from megasail.models.flops import sequence_flops, vision_flops_per_tile
+    from megasail.runtime import destroy, initialize
+    from megasail.training.synthetic import synthetic_batch
+
+    cfg = load_config(args.config, args.overrides)
+    initialize(1, 1, seed=cfg.seed)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.precision]
+    vlm, gpt = build(cfg.model, device, dtype)
+
+    b, s, tiles = args.micro_batch, args.seq_length, args.tiles
+    img = synthetic_batch(cfg.model, s, [tiles] * b, seed=0, dtype=dtype)
+    txt = synthetic_batch(cfg.model, s, [0] * b, seed=1, dtype=dtype)
+
+    def as_inputs(batch, with_pixels=True):
+        out = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+               "labels": batch["labels"].to(device)}
+        if with_pixels:
+            px = batch["pixel_values"]
+            out["pixel_values"] = None if px is None else px.to(device)
+        return out
+
+    gpt_inputs = as_inputs(txt, with_pixels=False)
+    gpt_inputs["attention_mask"] = None
+    vision_run = (lambda: vlm.image_embeddings(img["pixel_values"].to(device)).float().mean().backward())
+
+    rows = []
+    seconds = {
+        "gpt": _time(_fwd_bwd(gpt, gpt_inputs), args.repeats, args.warmup),
+        "sailvl_text": _time(_fwd_bwd(vlm, as_inputs(txt)), args.repeats, args.warmup),
+        "vision": _time(vision_run, args.repeats, args.warmup) if tiles else 0.0,
+        "sailvl_images": _time(_fwd_bwd(vlm, as_inputs(img)), args.repeats, args.warmup),
+    }
+    if args.fp8 and device.type == "cuda" and vlm.use_te:
+        import copy
+
+        cfg8 = copy.deepcopy(cfg.model)
+        cfg8.fp8 = "hybrid"
+        vlm8, _ = build(cfg8, device, dtype)
+        seconds["sailvl_images_fp8"] = _time(_fwd_bwd(vlm8, as_inputs(img)), args.repeats, args.warmup)
+    tokens = b * s
+    flops = {
+        "gpt": 3 * b * sequence_flops(cfg.model, s, 0),
+        "sailvl_text": 3 * b * sequence_flops(cfg.model, s, 0),
+        "vision": 3 * b * tiles * vision_flops_per_tile(cfg.model),
+        "sailvl_images": 3 * b * sequence_flops(cfg.model, s, tiles),
+    }
+    flops["sailvl_images_fp8"] = flops["sailvl_images"]
+    for name, sec in seconds.items():
+        row = {"row": name, "ms": sec * 1e3, "tokens_per_s": tokens / sec if sec else 0.0,
+               "tflops": flops[name] / sec / 1e12 if sec else 0.0}
+        row["ratio_vs_gpt"] = sec / seconds["gpt"]
+        if device.type == "cuda":
+            row["mfu"] = row["tflops"] / args.peak_tflops
+        rows.append(row)
+    overhead_text = seconds["sailvl_text"] / seconds["gpt"] - 1
+    overhead_images = (seconds["sailvl_images"] - seconds["gpt"] - seconds["vision"]) / seconds["gpt"]
+
+    print(f"device={device.type} precision={cfg.model.precision} impl={'te' if vlm.use_te else 'local'} "
+          f"seq_length={s} micro_batch={b} tiles/seq={tiles} ({cfg.model.tokens_per_tile} tokens/tile)")
+    header = "| row | ms/step | tokens/s | TFLOP/s | time / gpt |" + (" MFU |" if device.type == "cuda" else "")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        line = f"| {r['row']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {r['ratio_vs_gpt']:.3f} |"
+        if device.type == "cuda":
+            line += f" {r['mfu']:.1%} |"
+        print(line)
+    print(f"wrapper overhead, text-only: {overhead_text:+.1%}; with images beyond GPT + ViT alone: {overhead_images:+.1%}")
+    if args.fp8 and not (device.type == "cuda" and vlm.use_te):
+        print("FP8 row skipped: needs CUDA and Transformer Engine", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "overhead_text": overhead_text, "overhead_images": overhead_images}, f, indent=2)
+    destroy()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
