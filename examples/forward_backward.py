@@ -12,16 +12,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megasail.config import config_help, load_config
-from megasail.runtime import destroy, initialize
-from megasail.training.model_builder import build_model_chunks, wrap_ddp
-from megasail.training.param_count import global_param_counts
-from megasail.training.step import forward_step
-from megasail.training.synthetic import synthetic_batch
 
 
 def parse_args(argv):
@@ -32,7 +24,7 @@ def parse_args(argv):
     ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches in the step (pipeline fill)")
     ap.add_argument("--help-config", action="store_true", help="print every config key with its doc and exit")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor=2")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.help_config:
         print(config_help())
         sys.exit(0)
@@ -44,6 +36,17 @@ def parse_args(argv):
 def main(argv=None) -> float | None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    # megatron-core after megasail: the package filters megatron's import-time fallback warnings
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megasail.runtime import destroy, initialize
+    from megasail.training.model_builder import build_model_chunks, wrap_ddp
+    from megasail.training.param_count import global_param_counts
+    from megasail.training.step import forward_step
+    from megasail.training.synthetic import synthetic_batch
+
     p = cfg.parallel
     initialize(p.tensor, p.pipeline, p.virtual_pipeline, p.context, seed=cfg.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.precision]
@@ -58,8 +61,7 @@ def main(argv=None) -> float | None:
                for i in range(args.micro_batches)]
     data = iter(batches) if len(model) == 1 else [iter(batches) for _ in model]
     for m in model:
-        m.zero_grad_buffer()
-    optimizer.zero_grad()
+        m.zero_grad_buffer()  # fresh model: the optimizer has no stale grads to clear
     start = time.perf_counter()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=model if len(model) > 1 else model[0],

@@ -36,22 +36,25 @@ def parse_args(argv):
     ap.add_argument("--fp8", action="store_true", help="add an FP8 row (needs CUDA and Transformer Engine)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.language.num_layers=2")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _time_round_robin(runs: dict, repeats: int, warmup: int) -> dict:
+    """Median seconds per named callable; the rows take turns each repeat so load drift hits all alike."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _fwd_bwd(model, batch):
@@ -113,20 +116,22 @@ def main(argv=None) -> list[dict]:
     gpt_inputs["attention_mask"] = None
     vision_run = (lambda: vlm.image_embeddings(img["pixel_values"].to(device)).float().mean().backward())
 
-    rows = []
-    seconds = {
-        "gpt": _time(_fwd_bwd(gpt, gpt_inputs), args.repeats, args.warmup),
-        "sailvl_text": _time(_fwd_bwd(vlm, as_inputs(txt)), args.repeats, args.warmup),
-        "vision": _time(vision_run, args.repeats, args.warmup) if tiles else 0.0,
-        "sailvl_images": _time(_fwd_bwd(vlm, as_inputs(img)), args.repeats, args.warmup),
+    runs = {
+        "gpt": _fwd_bwd(gpt, gpt_inputs),
+        "sailvl_text": _fwd_bwd(vlm, as_inputs(txt)),
+        "sailvl_images": _fwd_bwd(vlm, as_inputs(img)),
     }
+    if tiles:
+        runs["vision"] = vision_run
     if args.fp8 and device.type == "cuda" and vlm.use_te:
         import copy
 
         cfg8 = copy.deepcopy(cfg.model)
         cfg8.fp8 = "hybrid"
         vlm8, _ = build(cfg8, device, dtype)
-        seconds["sailvl_images_fp8"] = _time(_fwd_bwd(vlm8, as_inputs(img)), args.repeats, args.warmup)
+        runs["sailvl_images_fp8"] = _fwd_bwd(vlm8, as_inputs(img))
+    seconds = _time_round_robin(runs, args.repeats, args.warmup)
+    seconds.setdefault("vision", 0.0)
     tokens = b * s
     flops = {
         "gpt": 3 * b * sequence_flops(cfg.model, s, 0),
@@ -135,6 +140,7 @@ def main(argv=None) -> list[dict]:
         "sailvl_images": 3 * b * sequence_flops(cfg.model, s, tiles),
     }
     flops["sailvl_images_fp8"] = flops["sailvl_images"]
+    rows = []
     for name, sec in seconds.items():
         row = {"row": name, "ms": sec * 1e3, "tokens_per_s": tokens / sec if sec else 0.0,
                "tflops": flops[name] / sec / 1e12 if sec else 0.0}

@@ -10,8 +10,6 @@ import torch
 
 from megasail.models.config import ModelConfig
 
-IMG_START_ID = 151665  # <img> in SAIL-VL's Qwen2.5 vocabulary
-IMG_END_ID = 151666  # </img>
 TEXT_ID_LIMIT = 151643  # ordinary BPE ids lie below <|endoftext|>
 
 
@@ -29,11 +27,13 @@ def synthetic_batch(
     reads: input_ids, position_ids, labels, loss_mask [b, s]; pixel_values [tiles, 3, H, W] or None.
     """
     g = torch.Generator().manual_seed(seed)
-    vocab = min(model_cfg.language.vocab_size, TEXT_ID_LIMIT)
+    vocab = min(model_cfg.language.vocab_size, TEXT_ID_LIMIT, model_cfg.image_token_id - 2)
     tpt = model_cfg.tokens_per_tile
+    # SAIL-VL's vocabulary puts <img>, </img>, <IMG_CONTEXT> at 151665-151667: keep that layout
+    img_start, img_end = model_cfg.image_token_id - 2, model_cfg.image_token_id - 1
     rows, masks = [], []
     for tiles in tiles_per_sample:
-        image = [IMG_START_ID] + [model_cfg.image_token_id] * (tiles * tpt) + [IMG_END_ID] if tiles else []
+        image = [img_start] + [model_cfg.image_token_id] * (tiles * tpt) + [img_end] if tiles else []
         prompt = torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist()
         n_answer = seq_length - len(prompt) - len(image)
         if n_answer < 2:
