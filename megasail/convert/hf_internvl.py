@@ -161,6 +161,16 @@ def _qkv_keys(config: ModelConfig):
                lm.num_attention_heads, lm.num_query_groups, lm.qkv_bias)
 
 
+def _all_pairs(config: ModelConfig) -> list[tuple[str, str]]:
+    """(HF key, megasail key) of every tensor that maps one to one (the ViT layers that run included)."""
+    pairs = _global_pairs(config)
+    for i in range(config.vision.num_layers_used):
+        pairs += _vision_pairs(i)
+    for i in range(config.language.num_layers):
+        pairs += _language_pairs(i)
+    return pairs
+
+
 def hf_to_megasail(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """HF InternVL state dict (any layout ``to_transformers_names`` reads) -> megasail state dict (TP=1, PP=1).
 
@@ -176,11 +186,7 @@ def hf_to_megasail(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str
         except KeyError:
             raise KeyError(f"HF checkpoint lacks '{key}' (does the config match the checkpoint?)") from None
 
-    pairs = _global_pairs(config)
-    for i in range(config.vision.num_layers_used):
-        pairs += _vision_pairs(i)
-    for i in range(config.language.num_layers):
-        pairs += _language_pairs(i)
+    pairs = _all_pairs(config)
     for hf_key, ms_key in pairs:
         out[ms_key] = take(hf_key)
     for hf_prefix, ms_prefix, heads, groups, bias in _qkv_keys(config):
@@ -208,11 +214,7 @@ def megasail_to_hf(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str
     """
     ms = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     out: dict[str, Tensor] = {}
-    pairs = _global_pairs(config)
-    for i in range(config.vision.num_layers_used):
-        pairs += _vision_pairs(i)
-    for i in range(config.language.num_layers):
-        pairs += _language_pairs(i)
+    pairs = _all_pairs(config)
     for hf_key, ms_key in pairs:
         out[hf_key] = ms.pop(ms_key)
     for hf_prefix, ms_prefix, heads, groups, bias in _qkv_keys(config):
