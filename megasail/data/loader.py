@@ -1,0 +1,215 @@
+"""The training data loader: weighted sources, curriculum stages, packing, DP balancing, background decode.
+
+    loader = MultimodalDataLoader(config.data, dp_rank=1, dp_size=8)
+    for batch in loader:            # this rank's micro-batches, global batch after global batch
+        ...                         # batch: the dict of megasail.training.step.forward_step
+        state = loader.state_dict() # at a global-batch boundary; restores at any DP size
+
+Per global batch (all ranks compute the same plan from the index alone): take the next
+`global_batch_size` packed sequences of the current stage (`blend.Curriculum`), estimate each one's
+cost and give every data-parallel rank the same number of sequences with an even cost
+(`balance.assign_to_ranks`), cut the rank's share into micro-batches. Worker processes of a torch
+DataLoader turn each micro-batch plan into tensors (`loader_worker.MicroBatchBuilder`); the main
+process only tracks the position and the statistics.
+
+For TP/PP ranks use `megasail.data.loader_broadcast.build_data_loader`, which reads once per
+model-parallel group and sends each pipeline stage the fields it needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+from megasail.data import decode
+from megasail.data.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.blend import Curriculum
+from megasail.data.config import DataConfig, StageConfig
+from megasail.data.loader_state import LoaderPosition, position_from_state, position_state
+from megasail.data.loader_worker import BuiltMicroBatch, MicroBatchBuilder, MicroBatchPlan
+
+_SUMMED = ("sequences", "samples", "images", "tiles", "tokens", "slots", "bad_images_corrupt",
+           "bad_images_too_large", "bad_samples", "replaced_samples", "unreplaced_samples", "build_seconds")
+RECENT_BAD_SAMPLES = 32  # bad samples kept (with source and index) in statistics()
+
+
+def micro_batch_plans(curriculum: Curriculum, position: LoaderPosition, dp_rank: int, dp_size: int,
+                      cost_model: SequenceCostModel | None, imbalance_log: list | None = None
+                      ) -> Iterator[MicroBatchPlan]:
+    """This rank's micro-batch plans from `position` on, until the curriculum ends."""
+    data = curriculum.data
+    while not position.finished:
+        sequences, after = curriculum.global_batch(position)
+        if cost_model is not None:
+            costs = cost_model.costs(sequences, data.seq_length)
+            ranks = assign_to_ranks(costs, dp_size, balance=True)
+            if imbalance_log is not None:
+                imbalance_log.append(imbalance(costs, ranks))
+                del imbalance_log[:-1024]  # keep the recent ones
+        else:
+            ranks = assign_to_ranks([0.0] * len(sequences), dp_size, balance=False)
+        mine = [sequences[i] for i in ranks[dp_rank]]
+        count = len(mine) // data.micro_batch_size
+        for m in range(count):
+            chunk = tuple(mine[m * data.micro_batch_size : (m + 1) * data.micro_batch_size])
+            yield MicroBatchPlan(chunk, position.stage, position.global_batches, m,
+                                 after if m == count - 1 else None)
+        position = after
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Feeds micro-batch plans to the DataLoader (which passes each to MicroBatchBuilder.__getitem__)."""
+
+    def __init__(self, plans: Iterator[MicroBatchPlan]):
+        self.plans = plans
+
+    def __iter__(self):
+        return self.plans
+
+
+class MultimodalDataLoader:
+    """Micro-batches of one data-parallel rank (see module docstring).
+
+    Args:
+        config: DataConfig (validated here).
+        dp_rank, dp_size: this rank's data-parallel position.
+        cost_model: prices sequences for DP balancing; None builds it from config.cost_model.
+    """
+
+    def __init__(self, config: DataConfig, dp_rank: int = 0, dp_size: int = 1,
+                 cost_model: SequenceCostModel | None = None):
+        config.validate()
+        config.check_data_parallel(dp_size)
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+        self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
+        if config.balance_dp and cost_model is None:
+            cost_model = SequenceCostModel.from_preset(config.cost_model)
+        self.cost_model = cost_model if config.balance_dp else None
+        self.curriculum = Curriculum(config)
+        sources = [[(s.prefix, s.display_name) for s in stage.sources] for stage in config.stages]
+        self.builder = MicroBatchBuilder(config, sources)
+        self._position = LoaderPosition()
+        self._mid_global_batch = False
+        self._iterator = None
+        self._imbalances: list[float] = []
+        self._totals: Counter = Counter()
+        self._backend_counts: Counter = Counter()
+        self._recent_bad: list[dict] = []
+        self._started: float | None = None
+
+    # ---- iteration ----
+    def _make_iterator(self):
+        plans = micro_batch_plans(self.curriculum, self._position, self.dp_rank, self.dp_size,
+                                  self.cost_model, self._imbalances)
+        workers = self.config.num_workers
+        return iter(torch.utils.data.DataLoader(
+            self.builder, sampler=_PlanSampler(plans), batch_size=None, collate_fn=_identity,
+            num_workers=workers, prefetch_factor=self.config.prefetch_factor if workers else None,
+            persistent_workers=False,
+        ))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            if self._position.finished:
+                raise StopIteration
+            self._iterator = self._make_iterator()
+        if self._started is None:
+            self._started = time.perf_counter()
+        built: BuiltMicroBatch = next(self._iterator)
+        self._record(built)
+        plan = built.plan
+        self._mid_global_batch = plan.position_after is None
+        if plan.position_after is not None:
+            self._position = plan.position_after
+        return built.batch
+
+    def _record(self, built: BuiltMicroBatch) -> None:
+        for key in _SUMMED:
+            self._totals[key] += built.stats[key]
+        self._backend_counts.update(built.stats["decode_backend_counts"])
+        self._recent_bad = (self._recent_bad + built.stats["bad_sample_log"])[-RECENT_BAD_SAMPLES:]
+
+    def close(self) -> None:
+        """Stop the worker processes; a later next() starts new ones at `position` (inside a global
+        batch, that global batch starts over)."""
+        self._iterator = None
+
+    # ---- curriculum ----
+    @property
+    def position(self) -> LoaderPosition:
+        """Where the next global batch starts."""
+        return self._position
+
+    @property
+    def mid_global_batch(self) -> bool:
+        """True while this rank has yielded part of a global batch (state_dict is not defined then)."""
+        return self._mid_global_batch
+
+    @property
+    def current_stage(self) -> StageConfig:
+        """The stage of the global batch in progress, or of the next one at a boundary."""
+        return self.config.stages[self._position.stage]  # updated only when a global batch ends
+
+    @property
+    def trainable_modules(self) -> list[str]:
+        """Modules the current stage trains (vision, projector, language): freeze the rest."""
+        return list(self.current_stage.trainable)
+
+    # ---- resume ----
+    def state_dict(self) -> dict:
+        """The position (global over DP ranks) and the data settings it is valid for."""
+        if self._mid_global_batch:
+            raise RuntimeError("loader state is defined between global batches; this rank is inside one "
+                               "(save after the optimizer step)")
+        return position_state(self._position, self.config)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (any DP size); prefetched batches are discarded."""
+        self._position = position_from_state(state, self.config)
+        self._mid_global_batch = False
+        self._iterator = None
+
+    # ---- statistics ----
+    def source_epochs(self) -> dict[str, int]:
+        """Epoch each source of the current stage is in (derived from the position)."""
+        plan = self.curriculum.plan(self._position.stage)
+        epochs = plan.source_epochs(self._position.chunk)
+        return {source.name: epoch for source, epoch in zip(plan.sources, epochs, strict=True)}
+
+    def statistics(self) -> dict:
+        """Counters for the training log: padding, bad data, throughput, decode backend, DP balance."""
+        t = self._totals
+        elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
+        return {
+            "stage": self.current_stage.name,
+            "global_batches": self._position.global_batches,
+            "samples": t["samples"],
+            "images": t["images"],
+            "tiles": t["tiles"],
+            "padding_fraction": 1.0 - t["tokens"] / t["slots"] if t["slots"] else 0.0,
+            "skipped_images": t["bad_images_corrupt"] + t["bad_images_too_large"],
+            "bad_images_corrupt": t["bad_images_corrupt"],
+            "bad_images_too_large": t["bad_images_too_large"],
+            "bad_samples": t["bad_samples"],
+            "replaced_samples": t["replaced_samples"],
+            "unreplaced_samples": t["unreplaced_samples"],
+            "images_per_second": t["images"] / elapsed if elapsed > 0 else 0.0,
+            "samples_per_second": t["samples"] / elapsed if elapsed > 0 else 0.0,
+            "build_seconds": t["build_seconds"],
+            "decode_backend": decode.resolve_backend(self.config.decode_backend),
+            "decode_backend_counts": dict(self._backend_counts),
+            "dp_imbalance_max": max(self._imbalances) if self._imbalances else 1.0,
+            "source_epochs": self.source_epochs(),
+            "recent_bad_samples": list(self._recent_bad),
+        }
+
+
+def _identity(item):
+    return item

@@ -1,0 +1,164 @@
+"""The loader on TP/PP ranks: read once per model-parallel group, send each stage what it needs.
+
+Only the first pipeline stage's tensor-parallel rank 0 of each data-parallel replica reads and
+decodes (a `MultimodalDataLoader`). It sends the token-side fields (no pixels, no input_ids) to
+the later stages' TP rank 0 over the pipeline group, and each stage's TP rank 0 sends its stage's
+fields over its TP group. Receivers rebuild the attention mask from cu_seqlens (it is s^2 bytes
+per row, so it never goes over the wire).
+
+Fields per pipeline stage (others are None):
+    first: input_ids, position_ids, pixel_values, attention_mask, cu_seqlens
+    middle: position_ids, attention_mask, cu_seqlens
+    last: labels, loss_mask, position_ids, attention_mask, cu_seqlens
+    (a single stage is both first and last)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megasail.data.config import DataConfig, StageConfig
+from megasail.data.loader import MultimodalDataLoader
+from megasail.data.loader_state import LoaderPosition, position_from_state, position_state
+from megasail.data.packing import block_causal_mask
+
+ALL_STAGES = ("position_ids", "cu_seqlens", "num_samples")
+FIRST_STAGE = ("input_ids", "pixel_values")
+LAST_STAGE = ("labels", "loss_mask")
+
+
+def stage_fields(is_first: bool, is_last: bool) -> tuple[str, ...]:
+    """Batch keys a pipeline stage receives (attention_mask is rebuilt, not sent)."""
+    return ALL_STAGES + (FIRST_STAGE if is_first else ()) + (LAST_STAGE if is_last else ())
+
+
+def broadcast_tensors(batch: dict | None, keys: tuple[str, ...], extra, src: int, group) -> tuple[dict, object]:
+    """Broadcast batch[key] for keys (tensors or None) plus a small picklable `extra` from rank src.
+
+    Returns (dict of the keys, extra) on every rank of the group; shapes and dtypes travel first.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    header = [None]
+    if dist.get_rank() == src:
+        header = [({k: None if batch is None or batch[k] is None else (tuple(batch[k].shape), batch[k].dtype) for k in keys}, extra)]
+    dist.broadcast_object_list(header, src=src, group=group)
+    shapes, extra = header[0]
+    out = {}
+    for key in keys:
+        if shapes[key] is None:
+            out[key] = None
+            continue
+        shape, dtype = shapes[key]
+        tensor = batch[key].to(device).contiguous() if dist.get_rank() == src else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=src, group=group)
+        out[key] = tensor
+    return out, extra
+
+
+def attention_mask_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> torch.Tensor:
+    """bool [b, 1, s, s] block-causal mask (True = masked out) from flattened segment offsets."""
+    bounds = cu_seqlens.tolist()
+    rows = []
+    for row in range(batch_size):
+        lo, hi = row * seq_length, (row + 1) * seq_length
+        inner = [b for b in bounds if lo <= b <= hi]
+        rows.append(block_causal_mask([b - a for a, b in zip(inner[:-1], inner[1:], strict=True)]))
+    return torch.stack(rows)[:, None]
+
+
+class ModelParallelDataLoader:
+    """Micro-batches for this rank's TP/PP/DP position (see module docstring).
+
+    Same interface as MultimodalDataLoader: iteration, state_dict/load_state_dict, current_stage,
+    trainable_modules, statistics (the reader's counters, sent to the other ranks of its group).
+    """
+
+    def __init__(self, config: DataConfig, cost_model=None):
+        from megatron.core import parallel_state as ps
+
+        self.config = config
+        self.is_first = ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_src, self.tp_group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.pp_src = ps.get_pipeline_model_parallel_first_rank()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.reads_data = self.is_first and self.tp_rank == 0
+        self.reader = None
+        if self.reads_data:
+            self.reader = MultimodalDataLoader(config, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                               cost_model=cost_model)
+        config.validate()
+        self._position = LoaderPosition()
+        self._mid_global_batch = False
+        self._statistics: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch, meta, local_mask = None, None, None
+        if self.reader is not None:
+            try:
+                batch = next(self.reader)
+                mid = self.reader.mid_global_batch
+                # statistics travel once per global batch, so every rank (the logging one too) has them
+                meta = (self.reader.position, mid, None if mid else self.reader.statistics())
+                local_mask = batch["attention_mask"]
+            except StopIteration:
+                meta = None
+        keys = ALL_STAGES + LAST_STAGE
+        if self.pp_size > 1 and self.tp_rank == 0:  # later stages' TP rank 0 get the token-side fields
+            got, meta = broadcast_tensors(batch, keys, meta, self.pp_src, self.pp_group)
+            if not self.is_first:
+                batch = got
+        mine = stage_fields(self.is_first, self.is_last)
+        if self.tp_size > 1:
+            batch, meta = broadcast_tensors(batch, mine, meta, self.tp_src, self.tp_group)
+        if meta is None:
+            raise StopIteration
+        self._position, self._mid_global_batch, statistics = meta
+        if statistics is not None:
+            self._statistics = statistics
+        out = {key: batch.get(key) if key in mine else None for key in ALL_STAGES + FIRST_STAGE + LAST_STAGE}
+        b = out["position_ids"].shape[0]
+        out["attention_mask"] = None
+        if self.config.build_attention_mask:
+            out["attention_mask"] = (local_mask if local_mask is not None else
+                                     attention_mask_from_cu_seqlens(out["cu_seqlens"], b, self.config.seq_length))
+        return out
+
+    @property
+    def position(self) -> LoaderPosition:
+        return self._position
+
+    @property
+    def current_stage(self) -> StageConfig:
+        return self.config.stages[self._position.stage]
+
+    @property
+    def trainable_modules(self) -> list[str]:
+        return list(self.current_stage.trainable)
+
+    def state_dict(self) -> dict:
+        if self._mid_global_batch:
+            raise RuntimeError("loader state is defined between global batches (save after the optimizer step)")
+        return position_state(self._position, self.config)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position = position_from_state(state, self.config)
+        self._mid_global_batch = False
+        if self.reader is not None:
+            self.reader.load_state_dict(state)
+
+    def statistics(self) -> dict:
+        """The reader's counters (this DP replica's), as of the last completed global batch on other ranks."""
+        return self.reader.statistics() if self.reader is not None else dict(self._statistics)
+
+
+def build_data_loader(config: DataConfig, cost_model=None) -> ModelParallelDataLoader:
+    """The loader for this rank, from megatron's parallel_state (call after megasail.runtime.initialize)."""
+    return ModelParallelDataLoader(config, cost_model=cost_model)

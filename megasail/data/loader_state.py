@@ -1,0 +1,74 @@
+"""The loader's resumable position: a few integers, global over data-parallel ranks.
+
+The order of packed sequences is a pure function of the config (seed, sources, weights,
+seq_length), so the position alone restores the loader: no sample is replayed, and restoring
+costs one chunk of packing whatever the position. The position counts global batches, not a
+rank's micro-batches, so a state saved at one data-parallel size restores at another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megasail.data.config import DataConfig
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    """Where the next global batch starts.
+
+    stage: index into DataConfig.stages. chunk, pack: the next packed sequence of the stage
+    (chunk of `pack_chunk_samples` blended samples, pack within it). stage_*: what the stage has
+    trained so far (its budget is checked against these). global_batches: over the whole run.
+    finished: the last stage's budget is spent.
+    """
+
+    stage: int = 0
+    chunk: int = 0
+    pack: int = 0
+    stage_batches: int = 0
+    stage_tokens: int = 0
+    stage_samples: int = 0
+    global_batches: int = 0
+    finished: bool = False
+
+
+def config_fingerprint(config: DataConfig) -> dict:
+    """What decides the order of sequences; a restored state must have been saved under the same."""
+    return {
+        "seed": config.seed,
+        "seq_length": config.seq_length,
+        "global_batch_size": config.global_batch_size,
+        "max_tiles": config.max_tiles,
+        "min_tiles": config.min_tiles,
+        "pack_window": config.pack_window,
+        "pack_chunk_samples": config.pack_chunk_samples,
+        "stages": [
+            {"name": s.name, "sources": [[src.prefix, float(src.weight)] for src in s.sources]}
+            for s in config.stages
+        ],
+    }
+
+
+def position_state(position: LoaderPosition, config: DataConfig) -> dict:
+    """The state dict saved in checkpoints (plain ints, strings and lists)."""
+    return {"version": STATE_VERSION, "position": dataclasses.asdict(position),
+            "config": config_fingerprint(config)}
+
+
+def position_from_state(state: dict, config: DataConfig) -> LoaderPosition:
+    """Position of a saved state; refuses a state saved under a different data order."""
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+    saved, current = state["config"], config_fingerprint(config)
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"loader state was saved with different data settings ({', '.join(changed)}): "
+            f"saved {[saved.get(k) for k in changed]}, now {[current[k] for k in changed]}; "
+            "the saved position would point at other samples"
+        )
+    return LoaderPosition(**state["position"])

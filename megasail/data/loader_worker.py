@@ -1,0 +1,207 @@
+"""What a loader worker does with one micro-batch plan: read, expand, decode, replace bad samples, collate.
+
+Bad data rule: a sample with an image that fails to decode (corrupt bytes, a decompression bomb,
+anything `decode.decode_tiles` refuses) is dropped from its row and replaced by the first of the
+next `replacement_tries` samples of the same source, in index order (i+1, i+2, ... wrapping),
+that fits the room left in the row and whose images all decode. Failing candidates are counted
+too. When none fits, the space becomes padding. The rule depends on the data only, so a run
+is still deterministic, and no bad image can stop or stall it. Every bad sample is logged with its
+source and index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from megasail.data import decode
+from megasail.data.blend import PlannedSequence
+from megasail.data.config import DataConfig
+from megasail.data.indexed import IndexedMultimodalDataset, TokenizedSample
+from megasail.data.loader_state import LoaderPosition
+from megasail.data.packing import PackedSequence, collate_packed
+
+logger = logging.getLogger(__name__)
+MAX_LOGGED_PER_BATCH = 8  # bad samples named in one micro-batch's stats (all are logged)
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """One micro-batch of one data-parallel rank: its packed sequences and where it sits."""
+
+    sequences: tuple[PlannedSequence, ...]
+    stage: int
+    global_batch: int  # run-wide index of the global batch it belongs to
+    micro_batch: int  # index among this rank's micro-batches of that global batch
+    position_after: LoaderPosition | None  # set on the rank's last micro-batch of the global batch
+
+
+@dataclass
+class BuiltMicroBatch:
+    """A collated batch dict, the counters of building it, and its plan."""
+
+    batch: dict
+    stats: dict
+    plan: MicroBatchPlan
+
+
+@dataclass
+class _RowStats:
+    bad_samples: int = 0
+    replaced: int = 0
+    not_replaced: int = 0
+    logged: list = field(default_factory=list)
+
+
+def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory (as torch's default_collate does in workers):
+    the DataLoader then sends it to the main process without copying it."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = torch.UntypedStorage._new_shared(numel * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+class MicroBatchBuilder(torch.utils.data.Dataset):
+    """Map-style dataset for torch's DataLoader: item = MicroBatchPlan -> BuiltMicroBatch.
+
+    Datasets are opened lazily in each worker process (memory maps are not shared by pickling).
+    `sources_by_stage[s][k]` is (prefix, display name) of source k of stage s.
+    """
+
+    def __init__(self, data: DataConfig, sources_by_stage: list[list[tuple[str, str]]]):
+        self.data = data
+        self.sources_by_stage = sources_by_stage
+        self._datasets: dict[str, IndexedMultimodalDataset] = {}
+
+    def __len__(self) -> int:  # plans come from the sampler; the length is never used to index
+        return 0
+
+    def dataset(self, stage: int, source: int) -> IndexedMultimodalDataset:
+        prefix = self.sources_by_stage[stage][source][0]
+        if prefix not in self._datasets:
+            self._datasets[prefix] = IndexedMultimodalDataset(prefix)
+        return self._datasets[prefix]
+
+    def _expand(self, ds: IndexedMultimodalDataset, index: int) -> TokenizedSample:
+        d = self.data
+        return ds.expand(index, d.max_tiles, min_tiles=d.min_tiles, tile_size=d.tile_size)
+
+    def _decode(self, images: list, decode_stats: decode.DecodeStats) -> list:
+        d = self.data
+        return decode.decode_tiles(images, d.max_tiles, backend=d.decode_backend, tile_size=d.tile_size,
+                                   min_tiles=d.min_tiles, max_image_pixels=d.max_image_pixels,
+                                   on_error="skip", stats=decode_stats)
+
+    def _reason(self, images: list, tiles: list) -> str:
+        for data, result in zip(images, tiles, strict=True):
+            if result is None:
+                try:
+                    decode.read_header(bytes(data), self.data.max_image_pixels)
+                except decode.ImageDecodeError as error:
+                    return f"{error.kind}: {error.reason}"
+                return "corrupt: pixel data failed to decode"
+        return "ok"
+
+    def _note_bad(self, row: _RowStats, stage: int, source: int, index: int, reason: str) -> None:
+        prefix, name = self.sources_by_stage[stage][source]
+        message = f"bad image in source {name} ({prefix}) sample {index}: {reason}"
+        logger.warning(message)
+        row.bad_samples += 1
+        if len(row.logged) < MAX_LOGGED_PER_BATCH:
+            row.logged.append({"source": name, "prefix": prefix, "sample": index, "reason": reason})
+
+    def _replacement(self, stage: int, source: int, index: int, room: int, row: _RowStats,
+                     decode_stats: decode.DecodeStats):
+        """(TokenizedSample, tiles) of the first next sample that fits `room` and decodes, or None."""
+        ds = self.dataset(stage, source)
+        for step in range(1, self.data.replacement_tries + 1):
+            candidate = (index + step) % len(ds)
+            if candidate == index:
+                break
+            sample = self._expand(ds, candidate)
+            if len(sample.input_ids) > room:
+                continue
+            images = [im.data for im in ds.sample(candidate).images]
+            tiles = self._decode(images, decode_stats) if images else []
+            if any(t is None for t in tiles):
+                self._note_bad(row, stage, source, candidate, self._reason(images, tiles))
+                continue
+            return sample, tiles
+        return None
+
+    def build_sequence(self, planned: PlannedSequence, row: _RowStats,
+                       decode_stats: decode.DecodeStats) -> PackedSequence:
+        """Read, expand and decode one planned sequence, replacing samples whose images fail."""
+        stage = planned.stage
+        samples, images_of = [], []
+        for source, index, length in zip(planned.sources, planned.samples, planned.lengths, strict=True):
+            ds = self.dataset(stage, source)
+            samples.append(self._expand(ds, index))
+            if len(samples[-1].input_ids) != length:  # the plan's count comes from tiling.num_image_tokens
+                raise AssertionError(f"{ds.prefix} sample {index}: expanded to {len(samples[-1].input_ids)} "
+                                     f"tokens, the index counted {length}")
+            images_of.append([im.data for im in ds.sample(index).images])
+        flat = [im for images in images_of for im in images]
+        decoded = self._decode(flat, decode_stats) if flat else []
+        tiles_of, at = [], 0
+        for images in images_of:
+            tiles_of.append(decoded[at : at + len(images)])
+            at += len(images)
+        bad = [j for j, tiles in enumerate(tiles_of) if any(t is None for t in tiles)]
+        for j in bad:
+            self._note_bad(row, stage, planned.sources[j], planned.samples[j], self._reason(images_of[j], tiles_of[j]))
+        kept = [j for j in range(len(samples)) if j not in bad]
+        used = sum(len(samples[j].input_ids) for j in kept)
+        final: list[tuple[TokenizedSample, list]] = []
+        for j in range(len(samples)):
+            if j not in bad:
+                final.append((samples[j], tiles_of[j]))
+                continue
+            found = self._replacement(stage, planned.sources[j], planned.samples[j],
+                                      self.data.seq_length - used, row, decode_stats)
+            if found is None:
+                row.not_replaced += 1
+                continue
+            row.replaced += 1
+            used += len(found[0].input_ids)
+            final.append(found)
+        return PackedSequence([s for s, _ in final], [t for _, tiles in final for t in tiles])
+
+    def __getitem__(self, plan: MicroBatchPlan) -> BuiltMicroBatch:
+        started = time.perf_counter()
+        row, decode_stats = _RowStats(), decode.DecodeStats()
+        sequences = [self.build_sequence(p, row, decode_stats) for p in plan.sequences]
+        context_id = self._image_context_id(plan)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
+                               build_attention_mask=self.data.build_attention_mask,
+                               pixel_allocator=shared_float32 if in_worker else None)
+        stats = {
+            "sequences": len(sequences),
+            "samples": sum(len(s.samples) for s in sequences),
+            "images": decode_stats.decoded,
+            "tiles": sum(s.num_tiles for s in sequences),
+            "tokens": sum(s.num_tokens for s in sequences),
+            "slots": len(sequences) * self.data.seq_length,
+            "bad_images_corrupt": decode_stats.corrupt,
+            "bad_images_too_large": decode_stats.too_large,
+            "bad_samples": row.bad_samples,
+            "replaced_samples": row.replaced,
+            "unreplaced_samples": row.not_replaced,
+            "decode_backend_counts": Counter(decode_stats.backend_counts),
+            "build_seconds": time.perf_counter() - started,
+            "bad_sample_log": row.logged,
+        }
+        return BuiltMicroBatch(batch, stats, plan)
+
+    def _image_context_id(self, plan: MicroBatchPlan) -> int | None:
+        if not plan.sequences or not plan.sequences[0].sources:
+            return None
+        ds = self.dataset(plan.stage, plan.sequences[0].sources[0])
+        return (ds.manifest or {}).get("image_token_ids", {}).get("img_context")

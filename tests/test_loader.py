@@ -1,0 +1,247 @@
+"""MultimodalDataLoader: batches equal an independent reading of the planned samples, bad images are
+replaced and counted (PIL and DALI), stages expose their trainable modules, TP/PP ranks get their fields."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from dist_utils import run_distributed_test
+from fixtures.multimodal_data import image_bytes
+from PIL import Image
+
+from megasail.data import decode_dali
+from megasail.data.builder import ShardWriter
+from megasail.data.config import DataConfig, SourceConfig, StageConfig
+from megasail.data.decode import decode_tiles
+from megasail.data.indexed import IndexedMultimodalDataset
+from megasail.data.loader import MultimodalDataLoader, micro_batch_plans
+from megasail.data.packing import block_causal_mask
+
+IMAGE_IDS = {"img_start": 151665, "img_end": 151666, "img_context": 151667}
+IMAGE_SIZES = [(64, 48), (900, 448), (300, 600)]  # 1, 2+1 and 1x2+1 tiles at max_tiles 2
+needs_dali = pytest.mark.skipif(not decode_dali.dali_available(), reason="nvidia-dali is not installed")
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (refused before decoding)."""
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_prefix(prefix, n: int, seed: int, image_every: int = 3, bad: dict | None = None) -> str:
+    """n samples: a prompt, an image on every `image_every`-th sample, a target; `bad` maps a sample
+    index to the encoded bytes its image gets instead (header size kept from IMAGE_SIZES)."""
+    rng = np.random.default_rng(seed)
+    bad = bad or {}
+    with ShardWriter(prefix) as writer:
+        for i in range(n):
+            prompt = rng.integers(1, 1000, size=int(rng.integers(1, 20))).tolist()
+            target = rng.integers(1, 1000, size=int(rng.integers(2, 120))).tolist()
+            tokens, lengths, modes, images, widths, heights = prompt, [len(prompt)], [0], [], [], []
+            if i % image_every == 0:
+                width, height = IMAGE_SIZES[(i // image_every) % len(IMAGE_SIZES)]
+                tokens = tokens + [0]
+                lengths.append(1)
+                modes.append(2)
+                images.append(bad.get(i, image_bytes("JPEG", width, height, seed=seed * 1000 + i)))
+                widths.append(width)
+                heights.append(height)
+            writer.add_sample(tokens + target, lengths + [len(target)], modes + [1], images, widths, heights,
+                              source_id=0)
+    with open(f"{prefix}.manifest.json", "w") as f:
+        json.dump({"format_version": 1, "image_token_ids": IMAGE_IDS}, f)
+    return str(prefix)
+
+
+def make_config(prefixes: dict, **overrides) -> DataConfig:
+    """Two stages: stage 'a' (budget 60 samples, projector) over a+b, then 'b' over b (all modules)."""
+    settings = dict(seq_length=1024, global_batch_size=4, micro_batch_size=1, max_tiles=2, num_workers=0,
+                    pack_chunk_samples=16, pack_window=8, decode_backend="pil", seed=7)
+    settings.update(overrides)
+    stages = [
+        StageConfig("a", [SourceConfig(prefixes["a"], 2.0), SourceConfig(prefixes["b"], 1.0)], budget_samples=60,
+                    trainable=["projector"]),
+        StageConfig("b", [SourceConfig(prefixes["b"], 1.0)], trainable=["vision", "projector", "language"]),
+    ]
+    return DataConfig(stages=stages, **settings)
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader_data")
+    return {"a": write_prefix(root / "a", 40, 1), "b": write_prefix(root / "b", 30, 2)}
+
+
+def expected_row(plan_sequence, config: DataConfig, datasets):
+    """Token ids, labels, loss mask and pixels of one planned row, built sample by sample."""
+    ids, labels, mask, pixels, lengths = [], [], [], [], []
+    for source, index in zip(plan_sequence.sources, plan_sequence.samples, strict=True):
+        ds = datasets[config.stages[plan_sequence.stage].sources[source].prefix]
+        sample = ds.expand(index, config.max_tiles)
+        n = len(sample.input_ids)
+        ids += sample.input_ids.tolist()
+        labels += sample.input_ids[1:].tolist() + [config.pad_token_id]
+        mask += sample.loss_mask[1:].astype(float).tolist() + [0.0]
+        images = [bytes(im.data) for im in ds[index].images]
+        pixels += decode_tiles(images, config.max_tiles, backend="pil") if images else []
+        lengths.append(n)
+    assert tuple(lengths) == plan_sequence.lengths  # the index's counts equal the expansion
+    pad = config.seq_length - len(ids)
+    return (ids + [config.pad_token_id] * pad, labels + [config.pad_token_id] * pad, mask + [0.0] * pad, pixels)
+
+
+def test_batches_equal_the_planned_samples_read_alone(prefixes):
+    config = make_config(prefixes)
+    loader = MultimodalDataLoader(config, dp_rank=1, dp_size=2)
+    plans = micro_batch_plans(loader.curriculum, loader.position, 1, 2, loader.cost_model)
+    datasets = {p: IndexedMultimodalDataset(p) for p in prefixes.values()}
+    for _ in range(6):
+        batch, plan = next(loader), next(plans)
+        (sequence,) = plan.sequences
+        ids, labels, mask, pixels = expected_row(sequence, config, datasets)
+        assert batch["input_ids"][0].tolist() == ids
+        assert batch["labels"][0].tolist() == labels
+        assert batch["loss_mask"][0].tolist() == mask
+        segments = list(sequence.lengths) + ([config.seq_length - sequence.num_tokens]
+                                             if sequence.num_tokens < config.seq_length else [])
+        assert batch["cu_seqlens"].tolist() == np.concatenate([[0], np.cumsum(segments)]).tolist()
+        assert torch.equal(batch["attention_mask"][0, 0], block_causal_mask(segments))
+        if pixels:
+            assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+        else:
+            assert batch["pixel_values"] is None
+        assert int((batch["input_ids"] == IMAGE_IDS["img_context"]).sum()) == 256 * sequence.num_tiles
+
+
+def test_stages_switch_after_the_global_batch_that_spends_the_budget(prefixes):
+    loader = MultimodalDataLoader(make_config(prefixes))  # 4 micro-batches of 1 row per global batch
+    per_global_batch, modules = [], []
+    for _ in range(12):
+        stage, modules_now = loader.current_stage.name, loader.trainable_modules
+        rows = [int(next(loader)["num_samples"].sum()) for _ in range(4)]
+        per_global_batch.append((stage, sum(rows)))
+        modules.append(modules_now)
+    stages = [s for s, _ in per_global_batch]
+    switch = stages.index("b")
+    samples_a = np.cumsum([n for _, n in per_global_batch[:switch]])
+    assert samples_a[-1] >= 60 and (switch == 1 or samples_a[-2] < 60)
+    assert set(stages[switch:]) == {"b"}
+    assert modules[switch - 1] == ["projector"] and modules[switch] == ["vision", "projector", "language"]
+
+
+def test_worker_processes_give_the_same_batches(prefixes):
+    reference = MultimodalDataLoader(make_config(prefixes, num_workers=0), 0, 2)
+    workers = MultimodalDataLoader(make_config(prefixes, num_workers=2, prefetch_factor=2), 0, 2)
+    for _ in range(5):
+        a, b = next(reference), next(workers)
+        for key in ("input_ids", "labels", "loss_mask", "cu_seqlens", "pixel_values"):
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
+    workers.close()
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_corrupt_image_and_bomb_are_replaced_counted_and_logged(tmp_path, backend, caplog):
+    good = image_bytes("JPEG", 64, 48, seed=5)
+    bad = {0: good[: len(good) // 2], 3: png_bomb(), 6: b"<html>not an image</html>"}
+    prefix = write_prefix(tmp_path / "bad", 12, 3, image_every=3, bad=bad)
+    config = DataConfig(stages=[StageConfig("only", [SourceConfig(prefix, 1.0, name="web")], budget_samples=12)],
+                        seq_length=1024, global_batch_size=2, max_tiles=2, num_workers=0, pack_chunk_samples=12,
+                        decode_backend=backend, balance_dp=False)
+    loader = MultimodalDataLoader(config)
+    rows = [row for batch in loader for row in batch["num_samples"].tolist()]
+    stats = loader.statistics()
+    assert stats["bad_images_too_large"] == 1 and stats["bad_images_corrupt"] == 2
+    assert stats["skipped_images"] == 3 and stats["bad_samples"] == 3
+    assert stats["replaced_samples"] + stats["unreplaced_samples"] == 3
+    assert stats["replaced_samples"] == 3  # the next sample (text-only, short) always fits
+    assert sum(rows) == 12 and stats["samples"] == 12
+    assert {(b["source"], b["sample"]) for b in stats["recent_bad_samples"]} == {("web", 0), ("web", 3), ("web", 6)}
+    assert any("sample 3: too_large" in r.getMessage() for r in caplog.records)
+    assert stats["decode_backend"] == backend
+
+
+def test_token_counts_of_the_plan_match_the_batches(prefixes):
+    loader = MultimodalDataLoader(make_config(prefixes))
+    for _ in range(8):
+        batch = next(loader)
+        assert batch["loss_mask"][batch["input_ids"] == 151643].sum() == 0
+    stats = loader.statistics()
+    assert 0.0 <= stats["padding_fraction"] < 0.5 and stats["images"] > 0
+
+
+# ---- tensor / pipeline parallel: one reader per model-parallel group ----
+def _model_parallel_ranks(rank, world_size, prefixes, tp, pp):
+    from megasail.data.loader_broadcast import build_data_loader, stage_fields
+    from megasail.runtime import initialize
+
+    initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    config = make_config(prefixes)
+    loader = build_data_loader(config)
+    reference = MultimodalDataLoader(config)  # what the single reader produces
+    assert loader.reads_data == (rank == 0)
+    is_first, is_last = pp == 1 or rank == 0, pp == 1 or rank == 1
+    wanted = set(stage_fields(is_first, is_last)) | {"attention_mask"}
+    for _ in range(8):  # two whole global batches (4 micro-batches each at DP 1)
+        got, want = next(loader), next(reference)
+        for key, value in got.items():
+            if key in wanted:
+                assert value is not None and torch.equal(value, want[key]), (rank, key)
+            else:
+                assert value is None, (rank, key)
+        assert loader.position == reference.position
+    assert loader.trainable_modules == reference.trainable_modules
+    assert loader.statistics()["samples"] == reference.statistics()["samples"] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_model_parallel_ranks_get_their_fields_from_one_reader(prefixes, tp, pp):
+    run_distributed_test(_model_parallel_ranks, 2, prefixes, tp, pp)
+
+
+# ---- config surface, stage presets, benchmark ----
+def test_every_data_config_field_has_a_doc():
+    import dataclasses
+
+    from megasail.data import config as data_config
+
+    for cls in (data_config.SourceConfig, data_config.StageConfig, data_config.DataConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no doc"
+
+
+def test_sail_vl_stage_presets_load_in_curriculum_order(repo_root):
+    from pathlib import Path
+
+    from megasail.data.config import load_stages
+
+    names = ["pretrain_alignment", "pretrain_advance", "sft_knowledge", "sft_instruction", "sft_preference"]
+    stages = load_stages([Path(repo_root) / "examples/configs/stages" / f"{n}.yaml" for n in names])
+    assert [s.name for s in stages] == names
+    assert [s.trainable for s in stages[:2]] == [["projector"], ["vision", "projector"]]
+    assert all(s.trainable == ["vision", "projector", "language"] for s in stages[2:])
+    assert [s.budget_tokens for s in stages[:2]] == [131_000_000_000, 524_000_000_000]
+    assert [s.budget_samples for s in stages[2:]] == [21_000_000, 12_000_000, 3_500_000]
+    DataConfig(stages=stages).validate()
+
+
+def test_bench_loader_quick_runs(repo_root):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": repo_root}
+    proc = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "bench_loader.py"), "--quick"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for title in ("## Packing efficiency", "## DP cost imbalance", "## Loader vs decode alone"):
+        assert title in proc.stdout
+    assert "| 8192 |" in proc.stdout and "LPT by estimated FLOPs" in proc.stdout
+    help_text = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "bench_loader.py"), "--help"],
+                               capture_output=True, text=True, env=env, timeout=120)
+    assert help_text.returncode == 0 and "--quick" in help_text.stdout

@@ -1,0 +1,222 @@
+"""Benchmark the training data loader: packing efficiency, loader overhead over decode, DP balance.
+
+    python tools/bench_loader.py            # full run (a few minutes on 2 cores)
+    python tools/bench_loader.py --quick    # smoke run (tests call it)
+
+Tables (markdown):
+1. Packing efficiency (trained tokens / token slots) at sequence lengths 4096 and 8192 on a
+   SAIL-VL-like length mix (`realistic_length_mix`): the packer over whole epochs and per loader
+   chunk (what the loader does, chunks of --chunk-samples).
+2. Loader vs decode alone: samples/s of the whole loader (index plan, read, expand, decode,
+   replacement checks, collation) against `decode_tiles` on the same images in one process; the
+   difference is the loader's own overhead.
+3. DP cost imbalance at DP 8: slowest rank's estimated cost / mean, per global batch, with
+   contiguous assignment and with LPT balancing (SAIL-VL-2B FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from itertools import islice
+
+import numpy as np
+
+from megasail.data.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.blend import PlannedSequence
+from megasail.data.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
+
+# (share, text tokens lo..hi, images lo..hi, tiles per image lo..hi): SAIL-VL's data kinds
+LENGTH_MIX = {
+    "caption": (0.45, (15, 160), (1, 1), (1, 7)),
+    "ocr_document": (0.15, (100, 1500), (1, 1), (4, 13)),
+    "sft_single_image": (0.25, (40, 1200), (1, 1), (1, 7)),
+    "multi_image": (0.05, (60, 600), (2, 4), (1, 3)),
+    "text_only": (0.10, (50, 3000), (0, 0), (1, 1)),
+}
+
+
+def realistic_length_mix(n: int, seed: int = 0, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int64[n], tiles int64[n]) of samples drawn from LENGTH_MIX (text log-uniform).
+
+    Samples longer than max_length are redrawn (preprocessing caps sample length the same way).
+    """
+    rng = np.random.default_rng(seed)
+    kinds = list(LENGTH_MIX.values())
+    shares = np.array([k[0] for k in kinds])
+    tokens, tiles = [], []
+    while len(tokens) < n:
+        share, (t_lo, t_hi), (i_lo, i_hi), (tile_lo, tile_hi) = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
+        text = int(np.exp(rng.uniform(np.log(t_lo), np.log(t_hi))))
+        per_image = rng.integers(tile_lo, tile_hi + 1, size=int(rng.integers(i_lo, i_hi + 1)))
+        length = text + int(np.sum(per_image * TOKENS_PER_TILE + IMAGE_WRAPPER_TOKENS))
+        if max_length is not None and length > max_length:
+            continue
+        tokens.append(length)
+        tiles.append(int(per_image.sum()))
+    return np.array(tokens, dtype=np.int64), np.array(tiles, dtype=np.int64)
+
+
+def packing_table(num_samples: int, chunk_samples: int) -> list[str]:
+    from megasail.data.packing import pack_samples, packing_efficiency
+
+    rows = [f"| seq_length | samples | sequences | efficiency (whole) | efficiency (chunks of {chunk_samples}) "
+            "| pack time (s) |", "| --- | --- | --- | --- | --- | --- |"]
+    for seq_length in (4096, 8192):
+        lengths, _ = realistic_length_mix(num_samples, seed=1, max_length=seq_length)
+        started = time.perf_counter()
+        groups = pack_samples(lengths, seq_length, seed=3)
+        seconds = time.perf_counter() - started
+        chunk_groups = []
+        for start in range(0, num_samples, chunk_samples):
+            part = pack_samples(lengths[start : start + chunk_samples], seq_length, seed=start)
+            chunk_groups += part
+        rows.append(f"| {seq_length} | {num_samples} | {len(groups)} | {packing_efficiency(lengths, groups, seq_length):.4f} "
+                    f"| {packing_efficiency(lengths, chunk_groups, seq_length):.4f} | {seconds:.3f} |")
+    return rows
+
+
+def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> list[str]:
+    from megasail.data.packing import pack_samples
+
+    seq_length = 8192
+    lengths, tiles = realistic_length_mix(num_samples, seed=2, max_length=seq_length)
+    groups = pack_samples(lengths, seq_length, seed=5)
+    sequences = [PlannedSequence(0, 0, p, tuple([0] * len(g)), tuple(g.tolist()), tuple(lengths[g].tolist()),
+                                 tuple(tiles[g].tolist())) for p, g in enumerate(groups)]
+    cost_model = SequenceCostModel.from_preset("sail_vl_2b")
+    results = {False: [], True: []}
+    tile_results = {False: [], True: []}  # the ViT's share alone: tiles per rank, max / mean
+    for start in range(0, len(sequences) - global_batch + 1, global_batch):
+        batch = sequences[start : start + global_batch]
+        costs = cost_model.costs(batch, seq_length)
+        batch_tiles = np.array([s.num_tiles for s in batch], dtype=np.float64)
+        for balance in (False, True):
+            ranks = assign_to_ranks(costs, dp_size, balance=balance)
+            results[balance].append(imbalance(costs, ranks))
+            tile_results[balance].append(imbalance(batch_tiles, ranks))
+    rows = [f"| assignment (DP {dp_size}, global batch {global_batch} x {seq_length}) | global batches "
+            "| cost max/mean (mean) | cost max/mean (worst) | ViT tiles max/mean (mean) |",
+            "| --- | --- | --- | --- | --- |"]
+    for balance, name in ((False, "contiguous (megatron default)"), (True, "LPT by estimated FLOPs")):
+        values = np.array(results[balance])
+        rows.append(f"| {name} | {len(values)} | {values.mean():.4f} | {values.max():.4f} "
+                    f"| {np.mean(tile_results[balance]):.4f} |")
+    return rows
+
+
+def write_bench_prefix(prefix: str, num_samples: int, seed: int = 0) -> None:
+    """Photo-like JPEGs (one per caption-like sample, every 4th sample text-only)."""
+    import io
+
+    from PIL import Image
+
+    from megasail.data.builder import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    sizes = [(640, 480), (800, 600), (1024, 768), (480, 640)]
+    with ShardWriter(prefix) as writer:
+        for i in range(num_samples):
+            text = rng.integers(1, 150000, size=int(rng.integers(20, 300))).tolist()
+            if i % 4 == 3:
+                writer.add_sample(text, [len(text)], [1])
+                continue
+            width, height = sizes[i % len(sizes)]
+            y, x = np.mgrid[0:height, 0:width]
+            pixels = np.stack([(x * (i % 7 + 1)) % 256, (y * 3) % 256, (x + y + 17 * i) % 256], -1)
+            pixels = (pixels + rng.integers(0, 24, size=pixels.shape)).clip(0, 255).astype(np.uint8)
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, format="JPEG", quality=85)
+            writer.add_sample([0] + text, [1, len(text)], [2, 1], [out.getvalue()], [width], [height])
+    with open(f"{prefix}.manifest.json", "w") as f:
+        json.dump({"format_version": 1,
+                   "image_token_ids": {"img_start": 151665, "img_end": 151666, "img_context": 151667}}, f)
+
+
+def throughput_table(num_samples: int, global_batches: int, workers: list[int], backend: str,
+                     repeats: int) -> list[str]:
+    """Median over `repeats` alternating runs: decode alone, then the loader at each worker count.
+
+    Wall seconds for all; for the in-process runs (decode alone, workers=0) also process CPU
+    seconds, which a shared machine disturbs less.
+    """
+    from megasail.data.config import DataConfig, SourceConfig, StageConfig
+    from megasail.data.decode import decode_tiles
+    from megasail.data.indexed import IndexedMultimodalDataset
+    from megasail.data.loader import MultimodalDataLoader, micro_batch_plans
+
+    rows = ["| pipeline | decode backend | workers | samples | images | wall s | samples/s | CPU s "
+            "| overhead vs decode alone (wall / CPU) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as root:
+        prefix = os.path.join(root, "bench")
+        write_bench_prefix(prefix, num_samples)
+
+        def config(num_workers):
+            return DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192,
+                              global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=num_workers,
+                              decode_backend=backend, build_attention_mask=False, pack_chunk_samples=4096)
+
+        # what the loader will read: the planned samples of the first global batches, in order
+        probe = MultimodalDataLoader(config(0))
+        micro_batches = global_batches * 2
+        plans = micro_batch_plans(probe.curriculum, probe.position, 0, 1, probe.cost_model)
+        planned = [(k, i) for plan in islice(plans, micro_batches) for s in plan.sequences
+                   for k, i in zip(s.sources, s.samples, strict=True)]
+        ds = IndexedMultimodalDataset(prefix)
+        images = [bytes(im.data) for _, i in planned for im in ds[i].images]
+        timings = {"decode": [], **{w: [] for w in workers}}
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for i in range(0, len(images), 8):  # decode alone, batched like a micro-batch's images
+                decode_tiles(images[i : i + 8], 6, backend=backend)
+            timings["decode"].append((time.perf_counter() - wall, time.process_time() - cpu))
+            for num_workers in workers:
+                loader = MultimodalDataLoader(config(num_workers))
+                wall, cpu = time.perf_counter(), time.process_time()
+                batches = [next(loader) for _ in range(micro_batches)]
+                timings[num_workers].append((time.perf_counter() - wall, time.process_time() - cpu))
+                stats = loader.statistics()
+                loader.close()
+                assert stats["samples"] == len(planned) and len(batches) == micro_batches
+        decode_wall, decode_cpu = (float(np.median(x)) for x in zip(*timings["decode"], strict=True))
+        rows.append(f"| decode_tiles alone | {backend} | 0 | {len(planned)} | {len(images)} | {decode_wall:.2f} "
+                    f"| {len(planned) / decode_wall:.1f} | {decode_cpu:.2f} | - |")
+        for num_workers in workers:
+            wall, cpu = (float(np.median(x)) for x in zip(*timings[num_workers], strict=True))
+            cpu_cell = f"{cpu:.2f}" if num_workers == 0 else "(in workers)"
+            cpu_overhead = f" / {cpu / decode_cpu - 1:+.1%}" if num_workers == 0 else ""
+            rows.append(f"| whole loader | {backend} | {num_workers} | {len(planned)} | {len(images)} | {wall:.2f} "
+                        f"| {len(planned) / wall:.1f} | {cpu_cell} | {wall / decode_wall - 1:+.1%}{cpu_overhead} |")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one worker setting")
+    parser.add_argument("--packing-samples", type=int, default=200_000, help="samples in the packing benchmark")
+    parser.add_argument("--chunk-samples", type=int, default=65536, help="loader chunk (DataConfig.pack_chunk_samples)")
+    parser.add_argument("--global-batch", type=int, default=256, help="sequences per global batch (DP balance)")
+    parser.add_argument("--loader-samples", type=int, default=400, help="samples in the loader throughput prefix")
+    parser.add_argument("--global-batches", type=int, default=8, help="global batches (2 x 8192) the loader runs")
+    parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts to time")
+    parser.add_argument("--backend", default="pil", choices=("pil", "dali", "auto"), help="image decode backend")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs (medians reported)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.packing_samples, args.chunk_samples, args.global_batch = 20_000, 8192, 64
+        args.loader_samples, args.global_batches, args.workers, args.repeats = 40, 1, "0", 1
+    workers = [int(w) for w in args.workers.split(",")]
+    print("## Packing efficiency\n")
+    print("\n".join(packing_table(args.packing_samples, args.chunk_samples)))
+    print("\n## DP cost imbalance\n")
+    print("\n".join(imbalance_table(args.packing_samples, args.global_batch)))
+    print("\n## Loader vs decode alone\n")
+    print("\n".join(throughput_table(args.loader_samples, args.global_batches, workers, args.backend,
+                                     args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
