@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from megasail.data.config import DataConfig
 from megasail.fields import doc
 from megasail.models.config import ModelConfig
 
@@ -52,6 +55,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # validated where a loader is built (needs stages)
     seed: int = doc("global seed (model init, data order)", 1234)
 
 
@@ -59,14 +63,20 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
-def _all_keys(node: Any, prefix: str = "") -> list[str]:
+def _all_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass schema; list-of-dataclass items appear as ``name[].field``."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    hints = typing.get_type_hints(cls)
     keys = []
-    if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            key = f"{prefix}{f.name}"
-            keys.append(key)
-            keys.extend(_all_keys(value, key + "."))
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        tp = hints[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, key + "."))
+        elif item is not None and dataclasses.is_dataclass(item):
+            keys.extend(_all_keys(item, key + "[]."))
     return keys
 
 
@@ -82,10 +92,11 @@ def _closest_hint(bad_key: str, valid: list[str]) -> str:
 
 def _line_of(path: str, dotted_key: str) -> str:
     """':LINE' of the key's last component in a YAML file, or '' when it cannot be found."""
-    leaf = dotted_key.rsplit(".", 1)[-1]
+    leaf = re.escape(dotted_key.rsplit(".", 1)[-1])
+    pattern = re.compile(rf"(^|[\s{{,-]){leaf}\s*:")  # block (`key:`) and flow (`{{a: 1, key: 2}}`) YAML
     try:
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if line.strip().startswith(f"{leaf}:"):
+            if pattern.search(line.split("#", 1)[0]):
                 return f":{n}"
     except OSError:
         pass

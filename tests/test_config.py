@@ -78,3 +78,22 @@ def test_every_config_field_is_documented_in_help():
     for key, f in _leaf_fields(RunConfig):
         assert f.metadata.get("help"), f"config field '{key}' has no help text (use megasail.fields.doc)"
         assert f"  {key}=" in text
+
+
+def test_data_stages_load_from_yaml_and_typos_in_list_items_are_located(tmp_path):
+    good = tmp_path / "run.yaml"
+    good.write_text(
+        "data:\n  seq_length: 4096\n  stages:\n"
+        "    - name: align\n      budget_samples: 10\n      trainable: [projector]\n"
+        "      sources:\n        - {prefix: /d/cap, weight: 2.0}\n"
+        "    - name: sft\n      trainable: [vision, projector, language]\n"
+        "      sources:\n        - {prefix: /d/sft, weight: 1.0}\n"
+    )
+    cfg = load_config(good)
+    cfg.data.validate()
+    assert [s.name for s in cfg.data.stages] == ["align", "sft"]
+    assert cfg.data.stages[0].sources[0].weight == 2.0 and cfg.data.seq_length == 4096
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("{prefix: /d/sft, weight", "{prefix: /d/sft, weigth"))
+    with pytest.raises(ConfigError, match=r"bad.yaml:12: unknown config key 'weigth'.*sources\[\]\.weight"):
+        load_config(bad)
