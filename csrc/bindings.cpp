@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "crc32.h"
 #include "index_helpers.h"
 #include "shard_format.h"
 #include "shard_writer.h"
@@ -103,6 +104,13 @@ py::tuple blend_indices(const CArray<double>& weights, int64_t num_samples, cons
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
+uint32_t crc32(const py::handle& data, uint32_t crc) {
+  ByteView view(data);
+  const megasail::ImageBytes bytes = view.bytes();
+  py::gil_scoped_release release;
+  return megasail::crc32(bytes.data, bytes.size, crc);
+}
+
 uint64_t merge_shards(const std::vector<std::string>& shard_prefixes, const std::string& out_prefix) {
   py::gil_scoped_release release;
   return megasail::merge_shards(shard_prefixes, out_prefix);
@@ -122,12 +130,13 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<megasail::ShardWriter>(m, "ShardWriter",
                                     "Appends samples to PREFIX.{bin,idx,img.bin,img.idx} via .tmp files.")
-      .def(py::init<std::string>(), "prefix"_a)
+      .def(py::init<std::string, bool>(), "prefix"_a, "sync"_a = true,
+           "sync=False skips the fsyncs at finalize (for temporary shards a merge fsyncs later).")
       .def("add_sample", &add_sample, "tokens"_a, "segment_lengths"_a, "segment_modes"_a, "images"_a, "widths"_a,
            "heights"_a, "formats"_a, "source_id"_a,
            "Append one sample; validates it fully first (ValueError leaves the writer unchanged).")
       .def("finalize", &megasail::ShardWriter::finalize, py::call_guard<py::gil_scoped_release>(),
-           "Flush, fsync, write both indexes and rename the .tmp files to their final names.")
+           "Flush, fsync (unless sync=False), write both indexes and rename the .tmp files to their final names.")
       .def("abort", &megasail::ShardWriter::abort, "Remove the .tmp files; no-op once finalized.")
       .def_property_readonly("prefix", &megasail::ShardWriter::prefix)
       .def_property_readonly("num_samples", &megasail::ShardWriter::num_samples)
@@ -135,10 +144,27 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_tokens", &megasail::ShardWriter::num_tokens)
       .def_property_readonly("num_images", &megasail::ShardWriter::num_images)
       .def_property_readonly("image_bytes", &megasail::ShardWriter::image_bytes)
+      .def_property_readonly("sync", &megasail::ShardWriter::sync)
       .def_property_readonly("is_open", &megasail::ShardWriter::is_open);
+
+  py::class_<megasail::ShardMerger>(m, "ShardMerger",
+                                    "Concatenates finished shards, appended in order, into PREFIX via .tmp files.")
+      .def(py::init<std::string>(), "out_prefix"_a)
+      .def("append", py::overload_cast<const std::string&>(&megasail::ShardMerger::append), "shard_prefix"_a,
+           py::call_guard<py::gil_scoped_release>(), "Copy the next finished shard's data after what is there.")
+      .def("finalize", &megasail::ShardMerger::finalize, py::call_guard<py::gil_scoped_release>(),
+           "fsync, write both indexes, rename the .tmp files; returns the sample count.")
+      .def("abort", &megasail::ShardMerger::abort, py::call_guard<py::gil_scoped_release>(),
+           "Remove the .tmp files; no-op once finalized.")
+      .def_property_readonly("prefix", &megasail::ShardMerger::prefix)
+      .def_property_readonly("num_shards", &megasail::ShardMerger::num_shards)
+      .def_property_readonly("num_samples", &megasail::ShardMerger::num_samples)
+      .def_property_readonly("is_open", &megasail::ShardMerger::is_open);
 
   m.def("merge_shards", &merge_shards, "shard_prefixes"_a, "out_prefix"_a,
         "Concatenate finished shards in order into out_prefix; returns the sample count.");
+  m.def("crc32", &crc32, "data"_a, "crc"_a = 0,
+        "CRC-32 of a bytes-like object, continuing from crc; equals zlib.crc32(data, crc).");
   m.def("shuffle_indices", &shuffle_indices, "n"_a, "seed"_a, "Seeded Fisher-Yates permutation of 0..n-1 (int64).");
   m.def("pack_samples", &pack_samples, "lengths"_a, "seq_length"_a, "seed"_a, "window"_a,
         "Windowed best-fit-decreasing packing -> (pack_offsets int64[P+1], order int64[N]).");

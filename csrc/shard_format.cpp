@@ -1,18 +1,23 @@
 // Reading and writing the two index files of a dataset prefix (layout in shard_format.h).
 #include "shard_format.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace megasail {
 
 namespace {
 
-constexpr size_t kFileBufferBytes = 4u << 20;
+constexpr size_t kFileBufferBytes = 1u << 20;
+constexpr size_t kDirectWriteBytes = 64u << 10;  // writes this large bypass the buffer
+constexpr size_t kCopyChunkBytes = 8u << 20;     // read/write fallback of append_file
 constexpr size_t kPointerChunk = 1u << 16;  // pointers are computed and written in chunks, not stored
 
 std::string errno_text() { return std::strerror(errno); }
@@ -89,16 +94,58 @@ std::string image_idx_path(const std::string& prefix) { return prefix + ".img.id
 std::string tmp_path(const std::string& path) { return path + ".tmp"; }
 
 OutputFile::OutputFile(const std::string& path) : path_(path), buffer_(kFileBufferBytes) {
-  file_ = std::fopen(path.c_str(), "wb");
-  if (!file_) throw IoError("cannot create " + path + ": " + errno_text());
-  std::setvbuf(file_, buffer_.data(), _IOFBF, buffer_.size());
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd_ < 0) throw IoError("cannot create " + path + ": " + errno_text());
 }
 
 OutputFile::~OutputFile() { close_quietly(); }
 
+// Write head then data (either may be empty) with as few system calls as the kernel allows.
+void OutputFile::write_fd(const void* head, size_t head_size, const void* data, size_t size) {
+  iovec iov[2] = {{const_cast<void*>(head), head_size}, {const_cast<void*>(data), size}};
+  iovec* next = iov;
+  int count = 2;
+  while (count > 0) {
+    if (next->iov_len == 0) {
+      ++next;
+      --count;
+      continue;
+    }
+    const ssize_t n = ::writev(fd_, next, count);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw IoError("cannot write " + path_ + ": " + errno_text());
+    }
+    size_t done = static_cast<size_t>(n);
+    while (count > 0 && done >= next->iov_len) {
+      done -= next->iov_len;
+      ++next;
+      --count;
+    }
+    if (count > 0) {
+      next->iov_base = static_cast<char*>(next->iov_base) + done;
+      next->iov_len -= done;
+    }
+  }
+}
+
+void OutputFile::flush() {
+  if (used_) write_fd(buffer_.data(), used_, nullptr, 0);
+  used_ = 0;
+}
+
 void OutputFile::write(const void* data, size_t size) {
-  if (!file_) throw IoError("write to closed file " + path_);
-  if (size && std::fwrite(data, 1, size, file_) != size) throw IoError("cannot write " + path_ + ": " + errno_text());
+  if (fd_ < 0) throw IoError("write to closed file " + path_);
+  if (size == 0) return;
+  if (size >= kDirectWriteBytes) {  // straight from the caller's memory, after what is buffered
+    const size_t buffered = used_;
+    used_ = 0;
+    write_fd(buffer_.data(), buffered, data, size);
+    return;
+  }
+  if (size > buffer_.size() - used_) flush();
+  std::memcpy(buffer_.data() + used_, data, size);
+  used_ += size;
 }
 
 void OutputFile::write_zeros(size_t size) {
@@ -110,20 +157,82 @@ void OutputFile::write_zeros(size_t size) {
   }
 }
 
-void OutputFile::close_synced() {
-  if (!file_) return;
-  const bool ok = std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0;
-  const int close_rc = std::fclose(file_);
-  file_ = nullptr;
-  if (!ok || close_rc != 0) throw IoError("cannot flush " + path_ + ": " + errno_text());
+void OutputFile::append_file(const std::string& path, uint64_t expected_size) {
+  if (fd_ < 0) throw IoError("write to closed file " + path_);
+  flush();
+  const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) throw IoError("cannot open " + path + ": " + errno_text());
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{in};
+  struct stat st;
+  if (::fstat(in, &st) != 0) throw IoError("cannot stat " + path + ": " + errno_text());
+  if (static_cast<uint64_t>(st.st_size) != expected_size)
+    throw IoError("cannot read " + path + " (or it changed during the merge)");
+  uint64_t left = expected_size;
+#ifdef __linux__
+  // In-kernel copy: no round trip of the bytes through user memory. Falls back to read/write
+  // where the file systems (or an old kernel) refuse it; a refused call has copied nothing.
+  while (left > 0) {
+    const ssize_t n = ::copy_file_range(in, nullptr, fd_, nullptr, std::min<uint64_t>(left, 1u << 30), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP || errno == EBADF ||
+                  errno == EPERM))
+      break;  // the read/write loop below copies the rest
+    if (n < 0) throw IoError("cannot copy " + path + " to " + path_ + ": " + errno_text());
+    if (n == 0) throw IoError("cannot read " + path + " (or it changed during the merge)");
+    left -= static_cast<uint64_t>(n);
+  }
+#endif
+  if (left == 0) return;
+  std::vector<char> chunk(std::min<uint64_t>(left, kCopyChunkBytes));
+  while (left > 0) {
+    const ssize_t n = ::read(in, chunk.data(), std::min<uint64_t>(left, chunk.size()));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw IoError("cannot read " + path + " (or it changed during the merge)");
+    write_fd(chunk.data(), static_cast<size_t>(n), nullptr, 0);
+    left -= static_cast<uint64_t>(n);
+  }
+}
+
+void OutputFile::start_writeback() {
+#ifdef __linux__
+  if (fd_ < 0) return;
+  flush();
+  ::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);  // a hint: its failure changes nothing
+#endif
+}
+
+void OutputFile::close(bool sync) {
+  if (fd_ < 0) return;
+  bool ok = true;
+  std::string what;
+  try {
+    flush();
+  } catch (const IoError& e) {
+    ok = false;
+    what = e.what();
+  }
+  if (ok && sync && ::fsync(fd_) != 0) {
+    ok = false;
+    what = "cannot fsync " + path_ + ": " + errno_text();
+  }
+  if (::close(fd_) != 0 && ok) {
+    ok = false;
+    what = "cannot close " + path_ + ": " + errno_text();
+  }
+  fd_ = -1;
+  if (!ok) throw IoError(what);
 }
 
 void OutputFile::close_quietly() noexcept {
-  if (file_) std::fclose(file_);
-  file_ = nullptr;
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  used_ = 0;
 }
 
-void write_token_index(const std::string& path, const ShardIndex& index) {
+void write_token_index(const std::string& path, const ShardIndex& index, bool sync) {
   OutputFile out(path);
   out.write(kTokenIndexMagic, sizeof(kTokenIndexMagic));
   out.write(&kTokenIndexVersion, 8);
@@ -147,10 +256,10 @@ void write_token_index(const std::string& path, const ShardIndex& index) {
   }
   write_array(out, index.doc_index, false);
   write_array(out, index.segment_modes, false);
-  out.close_synced();
+  out.close(sync);
 }
 
-void write_image_index(const std::string& path, const ShardIndex& index) {
+void write_image_index(const std::string& path, const ShardIndex& index, bool sync) {
   OutputFile out(path);
   out.write(kImageIndexMagic, sizeof(kImageIndexMagic));
   const uint64_t header[3] = {kImageIndexVersion, index.num_images(), index.num_samples()};
@@ -163,7 +272,7 @@ void write_image_index(const std::string& path, const ShardIndex& index) {
   write_array(out, index.image_crc32, true);
   write_array(out, index.doc_source, true);
   write_array(out, index.image_formats, true);
-  out.close_synced();
+  out.close(sync);
 }
 
 ShardIndex read_shard_index(const std::string& prefix) {

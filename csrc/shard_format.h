@@ -10,7 +10,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -59,9 +58,9 @@ std::string image_bin_path(const std::string& prefix);  // PREFIX.img.bin
 std::string image_idx_path(const std::string& prefix);  // PREFIX.img.idx
 std::string tmp_path(const std::string& path);          // PATH.tmp
 
-// Write PREFIX.idx / PREFIX.img.idx contents of `index` to `path` (no rename).
-void write_token_index(const std::string& path, const ShardIndex& index);
-void write_image_index(const std::string& path, const ShardIndex& index);
+// Write PREFIX.idx / PREFIX.img.idx contents of `index` to `path` (no rename); fsync when `sync`.
+void write_token_index(const std::string& path, const ShardIndex& index, bool sync = true);
+void write_image_index(const std::string& path, const ShardIndex& index, bool sync = true);
 
 // Read both index files of a finished prefix; checks magic, version, dtype and sizes.
 ShardIndex read_shard_index(const std::string& prefix);
@@ -71,7 +70,9 @@ void publish_prefix(const std::string& prefix);
 // Remove whatever PATH.tmp files of `prefix` exist; never throws.
 void remove_tmp_files(const std::string& prefix) noexcept;
 
-// FILE* owner with a large buffer; every failure throws IoError naming the path.
+// Output file descriptor with its own write buffer; every failure throws IoError naming the path.
+// Small writes (tokens, index arrays) gather in the buffer; large ones (images) go to the kernel
+// straight from the caller's memory together with what is buffered (one writev, no extra copy).
 class OutputFile {
  public:
   OutputFile() = default;
@@ -88,21 +89,32 @@ class OutputFile {
 
   void write(const void* data, size_t size);
   void write_zeros(size_t size);
-  // Flush, fsync and close: the data is on disk before a later rename publishes it.
-  void close_synced();
+  // Append the whole file at `path`, which must hold exactly `expected_size` bytes. Copies inside
+  // the kernel with copy_file_range where the file systems allow it, else with a large buffer.
+  void append_file(const std::string& path, uint64_t expected_size);
+  // Ask the kernel to start writing what is written so far to disk, without waiting (Linux; a
+  // no-op elsewhere), so that a later close(true) has less left to wait for.
+  void start_writeback();
+  // Flush and close; with sync, fsync first: the data is on disk before a later rename publishes it.
+  void close(bool sync);
+  void close_synced() { close(true); }
   void close_quietly() noexcept;
   const std::string& path() const { return path_; }
 
  private:
+  void flush();
+  void write_fd(const void* head, size_t head_size, const void* data, size_t size);
   void swap(OutputFile& other) noexcept {
     path_.swap(other.path_);
-    std::swap(file_, other.file_);
-    buffer_.swap(other.buffer_);  // the FILE's buffer is heap memory; swapping keeps it valid
+    std::swap(fd_, other.fd_);
+    buffer_.swap(other.buffer_);
+    std::swap(used_, other.used_);
   }
 
   std::string path_;
-  std::FILE* file_ = nullptr;
+  int fd_ = -1;
   std::vector<char> buffer_;
+  size_t used_ = 0;
 };
 
 }  // namespace megasail

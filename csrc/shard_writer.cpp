@@ -54,22 +54,6 @@ void validate_sample(const SampleView& s, uint64_t sample) {
   }
 }
 
-// Copy a whole file into `out` in large chunks.
-void append_file(OutputFile& out, const std::string& path, uint64_t expected_size) {
-  std::FILE* in = std::fopen(path.c_str(), "rb");
-  if (!in) throw IoError("cannot open " + path);
-  std::vector<char> chunk(8u << 20);
-  uint64_t copied = 0;
-  size_t got;
-  while ((got = std::fread(chunk.data(), 1, chunk.size(), in)) > 0) {
-    out.write(chunk.data(), got);
-    copied += got;
-  }
-  const bool failed = std::ferror(in);
-  std::fclose(in);
-  if (failed || copied != expected_size) throw IoError("cannot read " + path + " (or it changed during the merge)");
-}
-
 template <typename T>
 void append_rebased(std::vector<T>& dst, const std::vector<T>& src, size_t skip, T base) {
   for (size_t i = skip; i < src.size(); ++i) dst.push_back(src[i] + base);
@@ -82,7 +66,7 @@ void append_all(std::vector<T>& dst, const std::vector<T>& src) {
 
 }  // namespace
 
-ShardWriter::ShardWriter(std::string prefix) : prefix_(std::move(prefix)) {
+ShardWriter::ShardWriter(std::string prefix, bool sync) : prefix_(std::move(prefix)), sync_(sync) {
   try {
     tokens_ = OutputFile(tmp_path(token_bin_path(prefix_)));
     images_ = OutputFile(tmp_path(image_bin_path(prefix_)));
@@ -112,12 +96,13 @@ void ShardWriter::add_sample(const SampleView& s) {
     tokens_.write(s.tokens, s.num_tokens * sizeof(int32_t));
     for (size_t m = 0; m < s.images.size(); ++m) {
       const ImageBytes& image = s.images[m];
+      const uint32_t checksum = crc32(image.data, image.size);  // reads the bytes into cache for the write
       images_.write(image.data, image.size);
       index_.image_offsets.push_back(index_.image_bytes);
       index_.image_sizes.push_back(image.size);
       index_.image_widths.push_back(s.widths[m]);
       index_.image_heights.push_back(s.heights[m]);
-      index_.image_crc32.push_back(crc32(image.data, image.size));
+      index_.image_crc32.push_back(checksum);
       index_.image_formats.push_back(s.formats[m]);
       index_.image_bytes += image.size;
     }
@@ -137,10 +122,10 @@ void ShardWriter::finalize() {
   std::lock_guard<std::mutex> lock(mutex_);
   require_open();
   try {
-    tokens_.close_synced();
-    images_.close_synced();
-    write_token_index(tmp_path(token_idx_path(prefix_)), index_);
-    write_image_index(tmp_path(image_idx_path(prefix_)), index_);
+    tokens_.close(sync_);
+    images_.close(sync_);
+    write_token_index(tmp_path(token_idx_path(prefix_)), index_, sync_);
+    write_image_index(tmp_path(image_idx_path(prefix_)), index_, sync_);
     publish_prefix(prefix_);
   } catch (...) {
     abort_locked();
@@ -162,47 +147,106 @@ void ShardWriter::abort_locked() noexcept {
   state_ = State::kAborted;
 }
 
+ShardMerger::ShardMerger(std::string out_prefix) : out_prefix_(std::move(out_prefix)) {
+  try {
+    tokens_ = OutputFile(tmp_path(token_bin_path(out_prefix_)));
+    images_ = OutputFile(tmp_path(image_bin_path(out_prefix_)));
+  } catch (...) {
+    tokens_.close_quietly();
+    images_.close_quietly();
+    remove_tmp_files(out_prefix_);
+    throw;
+  }
+}
+
+ShardMerger::~ShardMerger() { abort_locked(); }
+
+void ShardMerger::require_open() const {
+  if (state_ != State::kOpen)
+    throw std::logic_error("ShardMerger(" + out_prefix_ + ") is " +
+                           (state_ == State::kFinalized ? "already finalized" : "aborted"));
+}
+
+void ShardMerger::append(const std::string& shard_prefix) {
+  if (shard_prefix == out_prefix_)
+    throw std::invalid_argument("merge output " + out_prefix_ + " is also one of its inputs");
+  append(shard_prefix, read_shard_index(shard_prefix));
+}
+
+void ShardMerger::append(const std::string& shard_prefix, const ShardIndex& shard) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open();
+  if (shard_prefix == out_prefix_)
+    throw std::invalid_argument("merge output " + out_prefix_ + " is also one of its inputs");
+  try {
+    tokens_.append_file(token_bin_path(shard_prefix), shard.num_tokens * 4);
+    images_.append_file(image_bin_path(shard_prefix), shard.image_bytes);
+    images_.start_writeback();  // the disk works while later shards are copied
+  } catch (...) {
+    abort_locked();  // a partial copy cannot be undone
+    throw;
+  }
+  // rebase: document and image ranges move by what earlier shards hold
+  ShardIndex& merged = merged_;
+  const auto segment_base = static_cast<int64_t>(merged.segment_lengths.size());
+  append_rebased(merged.doc_index, shard.doc_index, 1, segment_base);
+  append_rebased(merged.doc_image_start, shard.doc_image_start, 1, merged.num_images());
+  append_rebased(merged.image_offsets, shard.image_offsets, 0, merged.image_bytes);
+  append_all(merged.segment_lengths, shard.segment_lengths);
+  append_all(merged.segment_modes, shard.segment_modes);
+  append_all(merged.image_sizes, shard.image_sizes);
+  append_all(merged.image_widths, shard.image_widths);
+  append_all(merged.image_heights, shard.image_heights);
+  append_all(merged.image_crc32, shard.image_crc32);
+  append_all(merged.image_formats, shard.image_formats);
+  append_all(merged.doc_source, shard.doc_source);
+  merged.num_tokens += shard.num_tokens;
+  merged.image_bytes += shard.image_bytes;
+  ++num_shards_;
+}
+
+uint64_t ShardMerger::finalize() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open();
+  try {
+    tokens_.close_synced();
+    images_.close_synced();
+    write_token_index(tmp_path(token_idx_path(out_prefix_)), merged_);
+    write_image_index(tmp_path(image_idx_path(out_prefix_)), merged_);
+    publish_prefix(out_prefix_);
+  } catch (...) {
+    abort_locked();
+    throw;
+  }
+  state_ = State::kFinalized;
+  return merged_.num_samples();
+}
+
+void ShardMerger::abort() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  abort_locked();
+}
+
+void ShardMerger::abort_locked() noexcept {
+  if (state_ != State::kOpen) return;
+  tokens_.close_quietly();
+  images_.close_quietly();
+  remove_tmp_files(out_prefix_);
+  state_ = State::kAborted;
+}
+
 uint64_t merge_shards(const std::vector<std::string>& shard_prefixes, const std::string& out_prefix) {
   if (std::find(shard_prefixes.begin(), shard_prefixes.end(), out_prefix) != shard_prefixes.end())
     throw std::invalid_argument("merge output " + out_prefix + " is also one of its inputs");
-  std::vector<ShardIndex> shards;
+  std::vector<ShardIndex> shards;  // every index is checked before any output file is created
   shards.reserve(shard_prefixes.size());
   for (const std::string& prefix : shard_prefixes) shards.push_back(read_shard_index(prefix));
-
-  ShardIndex merged;
-  try {
-    OutputFile tokens(tmp_path(token_bin_path(out_prefix)));
-    OutputFile images(tmp_path(image_bin_path(out_prefix)));
-    for (size_t k = 0; k < shards.size(); ++k) {
-      const ShardIndex& shard = shards[k];
-      append_file(tokens, token_bin_path(shard_prefixes[k]), shard.num_tokens * 4);
-      append_file(images, image_bin_path(shard_prefixes[k]), shard.image_bytes);
-      // rebase: document and image ranges move by what earlier shards hold
-      const auto segment_base = static_cast<int64_t>(merged.segment_lengths.size());
-      append_rebased(merged.doc_index, shard.doc_index, 1, segment_base);
-      append_rebased(merged.doc_image_start, shard.doc_image_start, 1, merged.num_images());
-      append_rebased(merged.image_offsets, shard.image_offsets, 0, merged.image_bytes);
-      append_all(merged.segment_lengths, shard.segment_lengths);
-      append_all(merged.segment_modes, shard.segment_modes);
-      append_all(merged.image_sizes, shard.image_sizes);
-      append_all(merged.image_widths, shard.image_widths);
-      append_all(merged.image_heights, shard.image_heights);
-      append_all(merged.image_crc32, shard.image_crc32);
-      append_all(merged.image_formats, shard.image_formats);
-      append_all(merged.doc_source, shard.doc_source);
-      merged.num_tokens += shard.num_tokens;
-      merged.image_bytes += shard.image_bytes;
-    }
-    tokens.close_synced();
-    images.close_synced();
-    write_token_index(tmp_path(token_idx_path(out_prefix)), merged);
-    write_image_index(tmp_path(image_idx_path(out_prefix)), merged);
-    publish_prefix(out_prefix);
-  } catch (...) {
-    remove_tmp_files(out_prefix);
-    throw;
+  ShardMerger merger(out_prefix);
+  for (size_t k = 0; k < shards.size(); ++k) {
+    merger.append(shard_prefixes[k], shards[k]);
+    shards[k] = ShardIndex();  // free as we go
   }
-  return merged.num_samples();
+  return merger.finalize();
 }
 
 }  // namespace megasail

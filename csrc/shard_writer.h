@@ -33,8 +33,12 @@ struct SampleView {
 
 class ShardWriter {
  public:
-  // Creates PREFIX.{bin,idx,img.bin,img.idx}.tmp; finalize() renames them to their final names.
-  explicit ShardWriter(std::string prefix);
+  // Creates PREFIX.{bin,img.bin}.tmp; finalize() writes the index .tmp files and renames all four
+  // to their final names. With sync (the default) finalize() fsyncs the four files before the
+  // renames, so a published prefix survives a power loss; without it the files are complete once
+  // published as far as every process is concerned (the page cache outlives a killed process),
+  // but not necessarily on disk: for temporary shards that a later merge fsyncs in its output.
+  explicit ShardWriter(std::string prefix, bool sync = true);
   ~ShardWriter();  // aborts when neither finalize() nor abort() ran
   ShardWriter(const ShardWriter&) = delete;
   ShardWriter& operator=(const ShardWriter&) = delete;
@@ -50,6 +54,7 @@ class ShardWriter {
   uint64_t num_tokens() const { return index_.num_tokens; }
   uint64_t num_images() const { return index_.num_images(); }
   uint64_t image_bytes() const { return index_.image_bytes; }
+  bool sync() const { return sync_; }
   bool is_open() const { return state_ == State::kOpen; }
 
  private:
@@ -58,6 +63,7 @@ class ShardWriter {
   void abort_locked() noexcept;
 
   std::string prefix_;
+  bool sync_;
   std::mutex mutex_;  // add_sample runs without the GIL; this keeps concurrent callers ordered
   OutputFile tokens_;
   OutputFile images_;
@@ -65,7 +71,44 @@ class ShardWriter {
   State state_ = State::kOpen;
 };
 
-// Concatenate finished shards, in the given order, into out_prefix (tmp files + rename).
+// Concatenates finished shards, appended one at a time in their final order, into out_prefix
+// (tmp files, fsync, rename at finalize()). Appending while later shards are still being written
+// lets a merge run alongside the work that produces them; the bytes are those of merge_shards.
+class ShardMerger {
+ public:
+  explicit ShardMerger(std::string out_prefix);
+  ~ShardMerger();  // aborts when neither finalize() nor abort() ran
+  ShardMerger(const ShardMerger&) = delete;
+  ShardMerger& operator=(const ShardMerger&) = delete;
+
+  // Copy the data of the finished shard at `shard_prefix` (checked first) after what is there.
+  void append(const std::string& shard_prefix);
+  void append(const std::string& shard_prefix, const ShardIndex& shard);  // index already read
+  // fsync the data files, write both indexes (fsynced), rename; returns the number of samples.
+  uint64_t finalize();
+  void abort();  // removes the tmp files; a no-op after finalize() or abort()
+
+  const std::string& prefix() const { return out_prefix_; }
+  uint64_t num_shards() const { return num_shards_; }
+  uint64_t num_samples() const { return merged_.num_samples(); }
+  bool is_open() const { return state_ == State::kOpen; }
+
+ private:
+  enum class State { kOpen, kFinalized, kAborted };
+  void require_open() const;
+  void abort_locked() noexcept;
+
+  std::string out_prefix_;
+  std::mutex mutex_;  // append runs without the GIL, possibly on a helper thread
+  OutputFile tokens_;
+  OutputFile images_;
+  ShardIndex merged_;
+  uint64_t num_shards_ = 0;
+  State state_ = State::kOpen;
+};
+
+// Concatenate finished shards, in the given order, into out_prefix (tmp files, fsync, rename).
+// Data files are copied inside the kernel (copy_file_range) where possible.
 // Returns the number of samples written.
 uint64_t merge_shards(const std::vector<std::string>& shard_prefixes, const std::string& out_prefix);
 

@@ -242,3 +242,184 @@ def test_finalized_writer_refuses_more_samples(tmp_path):
         writer.add_sample(**random_samples(1)[0])
     writer.abort()  # no-op after finalize: the published files stay
     assert os.path.exists(tmp_path / "s.idx")
+
+
+def big_image_samples(n: int, seed: int = 0) -> list[dict]:
+    """Samples whose images are large enough to bypass the C++ writer's buffer (direct writes)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        sizes = [int(rng.integers(1, 300_000)) for _ in range(1 + i % 3)]
+        images = [JPEG_HEAD + rng.bytes(size) for size in sizes]
+        text = rng.integers(0, 152_000, size=int(rng.integers(0, 5000))).astype(np.int32)
+        samples.append(
+            dict(
+                tokens=np.concatenate([np.arange(len(images), dtype=np.int32), text]),
+                segment_lengths=np.array([1] * len(images) + [len(text)], np.int32),
+                segment_modes=np.array([2] * len(images) + [1], np.int8),
+                images=images,
+                widths=np.full(len(images), 640, np.uint32),
+                heights=np.full(len(images), 480, np.uint32),
+                source_id=i,
+            )
+        )
+    return samples
+
+
+def test_crc32_binding_equals_zlib_across_the_interleave_threshold():
+    from megasail.data.native import C
+
+    rng = np.random.default_rng(7)
+    data = rng.bytes(40_000)
+    for n in (0, 1, 7, 8, 9, 3071, 3072, 3073, 3079, 3080, 3081, 4099, 12_345, 39_999, 40_000):
+        for start in (0, 3):
+            chunk = data[start : start + n]
+            assert C.crc32(chunk) == zlib.crc32(chunk), n
+            assert C.crc32(chunk, 0xDEADBEEF) == zlib.crc32(chunk, 0xDEADBEEF), n
+    assert C.crc32(memoryview(data)[5:9000]) == zlib.crc32(data[5:9000])
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_large_images_and_sync_flag_keep_bytes_identical(tmp_path, sync):
+    samples = big_image_samples(12, seed=1)
+    cpp = write(lambda p: ShardWriter(p, sync=sync), tmp_path / "cpp", samples)
+    py = write(lambda p: PyShardWriter(p, sync=sync), tmp_path / "py", samples)
+    assert cpp.sync is sync and py.sync is sync
+    assert read_files(tmp_path / "cpp") == read_files(tmp_path / "py")
+    assert parse_image_index(tmp_path / "cpp.img.idx")["crc32"] == [
+        zlib.crc32(im) for s in samples for im in s["images"]
+    ]
+
+
+def test_python_writer_fsyncs_only_when_asked(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    write(lambda p: PyShardWriter(p, sync=False), tmp_path / "a", random_samples(3))
+    assert synced == []
+    write(PyShardWriter, tmp_path / "b", random_samples(3))
+    assert len(synced) == 4  # both data files and both indexes
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_merge_of_large_unsynced_shards_equals_one_writer(tmp_path, backend):
+    samples = big_image_samples(10, seed=2)
+    prefixes = []
+    for k, (a, b) in enumerate([(0, 4), (4, 4), (4, 10)]):
+        prefixes.append(str(tmp_path / f"shard_{k}"))
+        write(lambda p: ShardWriter(p, sync=False), prefixes[-1], samples[a:b])
+    write(PyShardWriter, tmp_path / "whole", samples)
+    assert merge_shards(prefixes, tmp_path / "merged", backend=backend) == 10
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a second file system (/dev/shm)")
+def test_merge_across_file_systems(tmp_path):
+    """copy_file_range refuses some pairs of file systems; the merge then copies with read/write."""
+    import tempfile
+
+    samples = big_image_samples(6, seed=3)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        prefixes = [os.path.join(shm, "a"), str(tmp_path / "b")]
+        write(ShardWriter, prefixes[0], samples[:3])
+        write(ShardWriter, prefixes[1], samples[3:])
+        write(ShardWriter, tmp_path / "whole", samples)
+        assert merge_shards(prefixes, tmp_path / "merged") == 6
+        assert merge_shards([str(tmp_path / "b"), prefixes[0]], os.path.join(shm, "m")) == 6
+        shm_files = read_files(os.path.join(shm, "m"))
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+    write(ShardWriter, tmp_path / "swapped", samples[3:] + samples[:3])
+    assert shm_files == read_files(tmp_path / "swapped")
+
+
+def test_merge_refuses_a_truncated_image_file(tmp_path):
+    write(ShardWriter, tmp_path / "a", big_image_samples(2))
+    os.truncate(tmp_path / "a.img.bin", 10)
+    with pytest.raises(ValueError, match="size disagrees"):
+        merge_shards([tmp_path / "a"], tmp_path / "out")
+    assert not any(name.startswith("out") for name in os.listdir(tmp_path))
+
+
+def test_unsynced_unit_reports_are_trusted_only_in_the_same_boot(tmp_path, monkeypatch):
+    """Preprocessing's unit shards are not fsynced by default: a report from an earlier boot (a
+    power loss may have torn its shard) is treated as missing; a killed process is no such case."""
+    import json
+
+    from megasail.data.preprocess import worker
+    from megasail.data.preprocess.sources import WorkUnit
+
+    unit = WorkUnit(
+        index=3, source_id=0, path="in.jsonl", container="jsonl", start_byte=0, end_byte=0, first_line=1
+    )
+    path = worker.report_path(str(tmp_path), unit)
+    monkeypatch.setattr(worker, "boot_id", lambda: "boot-1")
+    for report, kept in (
+        ({"unit": 3, "unsynced_boot_id": "boot-1"}, True),
+        ({"unit": 3, "unsynced_boot_id": "boot-0"}, False),
+        ({"unit": 3, "unsynced_boot_id": None}, True),  # fsynced (--fsync-units)
+        ({"unit": 3}, True),  # written before the boot id was recorded: always fsynced
+    ):
+        with open(path, "w") as f:
+            json.dump(report, f)
+        assert (worker.load_report(str(tmp_path), unit) is not None) is kept, report
+
+
+def test_shard_merger_appending_one_at_a_time_equals_merge_shards(tmp_path):
+    from megasail.data.builder import ShardMerger
+
+    samples = big_image_samples(4, seed=4) + random_samples(20, seed=4)
+    prefixes = []
+    for k, (a, b) in enumerate([(0, 2), (2, 2), (2, 15), (15, 24)]):
+        prefixes.append(str(tmp_path / f"shard_{k}"))
+        write(lambda p: ShardWriter(p, sync=False), prefixes[-1], samples[a:b])
+    write(PyShardWriter, tmp_path / "whole", samples)
+    with ShardMerger(tmp_path / "merged") as merger:
+        for k, prefix in enumerate(prefixes):
+            merger.append(prefix)
+            assert merger.num_shards == k + 1
+            assert not os.path.exists(tmp_path / "merged.idx")  # published only at finalize
+    assert merger.num_samples == 24 and not merger.is_open
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="already finalized"):
+        merger.append(prefixes[0])
+
+
+def test_shard_merger_abort_and_bad_input_leave_no_files(tmp_path):
+    from megasail.data.builder import ShardMerger
+
+    write(ShardWriter, tmp_path / "a", random_samples(3))
+    with pytest.raises(ValueError, match="also one of its inputs"):
+        ShardMerger(tmp_path / "out").append(tmp_path / "out")
+    merger = ShardMerger(tmp_path / "out")
+    merger.append(tmp_path / "a")
+    with pytest.raises(OSError, match="missing.idx"):
+        merger.append(tmp_path / "missing")
+    merger.abort()
+    assert not merger.is_open
+    assert sorted(os.listdir(tmp_path)) == sorted(f"a{ext}" for ext in FILES)
+
+
+def test_streaming_merge_takes_shards_in_unit_order_whatever_order_they_finish(tmp_path):
+    from megasail.data.preprocess.writer import StreamingMerge
+
+    samples = random_samples(30, seed=12)
+    shards = []
+    for k in range(5):
+        shards.append((k, str(tmp_path / f"unit_{k}")))
+        write(lambda p: ShardWriter(p, sync=False), shards[-1][1], samples[6 * k : 6 * k + 6])
+    write(PyShardWriter, tmp_path / "whole", samples)
+    merge = StreamingMerge(str(tmp_path / "merged"), shards)
+    finished = set()
+    for k in (3, 1, 0, 4, 2):  # completion order of parallel workers
+        finished.add(k)
+        merge.feed(finished)
+    assert merge.finish() == 30
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+    assert merge.busy_seconds > 0
+
+    incomplete = StreamingMerge(str(tmp_path / "other"), shards)
+    incomplete.feed({0, 2})
+    with pytest.raises(RuntimeError, match="4 unit shards not fed"):
+        incomplete.finish()
+    incomplete.abort()
+    assert not any(name.startswith("other") for name in os.listdir(tmp_path))

@@ -3,8 +3,18 @@
 
 Part 1 runs tools/preprocess_data.py's pipeline on a synthetic conversation dataset (photo-sized
 JPEGs, Qwen BPE tokenizer, sailvl-chat template) for each worker count with the C++ `ShardWriter`
-and the pure-Python `PyShardWriter`, checks that every run wrote identical bytes, and reports the
-builder's share of the work: (time inside add_sample/finalize + merge) / (worker time + merge).
+and the pure-Python `PyShardWriter`, checks that every run wrote identical bytes, and reports what
+the builder costs:
+  merge busy s   all time inside the merge (it runs on a helper thread while later units are
+                 processed, so most of it overlaps them)
+  merge tail s   the merge's wall time after the last unit finished (what it adds at the end)
+  builder s      time inside add_sample + finalize (summed over workers) + merge busy s
+  share of wall  the builder's part of the whole run's wall time (run_preprocess, planning included):
+                 (add+finalize s * unit-phase wall / worker s + merge tail s) / wall s; with one
+                 worker the first term is exactly add+finalize s, with N workers the writers' time
+                 counts at the rate the workers' time turned into wall time
+  share of work  builder s / (worker s + merge busy s): its part of all the work, overlapped or not
+                 (the share of wall on a machine with no core to spare for the merge thread)
 
 Part 2 times `megasail.data.index_helpers` (shuffle_indices, pack_samples, blend_indices) with
 backend="cpp" on --index-samples samples and backend="python" on --python-index-samples; when the
@@ -87,51 +97,67 @@ def make_dataset(root: str, samples: int, images: int, width: int, height: int, 
     return path
 
 
+def run_metrics(wall: float, result: dict, input_bytes: int) -> dict:
+    """One run's numbers; see the module docstring for the shares."""
+    rt, m = result["runtime"], result["manifest"]
+    builder = rt["writer_seconds"] + rt["merge_busy_seconds"]
+    # the writers' part of the unit phase's wall time: their share of worker time, applied to it
+    writer_wall = rt["writer_seconds"] * rt["units_wall_seconds"] / max(rt["unit_seconds"], 1e-9)
+    return {
+        "samples": m["num_samples"],
+        "wall_s": wall,
+        "samples_per_s": m["num_samples"] / wall,
+        "input_mb_per_s": input_bytes / 1e6 / wall,
+        "worker_s": rt["unit_seconds"],
+        "add_finalize_s": rt["writer_seconds"],
+        "merge_busy_s": rt["merge_busy_seconds"],
+        "merge_tail_s": rt["merge_seconds"],
+        "builder_s": builder,
+        "builder_wall_share": (writer_wall + rt["merge_seconds"]) / wall,
+        "builder_work_share": builder / (rt["unit_seconds"] + rt["merge_busy_seconds"]),
+    }
+
+
 def bench_preprocess(args, work: str) -> tuple[list[dict], bool]:
+    """Every configuration once per repeat (configurations interleaved, so load changes on a
+    shared machine hit them alike); each number reported is the median over the repeats."""
     jsonl = make_dataset(os.path.join(work, "data"), args.samples, args.images, args.width, args.height)
-    rows, outputs = [], []
-    for workers in args.workers_list:
-        for writer in ("cpp", "python"):
-            walls, last = [], None
-            for _ in range(args.repeats):
-                prefix = os.path.join(work, f"w{workers}_{writer}", "ds")
-                cfg = PreprocessConfig(
-                    inputs=[jsonl],
-                    output_prefix=prefix,
-                    tokenizer=args.tokenizer,
-                    image_root=os.path.join(work, "data", "images"),
-                    max_tiles=6,
-                    workers=workers,
-                    writer=writer,
-                    lines_per_unit=args.lines_per_unit,
-                    overwrite=True,
-                    progress=False,
-                )
-                t0 = time.perf_counter()
-                last = run_preprocess(cfg)
-                walls.append(time.perf_counter() - t0)
-            rt, m = last["runtime"], last["manifest"]
-            wall = statistics.median(walls)
-            input_mb = (os.path.getsize(jsonl) + m["image_bytes"]) / 1e6
-            builder = rt["writer_seconds"] + rt["merge_seconds"]
-            rows.append(
-                {
-                    "workers": workers,
-                    "writer": writer,
-                    "samples": m["num_samples"],
-                    "wall_s": wall,
-                    "samples_per_s": m["num_samples"] / wall,
-                    "input_mb_per_s": input_mb / wall,
-                    "worker_s": rt["unit_seconds"],
-                    "add_finalize_s": rt["writer_seconds"],
-                    "merge_s": rt["merge_seconds"],
-                    "builder_s": builder,
-                    "builder_share": builder / (rt["unit_seconds"] + rt["merge_seconds"]),
-                }
+    configs = [(workers, writer) for workers in args.workers_list for writer in ("cpp", "python")]
+    runs: dict[tuple[int, str], list[dict]] = {c: [] for c in configs}
+    outputs = []
+    for _ in range(args.repeats):
+        for workers, writer in configs:
+            prefix = os.path.join(work, f"w{workers}_{writer}", "ds")
+            cfg = PreprocessConfig(
+                inputs=[jsonl],
+                output_prefix=prefix,
+                tokenizer=args.tokenizer,
+                image_root=os.path.join(work, "data", "images"),
+                max_tiles=6,
+                workers=workers,
+                writer=writer,
+                lines_per_unit=args.lines_per_unit,
+                overwrite=True,
+                progress=False,
             )
+            t0 = time.perf_counter()
+            result = run_preprocess(cfg)
+            wall = time.perf_counter() - t0
+            input_bytes = os.path.getsize(jsonl) + result["manifest"]["image_bytes"]
+            runs[(workers, writer)].append(run_metrics(wall, result, input_bytes))
             outputs.append(
                 {s: open(prefix + s, "rb").read() for s in FINAL_SUFFIXES if s != ".manifest.json"}
             )
+    rows = [
+        {"workers": workers, "writer": writer, "repeats": args.repeats}
+        | {
+            key: statistics.median(r[key] for r in runs[(workers, writer)])
+            for key in runs[(workers, writer)][0]
+        }
+        for workers, writer in configs
+    ]
+    for row in rows:
+        row["samples"] = int(row["samples"])
     identical = all(o == outputs[0] for o in outputs)
     return rows, identical
 
@@ -178,15 +204,16 @@ def bench_index_helpers(n: int, n_python: int, seq_length: int = 8192) -> list[d
 
 def format_tables(pre_rows: list[dict], identical: bool, index_rows: list[dict]) -> str:
     out = [
-        "| workers | writer | samples | wall s | samples/s | input MB/s | worker s | add+finalize s | merge s "
-        "| builder share |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workers | writer | samples | wall s | samples/s | input MB/s | worker s | add+finalize s "
+        "| merge busy s | merge tail s | builder s | share of wall | share of work |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in pre_rows:
         out.append(
             f"| {r['workers']} | {r['writer']} | {r['samples']} | {r['wall_s']:.2f} | {r['samples_per_s']:.0f} "
-            f"| {r['input_mb_per_s']:.1f} | {r['worker_s']:.2f} | {r['add_finalize_s']:.2f} | {r['merge_s']:.2f} "
-            f"| {100 * r['builder_share']:.1f}% |"
+            f"| {r['input_mb_per_s']:.1f} | {r['worker_s']:.2f} | {r['add_finalize_s']:.2f} "
+            f"| {r['merge_busy_s']:.2f} | {r['merge_tail_s']:.2f} "
+            f"| {r['builder_s']:.2f} | {100 * r['builder_wall_share']:.1f}% | {100 * r['builder_work_share']:.1f}% |"
         )
     out.append(f"\noutputs of all runs byte-identical: {'yes' if identical else 'NO'}\n")
     out += ["| index helper | samples | C++ s | Python s | speedup |", "| --- | --- | --- | --- | --- |"]
@@ -224,9 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers-list", type=int, nargs="+", default=None, help="worker counts to run (default: 1 2)"
     )
     p.add_argument("--lines-per-unit", type=int, default=500, help="JSONL lines per work unit")
-    p.add_argument(
-        "--repeats", type=int, default=1, help="runs per configuration (the median wall time is reported)"
-    )
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians are reported)")
     p.add_argument("--index-samples", type=int, default=10_000_000, help="samples for the C++ index helpers")
     p.add_argument(
         "--python-index-samples",

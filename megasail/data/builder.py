@@ -3,7 +3,8 @@
 `ShardWriter` wraps the C++ writer (buffered, GIL released while writing); `PyShardWriter` is the
 pure-Python writer of the same bytes, the reference the tests and benchmarks compare against.
 Both write PREFIX.*.tmp files and rename them at `finalize()`; as context managers they finalize
-on a clean exit and abort (remove the .tmp files) when the block raises:
+on a clean exit and abort (remove the .tmp files) when the block raises. `sync=False` skips the
+fsyncs at finalize: for temporary shards that `merge_shards` (which always fsyncs) copies later:
 
     with ShardWriter("out/shard_003") as writer:
         writer.add_sample(tokens, segment_lengths, segment_modes, images, widths, heights, formats, source_id)
@@ -58,6 +59,13 @@ def image_format_code(data: bytes | memoryview) -> int:
 
 def _as_1d(values, dtype, name: str) -> np.ndarray:
     """values as a contiguous 1-D array of dtype; refuses values the dtype cannot hold."""
+    if (
+        type(values) is np.ndarray
+        and values.dtype == dtype
+        and values.ndim == 1
+        and values.flags.c_contiguous
+    ):
+        return values  # the common case, taken without further conversions
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
@@ -135,12 +143,18 @@ class _SampleWriterBase:
 
 
 class ShardWriter(_SampleWriterBase):
-    """C++ writer of one prefix (megasail._C.ShardWriter); see the module docstring."""
+    """C++ writer of one prefix (megasail._C.ShardWriter); see the module docstring.
 
-    def __init__(self, prefix: str | os.PathLike):
+    sync=True (default): finalize() fsyncs the four files before renaming them, so a published
+    prefix survives a power loss. sync=False: a published prefix is complete for every process
+    (also after this one is killed: the page cache outlives it) but may be lost or torn by a power
+    loss or kernel crash; meant for temporary shards that a merge copies and fsyncs.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, sync: bool = True):
         from megasail.data.native import C
 
-        self._writer = C.ShardWriter(os.fspath(prefix))
+        self._writer = C.ShardWriter(os.fspath(prefix), sync=bool(sync))
 
     def _add(self, tokens, segment_lengths, segment_modes, images, widths, heights, formats, source_id):
         self._writer.add_sample(
@@ -148,7 +162,7 @@ class ShardWriter(_SampleWriterBase):
         )
 
     def finalize(self) -> None:
-        """Flush, fsync, write both indexes, rename the .tmp files to their final names."""
+        """Flush, fsync (unless sync=False), write both indexes, rename the .tmp files to their final names."""
         self._writer.finalize()
 
     def abort(self) -> None:
@@ -161,6 +175,7 @@ class ShardWriter(_SampleWriterBase):
     num_tokens = property(lambda self: self._writer.num_tokens)
     num_images = property(lambda self: self._writer.num_images)
     image_bytes = property(lambda self: self._writer.image_bytes)
+    sync = property(lambda self: self._writer.sync)
     is_open = property(lambda self: self._writer.is_open)
 
 
@@ -204,15 +219,18 @@ def _validate_sample(
             fail(f"image {m} has unknown format code {formats[m]}")
 
 
-def _write_synced(path: str, chunks: Sequence[bytes | np.ndarray]) -> None:
+def _write_synced(path: str, chunks: Sequence[bytes | np.ndarray], sync: bool = True) -> None:
     with open(path, "wb") as f:
         for chunk in chunks:
             f.write(chunk.tobytes() if isinstance(chunk, np.ndarray) else chunk)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
 
 
-def _write_token_index(path: str, lengths: np.ndarray, doc_index: np.ndarray, modes: np.ndarray) -> None:
+def _write_token_index(
+    path: str, lengths: np.ndarray, doc_index: np.ndarray, modes: np.ndarray, sync: bool = True
+) -> None:
     """PREFIX.idx from int32 lengths[S], int64 doc_index[D+1], int8 modes[S] (pointers derived)."""
     pointers = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1].astype(np.int64) * 4, out=pointers[1:])
@@ -223,12 +241,14 @@ def _write_token_index(path: str, lengths: np.ndarray, doc_index: np.ndarray, mo
         + np.array([len(lengths), len(doc_index)], "<u8").tobytes()  # megatron-core stores D+1
     )
     _write_synced(
-        path, [header, lengths.astype(np.int32), pointers, doc_index.astype(np.int64), modes.astype(np.int8)]
+        path,
+        [header, lengths.astype(np.int32), pointers, doc_index.astype(np.int64), modes.astype(np.int8)],
+        sync,
     )
 
 
 def _write_image_index(
-    path: str, sizes, doc_image_start, widths, heights, crc32, doc_source, formats
+    path: str, sizes, doc_image_start, widths, heights, crc32, doc_source, formats, sync: bool = True
 ) -> None:
     """PREFIX.img.idx from per-image and per-sample arrays (offsets derived from sizes)."""
     sizes = np.asarray(sizes, dtype=np.uint64)
@@ -245,7 +265,7 @@ def _write_image_index(
         np.asarray(formats, dtype=np.uint8),
     ]
     header = IMAGE_INDEX_MAGIC + np.array([IMAGE_INDEX_VERSION, len(sizes), len(doc_source)], "<u8").tobytes()
-    _write_synced(path, [header] + [a.tobytes().ljust(padded_to_8(a.nbytes), b"\x00") for a in arrays])
+    _write_synced(path, [header] + [a.tobytes().ljust(padded_to_8(a.nbytes), b"\x00") for a in arrays], sync)
 
 
 def _publish(prefix: str) -> None:
@@ -260,10 +280,12 @@ def _remove_tmp_files(prefix: str) -> None:
 
 
 class PyShardWriter(_SampleWriterBase):
-    """Pure-Python writer of the same bytes as ShardWriter (the reference for tests and benchmarks)."""
+    """Pure-Python writer of the same bytes as ShardWriter (the reference for tests and benchmarks);
+    `sync` as for ShardWriter."""
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, sync: bool = True):
         self.prefix = os.fspath(prefix)
+        self.sync = bool(sync)
         self._tokens_file = open(token_bin_path(self.prefix) + ".tmp", "wb")
         self._images_file = open(image_bin_path(self.prefix) + ".tmp", "wb")
         self._lengths: list[np.ndarray] = []
@@ -311,13 +333,15 @@ class PyShardWriter(_SampleWriterBase):
         try:
             for f in (self._tokens_file, self._images_file):
                 f.flush()
-                os.fsync(f.fileno())
+                if self.sync:
+                    os.fsync(f.fileno())
                 f.close()
             _write_token_index(
                 token_idx_path(self.prefix) + ".tmp",
                 np.concatenate([np.zeros(0, np.int32), *self._lengths]),
                 np.array(self._doc_index, dtype=np.int64),
                 np.concatenate([np.zeros(0, np.int8), *self._modes]),
+                self.sync,
             )
             _write_image_index(
                 image_idx_path(self.prefix) + ".tmp",
@@ -328,6 +352,7 @@ class PyShardWriter(_SampleWriterBase):
                 self._crc32,
                 self._doc_source,
                 np.concatenate([np.zeros(0, np.uint8), *self._formats]),
+                self.sync,
             )
             _publish(self.prefix)
         except BaseException:
@@ -350,8 +375,9 @@ def merge_shards(
     """Concatenate finished shards, in the given order, into out_prefix; returns its sample count.
 
     Segment pointers, document indexes, image offsets and per-sample image ranges are rebased;
-    the output is byte-identical to writing every sample with one writer. Writes .tmp files and
-    renames them (indexes last). Shards need no manifest; write the merged manifest afterwards.
+    the output is byte-identical to writing every sample with one writer. Writes .tmp files,
+    fsyncs and renames them (indexes last); the C++ backend copies the data files inside the
+    kernel (copy_file_range) where the file system allows it. Shards need no manifest; write the merged manifest afterwards.
     backend: "cpp" (megasail._C) or "python" (merge_shards_ref, same bytes).
     """
     if backend not in ("cpp", "python"):
@@ -362,6 +388,43 @@ def merge_shards(
     from megasail.data.native import C
 
     return C.merge_shards(prefixes, out)
+
+
+class ShardMerger:
+    """merge_shards one shard at a time (C++, megasail._C.ShardMerger): append the finished shards
+    in their final order, possibly while later ones are still being written, then finalize().
+    The bytes equal merge_shards' (and so one writer's). `append` and `finalize` release the GIL,
+    so a helper thread can merge while the caller's thread goes on. As a context manager it
+    finalizes on a clean exit and aborts (removes the .tmp files) when the block raises.
+    """
+
+    def __init__(self, out_prefix: str | os.PathLike):
+        from megasail.data.native import C
+
+        self._merger = C.ShardMerger(os.fspath(out_prefix))
+
+    def append(self, shard_prefix: str | os.PathLike) -> None:
+        self._merger.append(os.fspath(shard_prefix))
+
+    def finalize(self) -> int:
+        return self._merger.finalize()
+
+    def abort(self) -> None:
+        self._merger.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self.is_open:
+            self.finalize()
+
+    prefix = property(lambda self: self._merger.prefix)
+    num_shards = property(lambda self: self._merger.num_shards)
+    num_samples = property(lambda self: self._merger.num_samples)
+    is_open = property(lambda self: self._merger.is_open)
 
 
 def merge_shards_ref(shard_prefixes: Sequence[str], out_prefix: str) -> int:

@@ -85,6 +85,13 @@ class PreprocessConfig:
             "help": "shard writer: cpp (native builder), python (pure-Python reference), auto (cpp when built)"
         },
     )
+    fsync_units: bool = field(
+        default=False,
+        metadata={
+            "help": "fsync every finished unit shard; by default only the merged output is fsynced, and --resume "
+            "redoes the units written before a reboot (a killed run keeps them: the page cache outlives it)"
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing prefix or unfinished run"})
     resume: bool = field(
         default=False,

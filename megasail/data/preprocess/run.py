@@ -23,7 +23,7 @@ from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.manifest import build_manifest
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
 from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
-from megasail.data.preprocess.writer import merge_shards
+from megasail.data.preprocess.writer import StreamingMerge
 from megasail.data.template import get_template
 from megasail.data.tokenizer import MultimodalTokenizer, TokenizerError
 
@@ -114,7 +114,7 @@ def remove_outputs(prefix: str, parts_dir: str) -> None:
 def _fingerprint(cfg: PreprocessConfig, tokenizer_identity: dict, inputs: list[InputFile]) -> dict:
     """Everything the output bytes depend on; a resumed run must match it exactly."""
     settings = asdict(cfg)
-    for volatile in ("workers", "overwrite", "resume", "progress", "writer", "inputs"):
+    for volatile in ("workers", "overwrite", "resume", "progress", "writer", "fsync_units", "inputs"):
         settings.pop(volatile)
     return {
         "settings": settings,
@@ -226,7 +226,9 @@ def execute(plan: RunPlan) -> dict:
                     "seconds": 0.0,
                     "writer_seconds": 0.0,
                     "unit_seconds": 0.0,
+                    "units_wall_seconds": 0.0,
                     "merge_seconds": 0.0,
+                    "merge_busy_seconds": 0.0,
                     "units_run": 0,
                     "units_resumed": len(plan.units),
                 },
@@ -256,11 +258,15 @@ def execute(plan: RunPlan) -> dict:
         bar.set_postfix_str(f"{records_seen} samples, {rate:.0f} samples/s", refresh=False)
         bar.update(nbytes)
 
+    # Shards are merged into the output in unit order while later units run (kept units first).
+    merge = StreamingMerge(prefix, [(u.index, unit_prefix(plan.parts_dir, u)) for u in plan.units])
     try:
+        merge.feed(reports)
         if cfg.workers == 1 or len(pending) <= 1:
             for unit in pending:
                 report = process_unit(unit, ctx, show)
                 reports[report["unit"]] = report
+                merge.feed(reports)
         else:
             spawn = mp.get_context("spawn")
             counters = (spawn.Value("q", 0), spawn.Value("q", 0))
@@ -271,19 +277,24 @@ def execute(plan: RunPlan) -> dict:
                     try:
                         report = results.next(timeout=0.5)
                         reports[report["unit"]] = report
+                        merge.feed(reports)
                     except mp.TimeoutError:
                         pass
                     now = [c.value for c in counters]
                     show(now[0] - shown[0], now[1] - shown[1])
                     shown = now
-    finally:
         bar.refresh()
         bar.close()
+        units_wall_seconds = time.perf_counter() - started
+        ordered = [reports[u.index] for u in plan.units]
+        merge_started = time.perf_counter()
+        merge.finish()
+        merge_seconds = time.perf_counter() - merge_started  # the merge's wall time after the units
+    except BaseException:
+        bar.close()
+        merge.abort()
+        raise
 
-    ordered = [reports[u.index] for u in plan.units]
-    merge_started = time.perf_counter()
-    merge_shards([unit_prefix(plan.parts_dir, u) for u in plan.units], prefix)
-    merge_seconds = time.perf_counter() - merge_started
     with open(prefix + ".rejects.jsonl.tmp", "w", encoding="utf-8") as out:
         for unit in plan.units:
             with open(unit_prefix(plan.parts_dir, unit) + ".rejects.jsonl", encoding="utf-8") as f:
@@ -303,7 +314,9 @@ def execute(plan: RunPlan) -> dict:
             reports[u.index]["writer_seconds"] for u in pending
         ),  # inside add_sample/finalize
         "unit_seconds": sum(reports[u.index]["seconds"] for u in pending),  # worker time over all units
+        "units_wall_seconds": units_wall_seconds,  # wall time of the unit phase (all workers)
         "merge_seconds": merge_seconds,
+        "merge_busy_seconds": merge.busy_seconds,  # all time inside the merger, most of it during the units
         "units_run": len(pending),
         "units_resumed": len(plan.units) - len(pending),
     }

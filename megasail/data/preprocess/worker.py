@@ -2,6 +2,14 @@
 
 A unit is done iff its report file exists: it is renamed into place after the shard's files and the
 unit's rejects, so a unit killed at any point is simply redone by `--resume`.
+
+Unit shards are temporary (the merge copies them into the output, which it fsyncs), so by default
+they are not fsynced. What `--resume` may trust then: after the process is killed (kill -9, OOM,
+Ctrl-C) every finished unit is intact, since its bytes sit in the kernel's page cache, which
+outlives the process. After a power loss or kernel crash an un-synced shard may be torn even though
+its report exists; so the report records the kernel's boot id, and `load_report` treats a report
+from another boot as missing (the unit is redone). `--fsync-units` (or a system without a boot id)
+fsyncs each shard instead, and such units are kept across reboots.
 """
 
 from __future__ import annotations
@@ -42,17 +50,33 @@ def report_path(parts_dir: str, unit: WorkUnit) -> str:
     return unit_prefix(parts_dir, unit) + ".report.json"
 
 
-def load_report(parts_dir: str, unit: WorkUnit) -> dict | None:
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This kernel boot's id (Linux), None where there is none."""
     try:
-        with open(report_path(parts_dir, unit)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):  # unreadable after a power loss: redo the unit
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
         return None
 
 
+def load_report(parts_dir: str, unit: WorkUnit) -> dict | None:
+    try:
+        with open(report_path(parts_dir, unit)) as f:
+            report = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):  # unreadable after a power loss: redo the unit
+        return None
+    unsynced_boot = report.get("unsynced_boot_id") if isinstance(report, dict) else None
+    if unsynced_boot is not None and unsynced_boot != boot_id():
+        return None  # shard not fsynced and the machine rebooted since: it may be torn, redo it
+    return report
+
+
 def _write_atomic(path: str, text: str) -> None:
-    # No fsync: the shard itself is synced by its writer, and a report lost to a power cut only
-    # means the unit is redone (load_report treats an unreadable report as missing).
+    # No fsync: a report lost to a power cut only means the unit is redone (load_report treats an
+    # unreadable report as missing, and one of an un-synced shard from another boot too).
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -84,7 +108,9 @@ def process_unit(
     writer_seconds = 0.0
     for leftover in glob.glob(glob.escape(prefix) + ".*"):
         os.remove(leftover)  # files of an attempt killed mid-unit
-    writer = open_shard_writer(prefix, cfg.writer)
+    # No fsync unless asked for (or no boot id can tell a reboot apart): see the module docstring.
+    unsynced_boot = None if cfg.fsync_units else boot_id()
+    writer = open_shard_writer(prefix, cfg.writer, sync=unsynced_boot is None)
     reader = UnitReader(unit, cfg.max_line_bytes)
     reported_records = reported_bytes = 0
     try:
@@ -167,6 +193,7 @@ def process_unit(
         "input_bytes": unit.end_byte - unit.start_byte,
         "seconds": time.perf_counter() - started,
         "writer_seconds": writer_seconds,
+        "unsynced_boot_id": unsynced_boot,  # None: the shard was fsynced
     }
     _write_atomic(report_path(ctx.parts_dir, unit), json.dumps(report, sort_keys=True))
     return report
