@@ -44,7 +44,7 @@ def main(argv=None) -> float | None:
     from megasail.runtime import destroy, initialize
     from megasail.training.model_builder import build_model_chunks, wrap_ddp
     from megasail.training.param_count import global_param_counts
-    from megasail.training.step import forward_step
+    from megasail.training.step import forward_step, reported_loss
     from megasail.training.synthetic import synthetic_batch
 
     p = cfg.parallel
@@ -74,7 +74,7 @@ def main(argv=None) -> float | None:
     counts = global_param_counts(model)
     loss = None
     if parallel_state.is_pipeline_last_stage():
-        loss = sum(float(x["lm loss"]) for x in losses) / len(losses)
+        loss = reported_loss(losses)  # token-weighted over the step's micro-batches
     # report from one rank: the last pipeline stage's first TP / DP rank holds the loss
     reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                 and parallel_state.get_data_parallel_rank() == 0)

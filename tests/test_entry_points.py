@@ -14,7 +14,10 @@ SMALL = ["model.language.vocab_size=2048", "model.image_token_id=2000", "model.l
 
 
 def _run(cmd, repo_root, timeout=600):
-    env = {**os.environ, "PYTHONPATH": repo_root, "OMP_NUM_THREADS": "1"}
+    # a fresh shell's environment: no rendezvous variables left by in-process tests
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout

@@ -116,3 +116,9 @@ def test_first_stage_split_accounts_for_the_vit():
     assert text_only > 14  # the output layer (about 3 layers' FLOPs at 152k vocab) weighs on the last stage
     assert with_images < 14
     assert suggest_first_stage_layers(config, 4, 8192, 24) in {1, 4, 7, 10, 13, 16, 19, 22, 25}
+    for pp in (2, 4, 8):  # megatron refuses num_layers_in_first_pipeline_stage=0
+        for tiles in (0, 4, 16, 64):
+            first = suggest_first_stage_layers(config, pp, 8192, tiles)
+            assert first is None or (first >= 1 and (28 - first) % (pp - 1) == 0), (pp, tiles, first)
+    with_vpp = suggest_first_stage_layers(config, 4, 8192, 24, virtual_pipeline=2)
+    assert with_vpp % 2 == 0 and ((28 - with_vpp) // 3) % 2 == 0

@@ -156,3 +156,12 @@ def _pipeline_parallel_matches_transformers(rank, world_size):
 @pytest.mark.distributed
 def test_pipeline_parallel_2_matches_transformers():
     run_distributed_test(_pipeline_parallel_matches_transformers, 2)
+
+
+def test_mask_on_causal_layers_is_refused(megatron_tp1):
+    config = tiny_model_config(-1)  # packed_sequences=False: causal layers would ignore the mask
+    model = _model(config).eval()
+    ids, labels, pixels = _sample(config, 20, 1, 5)
+    mask = torch.ones(20, 20, dtype=torch.bool).triu(1)[None, None]
+    with pytest.raises(ValueError, match="model.packed_sequences=true"):
+        model(ids[None], torch.arange(20)[None], pixels, attention_mask=mask, labels=labels[None])

@@ -105,7 +105,7 @@ def summarize(run: RunConfig, data_parallel: int = 1, seq_length: int = 8192, ti
             "vision_share_of_flops": round(tiles * flops.vision_flops_per_tile(run.model)
                                            / flops.sequence_flops(run.model, seq_length, tiles), 4),
             "suggested_first_stage_llm_layers": flops.suggest_first_stage_layers(
-                run.model, pp, seq_length, tiles_per_sequence)}
+                run.model, pp, seq_length, tiles_per_sequence, run.parallel.virtual_pipeline)}
 
 
 def _print_table(summary: dict) -> None:

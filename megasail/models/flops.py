@@ -42,21 +42,27 @@ def sequence_flops(config: ModelConfig, seq_length: int, tiles: int) -> int:
             + language_head_flops(config, seq_length))
 
 
-def suggest_first_stage_layers(config: ModelConfig, pipeline: int, seq_length: int, tiles_per_sequence: float) -> int | None:
+def suggest_first_stage_layers(config: ModelConfig, pipeline: int, seq_length: int, tiles_per_sequence: float,
+                               virtual_pipeline: int | None = None) -> int | None:
     """LLM layers for pipeline stage 0 that best balance it (ViT + projector + its layers) against
-    the other stages, among the splits megatron accepts (the rest divide evenly). None when PP is 1."""
+    the other stages, among the splits megatron accepts: stage 0 keeps at least one layer, the
+    rest divide evenly over the other stages, and with virtual pipeline every stage's count
+    divides by the number of chunks. None when PP is 1 or no split qualifies."""
     if pipeline == 1:
         return None
+    vpp = virtual_pipeline or 1
     layers = config.language.num_layers
     layer = language_layer_flops(config, seq_length)
     vision = tiles_per_sequence * vision_flops_per_tile(config)
     head = language_head_flops(config, seq_length)
     best, best_cost = None, float("inf")
-    for first in range(0, layers + 1):
+    for first in range(1, layers):  # megatron refuses an empty first stage
         rest = layers - first
-        if rest % (pipeline - 1) or rest == 0:
+        if rest % (pipeline - 1):
             continue
         per_stage = rest // (pipeline - 1)
+        if first % vpp or per_stage % vpp:
+            continue
         cost = max(vision + first * layer, per_stage * layer + head)
         if cost < best_cost:
             best, best_cost = first, cost

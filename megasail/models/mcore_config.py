@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _fused_softmax_kernels() -> bool:
+    """megatron's fused masked softmax needs the compiled scaled_*softmax_cuda modules (apex)."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
 def _common(model: ModelConfig, parallel: ParallelConfig | None) -> dict:
     """Settings shared by all parts: precision, TP size, fusions that need CUDA or TE."""
     use_te = use_transformer_engine(model.transformer_impl)
@@ -35,7 +42,7 @@ def _common(model: ModelConfig, parallel: ParallelConfig | None) -> dict:
         fp16=model.precision == "fp16",
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        masked_softmax_fusion=on_gpu,  # CUDA kernel
+        masked_softmax_fusion=on_gpu and _fused_softmax_kernels(),  # CUDA kernel (apex/TE build)
         bias_activation_fusion=False,
         gradient_accumulation_fusion=False,  # needs apex's or TE's fused wgrad kernel
         persist_layer_norm=False,
@@ -76,6 +83,7 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig | N
         add_qkv_bias=lm.qkv_bias,
         init_method_std=lm.init_method_std,
         bias_dropout_fusion=torch.cuda.is_available(),
+        calculate_per_token_loss=True,  # grads normalised by the step's loss tokens over all micro-batches and DP
         **kwargs,
     )
 

@@ -147,6 +147,12 @@ class SailVLModel(MegatronModule):
         return embeds_sbh
 
     def _attention_mask(self, attention_mask, input_ids) -> torch.Tensor | None:
+        if attention_mask is not None and not (self.packed_sequences and not self.use_te):
+            # causal layers (and TE) ignore a mask: packed samples would silently attend to each other
+            raise ValueError(
+                "an attention_mask was given but the layers are causal: set model.packed_sequences=true for "
+                "packed batches on local layers; with Transformer Engine pass packed_seq_params (cu_seqlens)"
+            )
         if attention_mask is not None or not (self.packed_sequences and not self.use_te):
             return attention_mask
         # the 'arbitrary' mask type applies only the mask it is given: None would mean bidirectional

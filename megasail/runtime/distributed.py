@@ -32,6 +32,11 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         cpu_backend.install()
     if dist.is_initialized():
         return
+    if "RANK" not in os.environ:
+        launched = max(int(os.environ.get(k, "1")) for k in ("SLURM_NTASKS", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
+        if launched > 1:  # e.g. srun without torchrun: each process would silently train alone
+            raise RuntimeError(f"{launched} processes were launched but RANK is not set: start them with torchrun "
+                               "(or export RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per process)")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,8 +63,11 @@ def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch, then megatron-core's model-parallel RNG tracker.
 
     The tracker gives tensor-parallel ranks distinct streams (for dropout inside TP regions) and
-    data-parallel replicas the same ones, as megatron expects.
+    data-parallel replicas the same ones, as megatron expects; pipeline stages are offset by
+    100 * stage as in Megatron-LM, so layers initialised on different stages are independent.
     """
+    if parallel_state.model_parallel_is_initialized():
+        seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()  # stages draw distinct streams
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

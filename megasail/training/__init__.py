@@ -1,6 +1,7 @@
 """Training: model chunks per pipeline stage, freezing and DDP wrapping, the forward step."""
 
 from megasail.training.model_builder import build_model_chunks, freeze, wrap_ddp
-from megasail.training.step import forward_step, masked_mean_loss
+from megasail.training.step import batch_to_device, forward_step, masked_loss_sum, reported_loss
 
-__all__ = ["build_model_chunks", "forward_step", "freeze", "masked_mean_loss", "wrap_ddp"]
+__all__ = ["batch_to_device", "build_model_chunks", "forward_step", "freeze", "masked_loss_sum", "reported_loss",
+           "wrap_ddp"]

@@ -6,6 +6,7 @@ layers, training knows how they are split and which of them learn.
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
@@ -29,6 +30,10 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig) -> list
                 vp_stage=vp_stage,
             )
         )
+    if torch.cuda.is_available():
+        # megatron layers allocate on the current GPU; plain torch params (norms, ls1/ls2, patch conv) do not
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     return chunks
 
 

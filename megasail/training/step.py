@@ -1,39 +1,94 @@
-"""One training step's pieces on megatron's pipeline schedules: masked loss and the forward step."""
+"""One training step's pieces on megatron's pipeline schedules: the per-token loss and the forward step.
+
+The loss is a sum over loss tokens; megatron normalises gradients by the step's total loss tokens
+over all micro-batches and data-parallel ranks (``calculate_per_token_loss``), so every supervised
+token weighs the same whatever packing, DP balancing or the DP size put it next to.
+"""
 
 from __future__ import annotations
 
 from functools import partial
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
-BATCH_KEYS = ("input_ids", "position_ids", "labels", "loss_mask", "pixel_values", "attention_mask")
+BATCH_KEYS = ("input_ids", "position_ids", "labels", "loss_mask", "pixel_values", "attention_mask", "cu_seqlens")
 
 
-def masked_mean_loss(loss_mask_bs: torch.Tensor, losses_bs: torch.Tensor):
-    """Mean of per-token losses over the tokens that count (assistant / caption tokens).
+def masked_loss_sum(loss_mask_bs: torch.Tensor, losses_bs: torch.Tensor):
+    """(sum of per-token losses over loss tokens, number of loss tokens, logs), as megatron's
+    schedules take from a loss function when ``config.calculate_per_token_loss`` is set.
 
-    Returns (loss, logs) as megatron's schedules expect from a loss function.
+    logs["lm loss"] is [loss_sum, n_tokens]: sum both over micro-batches (and DP ranks), then divide.
     """
     mask = loss_mask_bs.to(torch.float32).reshape(-1)
     losses = losses_bs.to(torch.float32).reshape(-1)
+    loss_sum = (losses * mask).sum()
     n_tokens = mask.sum()
-    loss = (losses * mask).sum() / n_tokens.clamp(min=1.0)
-    return loss, {"lm loss": loss.detach().clone(), "tokens": n_tokens.detach().clone()}
+    report = torch.stack([loss_sum.detach(), n_tokens.detach()])
+    return loss_sum, n_tokens.to(torch.int), {"lm loss": report}
+
+
+def reported_loss(logs: list[dict]) -> float:
+    """Token-weighted mean loss of a step from the per-micro-batch logs of ``masked_loss_sum``."""
+    total = torch.stack([x["lm loss"].float().cpu() for x in logs]).sum(0)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def batch_to_device(batch: dict, device: torch.device | None = None) -> dict:
+    """Move a batch's tensors to the current GPU (a no-op on CPU), without blocking the host."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return batch
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def thd_inputs(batch: dict) -> tuple[dict, PackedSeqParams]:
+    """Flatten a packed [b, s] batch into one [1, b*s] row for Transformer Engine's THD attention.
+
+    ``batch["cu_seqlens"]`` (int32, offsets of every sample and padding run over the flattened
+    b*s stream) confines attention to each sample; RoPE positions restart per segment in THD.
+    """
+    cu_seqlens = batch["cu_seqlens"].to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync, before the device copy
+    flat = dict(batch)
+    for key in ("input_ids", "position_ids", "labels", "loss_mask"):
+        flat[key] = batch[key].reshape(1, -1)
+    flat["attention_mask"] = None
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    return flat, params
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # megatron DDP / Float16Module wrappers
+        model = model.module
+    return model
 
 
 def forward_step(data_iterator, model):
     """Forward step for ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
 
     Each item of ``data_iterator`` is a dict with ``input_ids``, ``position_ids``, ``labels``,
-    ``loss_mask`` ([b, s]), ``pixel_values`` ([tiles, 3, H, W] or None) and ``attention_mask``
-    (None for causal, or bool [b, 1, s, s] with True = masked, for packed samples).
+    ``loss_mask`` ([b, s]), ``pixel_values`` ([tiles, 3, H, W] or None), and for packed samples
+    ``attention_mask`` (bool [b, 1, s, s], True = masked; local layers) and ``cu_seqlens``
+    (Transformer Engine layers take THD packed-sequence params from it instead of the mask).
     """
     batch = next(data_iterator)
+    packed_seq_params = None
+    if getattr(_unwrap(model), "use_te", False) and batch.get("cu_seqlens") is not None:
+        batch, packed_seq_params = thd_inputs(batch)
+    batch = batch_to_device(batch)
+    if packed_seq_params is not None:
+        packed_seq_params = batch_to_device(vars(packed_seq_params))
+        packed_seq_params = PackedSeqParams(**packed_seq_params)
     losses_bs = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         pixel_values=batch.get("pixel_values"),
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
+        packed_seq_params=packed_seq_params,
     )
-    return losses_bs, partial(masked_mean_loss, batch["loss_mask"])
+    return losses_bs, partial(masked_loss_sum, batch["loss_mask"])
