@@ -175,33 +175,129 @@ def test_token_counts_of_the_plan_match_the_batches(prefixes):
 
 
 # ---- tensor / pipeline parallel: one reader per model-parallel group ----
-def _model_parallel_ranks(rank, world_size, prefixes, tp, pp):
+def test_next_step_fetches_one_optimizer_step(prefixes):
+    config = make_config(prefixes)
+    loader, reference = MultimodalDataLoader(config, 1, 2), MultimodalDataLoader(config, 1, 2)
+    assert loader.microbatches_per_step == 2  # 4 rows / DP 2 / 1 row per micro-batch
+    for _ in range(3):
+        step = loader.next_step(2)
+        assert len(step) == 2 and not loader.mid_global_batch
+        for got in step:
+            want = next(reference)
+            assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "labels", "cu_seqlens"))
+        assert loader.position == reference.position
+    with pytest.raises(ValueError, match="one optimizer step is 2 micro-batches"):
+        loader.next_step(4)
+    next(loader)
+    with pytest.raises(RuntimeError, match="inside a global batch"):
+        loader.next_step()
+
+
+def _model_parallel_ranks(rank, world_size, prefixes, tp, pp, build_mask):
+    from megasail.data import loader_broadcast
     from megasail.data.loader_broadcast import build_data_loader, stage_fields
     from megasail.runtime import initialize
 
     initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    config = make_config(prefixes)
+    config = make_config(prefixes, build_attention_mask=build_mask)
+    if not build_mask:  # Transformer Engine path: no rank may build the s x s mask
+        def no_mask(*args):
+            raise AssertionError("attention mask rebuilt with build_attention_mask=false")
+        loader_broadcast.attention_mask_from_cu_seqlens = no_mask
     loader = build_data_loader(config)
     reference = MultimodalDataLoader(config)  # what the single reader produces
     assert loader.reads_data == (rank == 0)
     is_first, is_last = pp == 1 or rank == 0, pp == 1 or rank == 1
-    wanted = set(stage_fields(is_first, is_last)) | {"attention_mask"}
-    for _ in range(8):  # two whole global batches (4 micro-batches each at DP 1)
-        got, want = next(loader), next(reference)
-        for key, value in got.items():
-            if key in wanted:
-                assert value is not None and torch.equal(value, want[key]), (rank, key)
-            else:
-                assert value is None, (rank, key)
+    wanted = set(stage_fields(is_first, is_last)) | ({"attention_mask"} if build_mask else set())
+    assert loader.microbatches_per_step == 4
+    for _ in range(2):  # two whole global batches (4 micro-batches each at DP 1), a step at a time
+        for got in loader.next_step(4):
+            want = next(reference)
+            for key, value in got.items():
+                if key in wanted:
+                    assert value is not None and torch.equal(value, want[key]), (rank, key)
+                else:
+                    assert value is None, (rank, key)
         assert loader.position == reference.position
+    assert loader.state_dict() == reference.state_dict()
     assert loader.trainable_modules == reference.trainable_modules
     assert loader.statistics()["samples"] == reference.statistics()["samples"] > 0
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_model_parallel_ranks_get_their_fields_from_one_reader(prefixes, tp, pp):
-    run_distributed_test(_model_parallel_ranks, 2, prefixes, tp, pp)
+@pytest.mark.parametrize("tp,pp,build_mask", [(2, 1, True), (1, 2, True), (2, 1, False)])
+def test_model_parallel_ranks_get_their_fields_from_one_reader(prefixes, tp, pp, build_mask):
+    run_distributed_test(_model_parallel_ranks, 2, prefixes, tp, pp, build_mask)
+
+
+TINY_VOCAB_PAD = 255  # pad id inside the tiny model's vocabulary of 256 (250 is its image token)
+
+
+def write_text_prefix(prefix, n: int, seed: int) -> str:
+    """n text-only samples with token ids inside the tiny model's vocabulary (1..249)."""
+    rng = np.random.default_rng(seed)
+    with ShardWriter(prefix) as writer:
+        for _ in range(n):
+            prompt = rng.integers(1, 250, size=int(rng.integers(1, 8))).tolist()
+            target = rng.integers(1, 250, size=int(rng.integers(2, 24))).tolist()
+            writer.add_sample(prompt + target, [len(prompt), len(target)], [0, 1], [], [], [], source_id=0)
+    with open(f"{prefix}.manifest.json", "w") as f:
+        json.dump({"format_version": 1, "image_token_ids": {"img_start": 251, "img_end": 252, "img_context": 250}}, f)
+    return str(prefix)
+
+
+def _pipeline_schedule_fed_by_loader(rank, world_size, prefix, vpp):
+    import math
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from model_utils import tiny_model_config
+
+    from megasail.config import ParallelConfig
+    from megasail.data.loader_broadcast import build_data_loader
+    from megasail.runtime import initialize
+    from megasail.training import build_model_chunks, forward_step
+
+    parallel = ParallelConfig(pipeline=2, virtual_pipeline=vpp, distributed_optimizer=False)
+    initialize(1, 2, vpp, seed=7)
+    model_config = tiny_model_config(packed_sequences=True)
+    model_config.language.num_layers = 4
+    chunks = build_model_chunks(model_config, parallel)
+    for chunk in chunks:
+        chunk.eval()
+    seq = 64
+    config = DataConfig(stages=[StageConfig("text", [SourceConfig(prefix)], trainable=["language"])],
+                        seq_length=seq, global_batch_size=4, micro_batch_size=1, num_workers=0,
+                        pack_chunk_samples=16, pack_window=8, pad_token_id=TINY_VOCAB_PAD, cost_model="tiny", seed=3)
+    loader, reference = build_data_loader(config), MultimodalDataLoader(config)
+    forward_backward = get_forward_backward_func()
+    for _ in range(2):
+        # the rule: fetch the whole step first (a collective on the pipeline group), then run the schedule
+        batches = loader.next_step(loader.microbatches_per_step)
+        expected = reference.next_step()
+        data = iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks]
+        with torch.no_grad():
+            logs = forward_backward(forward_step_func=forward_step, data_iterator=data,
+                                    model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
+                                    seq_length=seq, micro_batch_size=1, forward_only=True)
+        assert loader.position == reference.position
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            assert len(logs) == len(batches) == 4
+            for log, batch in zip(logs, expected, strict=True):
+                values = log["lm loss"].reshape(-1).tolist()  # [loss sum, loss tokens] (or a mean)
+                assert batch["loss_mask"].sum() > 0 and all(math.isfinite(v) and v > 0 for v in values)
+                if len(values) == 2:
+                    assert values[1] == batch["loss_mask"].sum()
+        else:
+            assert not logs
+    assert loader.state_dict() == reference.state_dict()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_pipeline_schedule_runs_on_batches_fetched_before_it(tmp_path, vpp):
+    """PP=2 through megatron's real 1F1B (and interleaved) schedule, fed by ModelParallelDataLoader.next_step."""
+    run_distributed_test(_pipeline_schedule_fed_by_loader, 2, write_text_prefix(tmp_path / "text", 60, 5), vpp)
 
 
 # ---- config surface, stage presets, benchmark ----

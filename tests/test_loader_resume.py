@@ -80,10 +80,30 @@ def test_restore_is_independent_of_the_position(prefixes, monkeypatch):
     assert packed and min(packed) == 10**6 and max(packed) <= 10**6 + 1
 
 
-def test_state_from_other_data_settings_is_refused(prefixes):
+@pytest.mark.parametrize("setting,value", [("seq_length", 2048), ("tile_size", 224), ("max_tiles", 3),
+                                           ("min_tiles", 2), ("seed", 8)])
+def test_state_from_other_data_settings_is_refused(prefixes, setting, value):
+    """Each of these changes token counts or the order, so a saved position would point elsewhere."""
     state = MultimodalDataLoader(make_config(prefixes)).state_dict()
-    with pytest.raises(ValueError, match="seq_length"):
-        MultimodalDataLoader(make_config(prefixes, seq_length=2048)).load_state_dict(state)
+    with pytest.raises(ValueError, match=f"different data settings \\({setting}\\)"):
+        MultimodalDataLoader(make_config(prefixes, **{setting: value})).load_state_dict(state)
+
+
+def test_tile_size_changes_the_token_counts():
+    """Why tile_size is in the fingerprint: grids of equal aspect ratio are chosen by the image's area
+    against tile_size^2, so the same image gets another tile count and its sample packs differently."""
+    from megasail.data.tiling import num_image_tokens
+
+    assert num_image_tokens(500, 500, 4, 1, 448) != num_image_tokens(500, 500, 4, 1, 224)
+
+
+def test_state_is_kept_across_settings_that_do_not_move_samples(prefixes):
+    loader = MultimodalDataLoader(make_config(prefixes), 0, 2)
+    take(loader, 2 * PER_RANK_GLOBAL_BATCH)
+    state = loader.state_dict()
+    other = MultimodalDataLoader(make_config(prefixes, pad_token_id=0, micro_batch_size=2, balance_dp=False), 0, 2)
+    other.load_state_dict(state)
+    assert other.position == loader.position
 
 
 def rows_of(batches: list[dict]) -> list[bytes]:

@@ -3,6 +3,7 @@
     loader = MultimodalDataLoader(config.data, dp_rank=1, dp_size=8)
     for batch in loader:            # this rank's micro-batches, global batch after global batch
         ...                         # batch: the dict of megasail.training.step.forward_step
+    batches = loader.next_step()    # or: the micro-batches of one optimizer step at once
         state = loader.state_dict() # at a global-batch boundary; restores at any DP size
 
 Per global batch (all ranks compute the same plan from the index alone): take the next
@@ -13,7 +14,8 @@ DataLoader turn each micro-batch plan into tensors (`loader_worker.MicroBatchBui
 process only tracks the position and the statistics.
 
 For TP/PP ranks use `megasail.data.loader_broadcast.build_data_loader`, which reads once per
-model-parallel group and sends each pipeline stage the fields it needs.
+model-parallel group and sends each pipeline stage the fields it needs; there, fetch each step
+with `next_step` before the pipeline schedule (see that module).
 """
 
 from __future__ import annotations
@@ -129,6 +131,39 @@ class MultimodalDataLoader:
         if plan.position_after is not None:
             self._position = plan.position_after
         return built.batch
+
+    @property
+    def microbatches_per_step(self) -> int:
+        """Micro-batches of one optimizer step on this rank: global_batch_size / (micro_batch_size x dp_size)."""
+        return self.config.global_batch_size // (self.config.micro_batch_size * self.dp_size)
+
+    def next_step(self, num_microbatches: int | None = None) -> list[dict]:
+        """All micro-batches of the next optimizer step (one global batch); None = microbatches_per_step.
+
+        Same call as `ModelParallelDataLoader.next_step`, so a training loop fetches a step the same
+        way with and without model parallelism. Raises StopIteration when the curriculum has ended.
+        """
+        expected = self.microbatches_per_step
+        if num_microbatches is None:
+            num_microbatches = expected
+        if num_microbatches != expected:
+            raise ValueError(
+                f"next_step({num_microbatches}): one optimizer step is {expected} micro-batches on this rank "
+                f"(global_batch_size {self.config.global_batch_size} / micro_batch_size "
+                f"{self.config.micro_batch_size} / dp_size {self.dp_size})"
+            )
+        if self._mid_global_batch:
+            raise RuntimeError("next_step() called inside a global batch (after single next() calls)")
+        batches = []
+        for _ in range(num_microbatches):
+            try:
+                batches.append(next(self))
+            except StopIteration:
+                if batches:
+                    raise RuntimeError(f"data ended after {len(batches)} of {num_microbatches} micro-batches "
+                                       "of an optimizer step") from None
+                raise
+        return batches
 
     def _record(self, built: BuiltMicroBatch) -> None:
         for key in _SUMMED:

@@ -3,14 +3,29 @@
 Only the first pipeline stage's tensor-parallel rank 0 of each data-parallel replica reads and
 decodes (a `MultimodalDataLoader`). It sends the token-side fields (no pixels, no input_ids) to
 the later stages' TP rank 0 over the pipeline group, and each stage's TP rank 0 sends its stage's
-fields over its TP group. Receivers rebuild the attention mask from cu_seqlens (it is s^2 bytes
-per row, so it never goes over the wire).
+fields over its TP group. With `build_attention_mask` set, receivers rebuild the attention mask
+from cu_seqlens (it is s^2 bytes per row, so it never goes over the wire); without it (Transformer
+Engine THD reads cu_seqlens) no rank builds one and the mask is None.
+
+Fetching is a collective over the pipeline and tensor-parallel groups, so it must happen outside
+megatron's pipeline schedule: call `loader.next_step(num_microbatches)` once per optimizer step,
+before `get_forward_backward_func()`, and hand the schedule the fetched list:
+
+    batches = loader.next_step(num_microbatches)           # every rank of the model-parallel group
+    forward_backward(forward_step_func=forward_step,
+                     data_iterator=iter(batches),          # VPP: [iter(batches) for _ in model_chunks]
+                     model=model, num_microbatches=len(batches), ...)
+
+Never give the schedule the loader itself (`data_iterator=loader`): in 1F1B, stages >= 1 wait in
+recv_forward before their first forward_step while stage 0's forward_step would wait in the
+loader's broadcast over the pipeline group, a deadlock; the interleaved schedule also calls
+next() once per (chunk, micro-batch) in an order that differs between ranks.
 
 Fields per pipeline stage (others are None):
-    first: input_ids, position_ids, pixel_values, attention_mask, cu_seqlens
-    middle: position_ids, attention_mask, cu_seqlens
-    last: labels, loss_mask, position_ids, attention_mask, cu_seqlens
-    (a single stage is both first and last)
+    first: input_ids, position_ids, pixel_values, attention_mask, cu_seqlens, num_samples
+    middle: position_ids, attention_mask, cu_seqlens, num_samples
+    last: labels, loss_mask, position_ids, attention_mask, cu_seqlens, num_samples
+    (a single stage is both first and last; attention_mask is None with build_attention_mask false)
 """
 
 from __future__ import annotations
@@ -70,8 +85,15 @@ def attention_mask_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, se
 class ModelParallelDataLoader:
     """Micro-batches for this rank's TP/PP/DP position (see module docstring).
 
-    Same interface as MultimodalDataLoader: iteration, state_dict/load_state_dict, current_stage,
-    trainable_modules, statistics (the reader's counters, sent to the other ranks of its group).
+    Same interface as MultimodalDataLoader: next_step, iteration, state_dict/load_state_dict,
+    current_stage, trainable_modules, statistics (the reader's counters, sent to the other ranks of
+    its group).
+
+    IMPORTANT (pipeline parallelism): every fetch is a collective over the pipeline group. Fetch a
+    whole optimizer step with `next_step(num_microbatches)` BEFORE running the pipeline schedule,
+    on every rank, and pass `data_iterator=iter(batches)` (with virtual pipeline stages
+    `[iter(batches) for _ in model_chunks]`) to `get_forward_backward_func()`. Passing the loader
+    as the schedule's data iterator deadlocks at PP > 1 (see the module docstring).
     """
 
     def __init__(self, config: DataConfig, cost_model=None):
@@ -92,14 +114,56 @@ class ModelParallelDataLoader:
             self.reader = MultimodalDataLoader(config, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                                                cost_model=cost_model)
         config.validate()
+        self.dp_size = ps.get_data_parallel_world_size()
+        config.check_data_parallel(self.dp_size)
         self._position = LoaderPosition()
         self._mid_global_batch = False
         self._statistics: dict = {}
+
+    @property
+    def microbatches_per_step(self) -> int:
+        """Micro-batches of one optimizer step on this rank: global_batch_size / (micro_batch_size x DP)."""
+        return self.config.global_batch_size // (self.config.micro_batch_size * self.dp_size)
+
+    def next_step(self, num_microbatches: int | None = None) -> list[dict]:
+        """All micro-batches of the next optimizer step (one global batch), fetched before the schedule.
+
+        Call on every rank of the model-parallel group, outside the pipeline schedule, then give the
+        schedule `iter(batches)` (one per model chunk with virtual pipeline stages).
+        num_microbatches must be `microbatches_per_step` (None = that). Raises StopIteration when
+        the curriculum has ended.
+        """
+        expected = self.microbatches_per_step
+        if num_microbatches is None:
+            num_microbatches = expected
+        if num_microbatches != expected:
+            raise ValueError(
+                f"next_step({num_microbatches}): one optimizer step is {expected} micro-batches on this rank "
+                f"(global_batch_size {self.config.global_batch_size} / micro_batch_size "
+                f"{self.config.micro_batch_size} / data-parallel size {self.dp_size})"
+            )
+        if self._mid_global_batch:
+            raise RuntimeError("next_step() called inside a global batch (after single next() calls)")
+        batches = []
+        for _ in range(num_microbatches):
+            try:
+                batches.append(self._fetch())
+            except StopIteration:
+                if batches:
+                    raise RuntimeError(f"data ended after {len(batches)} of {num_microbatches} micro-batches "
+                                       "of an optimizer step") from None
+                raise
+        return batches
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
+        """One micro-batch; a collective over the model-parallel group, so never call it from inside the
+        pipeline schedule (use next_step)."""
+        return self._fetch()
+
+    def _fetch(self) -> dict:
         batch, meta, local_mask = None, None, None
         if self.reader is not None:
             try:
@@ -107,7 +171,7 @@ class ModelParallelDataLoader:
                 mid = self.reader.mid_global_batch
                 # statistics travel once per global batch, so every rank (the logging one too) has them
                 meta = (self.reader.position, mid, None if mid else self.reader.statistics())
-                local_mask = batch["attention_mask"]
+                local_mask = batch["attention_mask"]  # None without build_attention_mask
             except StopIteration:
                 meta = None
         keys = ALL_STAGES + LAST_STAGE
@@ -124,11 +188,10 @@ class ModelParallelDataLoader:
         if statistics is not None:
             self._statistics = statistics
         out = {key: batch.get(key) if key in mine else None for key in ALL_STAGES + FIRST_STAGE + LAST_STAGE}
-        b = out["position_ids"].shape[0]
-        out["attention_mask"] = None
+        out["attention_mask"] = None  # Transformer Engine THD reads cu_seqlens: no [b,1,s,s] mask at all
         if self.config.build_attention_mask:
-            out["attention_mask"] = (local_mask if local_mask is not None else
-                                     attention_mask_from_cu_seqlens(out["cu_seqlens"], b, self.config.seq_length))
+            out["attention_mask"] = local_mask if local_mask is not None else attention_mask_from_cu_seqlens(
+                out["cu_seqlens"], out["position_ids"].shape[0], self.config.seq_length)
         return out
 
     @property

@@ -1,7 +1,8 @@
 """The loader's resumable position: a few integers, global over data-parallel ranks.
 
 The order of packed sequences is a pure function of the config (seed, sources, weights,
-seq_length), so the position alone restores the loader: no sample is replayed, and restoring
+seq_length, and the tiling settings that decide each sample's token count), so the position alone
+restores the loader: no sample is replayed, and restoring
 costs one chunk of packing whatever the position. The position counts global batches, not a
 rank's micro-batches, so a state saved at one data-parallel size restores at another.
 """
@@ -37,13 +38,20 @@ class LoaderPosition:
 
 
 def config_fingerprint(config: DataConfig) -> dict:
-    """What decides the order of sequences; a restored state must have been saved under the same."""
+    """What decides the order of sequences; a restored state must have been saved under the same.
+
+    Tiling (max_tiles, min_tiles, tile_size) sets every image's tile count and so each sample's
+    token count, which decides the packing. Settings under which a saved position still points at
+    the same place (pad_token_id, micro_batch_size, DP balancing, decoding, stage budgets) are left
+    out, so they may change across a restore.
+    """
     return {
         "seed": config.seed,
         "seq_length": config.seq_length,
         "global_batch_size": config.global_batch_size,
         "max_tiles": config.max_tiles,
         "min_tiles": config.min_tiles,
+        "tile_size": config.tile_size,
         "pack_window": config.pack_window,
         "pack_chunk_samples": config.pack_chunk_samples,
         "stages": [
