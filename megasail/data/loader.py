@@ -72,6 +72,34 @@ class _PlanSampler(torch.utils.data.Sampler):
         return self.plans
 
 
+def fetch_step(loader, fetch_one, num_microbatches: int | None = None) -> list[dict]:
+    """One optimizer step's micro-batches from ``fetch_one()``, checked against the loader's step size.
+
+    ``loader`` has ``microbatches_per_step``, ``config``, ``dp_size`` and ``_mid_global_batch``.
+    """
+    expected = loader.microbatches_per_step
+    if num_microbatches is None:
+        num_microbatches = expected
+    if num_microbatches != expected:
+        raise ValueError(
+            f"next_step({num_microbatches}): one optimizer step is {expected} micro-batches on this rank "
+            f"(global_batch_size {loader.config.global_batch_size} / micro_batch_size "
+            f"{loader.config.micro_batch_size} / data-parallel size {loader.dp_size})"
+        )
+    if loader._mid_global_batch:
+        raise RuntimeError("next_step() called inside a global batch (after single next() calls)")
+    batches = []
+    for _ in range(num_microbatches):
+        try:
+            batches.append(fetch_one())
+        except StopIteration:
+            if batches:
+                raise RuntimeError(f"data ended after {len(batches)} of {num_microbatches} micro-batches "
+                                   "of an optimizer step") from None
+            raise
+    return batches
+
+
 class MultimodalDataLoader:
     """Micro-batches of one data-parallel rank (see module docstring).
 
@@ -143,27 +171,7 @@ class MultimodalDataLoader:
         Same call as `ModelParallelDataLoader.next_step`, so a training loop fetches a step the same
         way with and without model parallelism. Raises StopIteration when the curriculum has ended.
         """
-        expected = self.microbatches_per_step
-        if num_microbatches is None:
-            num_microbatches = expected
-        if num_microbatches != expected:
-            raise ValueError(
-                f"next_step({num_microbatches}): one optimizer step is {expected} micro-batches on this rank "
-                f"(global_batch_size {self.config.global_batch_size} / micro_batch_size "
-                f"{self.config.micro_batch_size} / dp_size {self.dp_size})"
-            )
-        if self._mid_global_batch:
-            raise RuntimeError("next_step() called inside a global batch (after single next() calls)")
-        batches = []
-        for _ in range(num_microbatches):
-            try:
-                batches.append(next(self))
-            except StopIteration:
-                if batches:
-                    raise RuntimeError(f"data ended after {len(batches)} of {num_microbatches} micro-batches "
-                                       "of an optimizer step") from None
-                raise
-        return batches
+        return fetch_step(self, lambda: next(self), num_microbatches)
 
     def _record(self, built: BuiltMicroBatch) -> None:
         for key in _SUMMED:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megasail.data.config import DataConfig, StageConfig
-from megasail.data.loader import MultimodalDataLoader
+from megasail.data.loader import MultimodalDataLoader, fetch_step
 from megasail.data.loader_state import LoaderPosition, position_from_state, position_state
 from megasail.data.packing import block_causal_mask
 
@@ -133,27 +133,7 @@ class ModelParallelDataLoader:
         num_microbatches must be `microbatches_per_step` (None = that). Raises StopIteration when
         the curriculum has ended.
         """
-        expected = self.microbatches_per_step
-        if num_microbatches is None:
-            num_microbatches = expected
-        if num_microbatches != expected:
-            raise ValueError(
-                f"next_step({num_microbatches}): one optimizer step is {expected} micro-batches on this rank "
-                f"(global_batch_size {self.config.global_batch_size} / micro_batch_size "
-                f"{self.config.micro_batch_size} / data-parallel size {self.dp_size})"
-            )
-        if self._mid_global_batch:
-            raise RuntimeError("next_step() called inside a global batch (after single next() calls)")
-        batches = []
-        for _ in range(num_microbatches):
-            try:
-                batches.append(self._fetch())
-            except StopIteration:
-                if batches:
-                    raise RuntimeError(f"data ended after {len(batches)} of {num_microbatches} micro-batches "
-                                       "of an optimizer step") from None
-                raise
-        return batches
+        return fetch_step(self, self._fetch, num_microbatches)
 
     def __iter__(self):
         return self

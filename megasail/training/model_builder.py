@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 
 from megasail.config import ParallelConfig
 from megasail.models.config import ModelConfig

@@ -30,6 +30,6 @@ def global_param_counts(chunks) -> dict[str, int]:
     local = local_param_counts(chunks)
     t = torch.tensor([local[k] for k in COMPONENTS], dtype=torch.float64)
     dist.all_reduce(t, group=parallel_state.get_model_parallel_group())
-    counts = {k: int(v) for k, v in zip(COMPONENTS, t.tolist())}
+    counts = {k: int(v) for k, v in zip(COMPONENTS, t.tolist(), strict=True)}
     counts["total"] = sum(counts.values())
     return counts
