@@ -47,8 +47,7 @@ def test_presets_validate_and_match_example_yaml(name, repo_root):
     preset = PRESETS[name]()
     preset.validate()
     path = os.path.join(repo_root, "examples/configs", f"{name}.yaml")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not written yet")
+    assert os.path.exists(path), f"preset {name} has no example config {path}"
     assert load_config(path).model == preset
 
 
