@@ -81,8 +81,21 @@ def _as_1d(values, dtype, name: str) -> np.ndarray:
     return array.astype(dtype)
 
 
-class _SampleWriterBase:
-    """Argument handling and the context-manager protocol shared by both writers."""
+class _FinalizeOnExit:
+    """Context manager: finalize on a clean exit, abort (remove the .tmp files) when the block raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self.is_open:
+            self.finalize()
+
+
+class _SampleWriterBase(_FinalizeOnExit):
+    """Argument handling shared by both writers."""
 
     def add_sample(
         self,
@@ -132,14 +145,6 @@ class _SampleWriterBase:
     def abort(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self.is_open:
-            self.finalize()
 
 
 class ShardWriter(_SampleWriterBase):
@@ -390,7 +395,7 @@ def merge_shards(
     return C.merge_shards(prefixes, out)
 
 
-class ShardMerger:
+class ShardMerger(_FinalizeOnExit):
     """merge_shards one shard at a time (C++, megasail._C.ShardMerger): append the finished shards
     in their final order, possibly while later ones are still being written, then finalize().
     The bytes equal merge_shards' (and so one writer's). `append` and `finalize` release the GIL,
@@ -412,14 +417,6 @@ class ShardMerger:
     def abort(self) -> None:
         self._merger.abort()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self.is_open:
-            self.finalize()
 
     prefix = property(lambda self: self._merger.prefix)
     num_shards = property(lambda self: self._merger.num_shards)
