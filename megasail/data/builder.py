@@ -417,7 +417,6 @@ class ShardMerger(_FinalizeOnExit):
     def abort(self) -> None:
         self._merger.abort()
 
-
     prefix = property(lambda self: self._merger.prefix)
     num_shards = property(lambda self: self._merger.num_shards)
     num_samples = property(lambda self: self._merger.num_samples)
