@@ -106,16 +106,18 @@ void ShardWriter::add_sample(const SampleView& s) {
       index_.image_formats.push_back(s.formats[m]);
       index_.image_bytes += image.size;
     }
+    // inside the try: an allocation failure here must not leave the index behind the data
+    index_.segment_lengths.insert(index_.segment_lengths.end(), s.segment_lengths,
+                                  s.segment_lengths + s.num_segments);
+    index_.segment_modes.insert(index_.segment_modes.end(), s.segment_modes, s.segment_modes + s.num_segments);
+    index_.doc_index.push_back(static_cast<int64_t>(index_.segment_lengths.size()));
+    index_.doc_image_start.push_back(index_.num_images());
+    index_.doc_source.push_back(s.source_id);
+    index_.num_tokens += s.num_tokens;
   } catch (...) {
     abort_locked();  // a partial write cannot be undone; the shard is unusable
     throw;
   }
-  index_.segment_lengths.insert(index_.segment_lengths.end(), s.segment_lengths, s.segment_lengths + s.num_segments);
-  index_.segment_modes.insert(index_.segment_modes.end(), s.segment_modes, s.segment_modes + s.num_segments);
-  index_.doc_index.push_back(static_cast<int64_t>(index_.segment_lengths.size()));
-  index_.doc_image_start.push_back(index_.num_images());
-  index_.doc_source.push_back(s.source_id);
-  index_.num_tokens += s.num_tokens;
 }
 
 void ShardWriter::finalize() {

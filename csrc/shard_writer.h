@@ -49,13 +49,14 @@ class ShardWriter {
   void abort();  // removes the tmp files; a no-op after finalize() or abort()
 
   const std::string& prefix() const { return prefix_; }
-  uint64_t num_samples() const { return index_.num_samples(); }
-  uint64_t num_segments() const { return index_.segment_lengths.size(); }
-  uint64_t num_tokens() const { return index_.num_tokens; }
-  uint64_t num_images() const { return index_.num_images(); }
-  uint64_t image_bytes() const { return index_.image_bytes; }
+  // Counters lock: add_sample may be running on another thread with the GIL released.
+  uint64_t num_samples() const { std::lock_guard<std::mutex> lock(mutex_); return index_.num_samples(); }
+  uint64_t num_segments() const { std::lock_guard<std::mutex> lock(mutex_); return index_.segment_lengths.size(); }
+  uint64_t num_tokens() const { std::lock_guard<std::mutex> lock(mutex_); return index_.num_tokens; }
+  uint64_t num_images() const { std::lock_guard<std::mutex> lock(mutex_); return index_.num_images(); }
+  uint64_t image_bytes() const { std::lock_guard<std::mutex> lock(mutex_); return index_.image_bytes; }
   bool sync() const { return sync_; }
-  bool is_open() const { return state_ == State::kOpen; }
+  bool is_open() const { std::lock_guard<std::mutex> lock(mutex_); return state_ == State::kOpen; }
 
  private:
   enum class State { kOpen, kFinalized, kAborted };
@@ -64,7 +65,7 @@ class ShardWriter {
 
   std::string prefix_;
   bool sync_;
-  std::mutex mutex_;  // add_sample runs without the GIL; this keeps concurrent callers ordered
+  mutable std::mutex mutex_;  // add_sample runs without the GIL; this keeps concurrent callers ordered
   OutputFile tokens_;
   OutputFile images_;
   ShardIndex index_;
@@ -89,9 +90,10 @@ class ShardMerger {
   void abort();  // removes the tmp files; a no-op after finalize() or abort()
 
   const std::string& prefix() const { return out_prefix_; }
-  uint64_t num_shards() const { return num_shards_; }
-  uint64_t num_samples() const { return merged_.num_samples(); }
-  bool is_open() const { return state_ == State::kOpen; }
+  // Counters lock: append may be running on a helper thread with the GIL released.
+  uint64_t num_shards() const { std::lock_guard<std::mutex> lock(mutex_); return num_shards_; }
+  uint64_t num_samples() const { std::lock_guard<std::mutex> lock(mutex_); return merged_.num_samples(); }
+  bool is_open() const { std::lock_guard<std::mutex> lock(mutex_); return state_ == State::kOpen; }
 
  private:
   enum class State { kOpen, kFinalized, kAborted };
@@ -99,7 +101,7 @@ class ShardMerger {
   void abort_locked() noexcept;
 
   std::string out_prefix_;
-  std::mutex mutex_;  // append runs without the GIL, possibly on a helper thread
+  mutable std::mutex mutex_;  // append runs without the GIL, possibly on a helper thread
   OutputFile tokens_;
   OutputFile images_;
   ShardIndex merged_;
