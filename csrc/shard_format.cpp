@@ -340,13 +340,22 @@ ShardIndex read_shard_index(const std::string& prefix) {
   return index;
 }
 
-void publish_prefix(const std::string& prefix) {
+void publish_prefix(const std::string& prefix, bool sync) {
   // Indexes last: a reader that finds both indexes finds the data files they describe.
   for (const std::string& path :
        {token_bin_path(prefix), image_bin_path(prefix), image_idx_path(prefix), token_idx_path(prefix)}) {
     if (std::rename(tmp_path(path).c_str(), path.c_str()) != 0)
       throw IoError("cannot rename " + tmp_path(path) + " to " + path + ": " + errno_text());
   }
+  if (!sync) return;
+  // renames are durable only once the directory entry is on disk
+  const size_t slash = prefix.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : prefix.substr(0, slash));
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) throw IoError("cannot open directory " + dir + " to fsync it: " + errno_text());
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) throw IoError("cannot fsync directory " + dir + ": " + errno_text());
 }
 
 void remove_tmp_files(const std::string& prefix) noexcept {

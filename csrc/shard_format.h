@@ -66,7 +66,7 @@ void write_image_index(const std::string& path, const ShardIndex& index, bool sy
 ShardIndex read_shard_index(const std::string& prefix);
 
 // Rename PATH.tmp -> PATH for the four files of `prefix`, data files first, indexes last.
-void publish_prefix(const std::string& prefix);
+void publish_prefix(const std::string& prefix, bool sync);  // sync: fsync the directory after the renames
 // Remove whatever PATH.tmp files of `prefix` exist; never throws.
 void remove_tmp_files(const std::string& prefix) noexcept;
 

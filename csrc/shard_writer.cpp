@@ -128,7 +128,7 @@ void ShardWriter::finalize() {
     images_.close(sync_);
     write_token_index(tmp_path(token_idx_path(prefix_)), index_, sync_);
     write_image_index(tmp_path(image_idx_path(prefix_)), index_, sync_);
-    publish_prefix(prefix_);
+    publish_prefix(prefix_, sync_);
   } catch (...) {
     abort_locked();
     throw;
@@ -215,7 +215,7 @@ uint64_t ShardMerger::finalize() {
     images_.close_synced();
     write_token_index(tmp_path(token_idx_path(out_prefix_)), merged_);
     write_image_index(tmp_path(image_idx_path(out_prefix_)), merged_);
-    publish_prefix(out_prefix_);
+    publish_prefix(out_prefix_, /*sync=*/true);
   } catch (...) {
     abort_locked();
     throw;
