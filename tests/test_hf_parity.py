@@ -234,3 +234,17 @@ def test_remote_code_config():
     expected = tiny_model_config(-4)
     expected.image_token_id = 151667  # remote-code configs do not carry it; the Qwen2.5 id
     assert config == expected
+
+
+def test_tied_config_refuses_a_distinct_lm_head():
+    import copy
+
+    hf_sd = tiny_hf_model(-1).state_dict()
+    tied = copy.deepcopy(tiny_model_config(-1))
+    tied.language.untie_embeddings_and_output_weights = False
+    with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens"):
+        hf_to_megasail(dict(hf_sd), tied)
+    same = dict(hf_sd)
+    same["lm_head.weight"] = same["model.language_model.embed_tokens.weight"]
+    converted = hf_to_megasail(same, tied)
+    assert "language_model.output_layer.weight" not in converted

@@ -198,7 +198,12 @@ def hf_to_megasail(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str
         out[f"language_model.decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
             [take(hf_mlp + "gate_proj.weight"), take(hf_mlp + "up_proj.weight")], dim=0)
     if not config.language.untie_embeddings_and_output_weights:
-        hf.pop("lm_head.weight", None)  # tied: the same tensor as embed_tokens
+        head = hf.pop("lm_head.weight", None)  # tied: must be the same tensor as embed_tokens
+        embed = out["language_model.embedding.word_embeddings.weight"]
+        if head is not None and not (head.shape == embed.shape and torch.equal(head, embed)):
+            raise ValueError("config says the output layer is tied to the embeddings, but the checkpoint's "
+                             "lm_head.weight differs from embed_tokens: set tie_word_embeddings=false "
+                             "(model.language.untie_embeddings_and_output_weights=true)")
     unused_vit = re.compile(rf"^{re.escape(_VIT)}\.encoder\.layer\.(\d+)\.")
     leftover = [k for k in hf if not ((m := unused_vit.match(k)) and int(m[1]) >= config.vision.num_layers_used)]
     if leftover:
