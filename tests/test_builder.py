@@ -352,6 +352,8 @@ def test_unsynced_unit_reports_are_trusted_only_in_the_same_boot(tmp_path, monke
         index=3, source_id=0, path="in.jsonl", container="jsonl", start_byte=0, end_byte=0, first_line=1
     )
     path = worker.report_path(str(tmp_path), unit)
+    for suffix in worker.UNIT_FILE_SUFFIXES:  # the unit's shard files exist; only the boot id decides
+        open(worker.unit_prefix(str(tmp_path), unit) + suffix, "w").close()
     monkeypatch.setattr(worker, "boot_id", lambda: "boot-1")
     for report, kept in (
         ({"unit": 3, "unsynced_boot_id": "boot-1"}, True),

@@ -617,3 +617,261 @@ def test_progress_increments_add_up_to_the_unit(tmp_path, tiny_tokenizer):
     assert len(calls) > 1  # intermediate updates, not only one at the end
     assert sum(c[0] for c in calls) == report["read"] == 41
     assert sum(c[1] for c in calls) == Path(jsonl).stat().st_size
+
+
+# -- robustness: dead workers, hostile records and paths, caps, early merge errors -----------------
+
+
+def test_dead_worker_stops_the_run_and_resume_finishes_identically(tmp_path, tiny_tokenizer):
+    write_images(str(tmp_path / "imgs"), {f"{k}.jpg": image_bytes("JPEG", 40 + k, 30, k) for k in range(4)})
+    jsonl = write_jsonl(
+        str(tmp_path / "in.jsonl"), good_conversation_records(24, [f"{k}.jpg" for k in range(4)])
+    )
+    common = [
+        "--input",
+        jsonl,
+        "--image-root",
+        tmp_path / "imgs",
+        "--tokenizer",
+        tiny_tokenizer,
+        "--max-tiles",
+        MAX_TILES,
+        "--lines-per-unit",
+        4,
+        "--no-progress",
+    ]
+    ref = tmp_path / "ref" / "ds"
+    assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
+    died = tmp_path / "died" / "ds"
+    started = time.monotonic()
+    result = run_tool(
+        "preprocess_data.py",
+        *common,
+        "--output-prefix",
+        died,
+        "--workers",
+        2,
+        env=tool_env(MEGASAIL_PREPROCESS_KILL_UNIT="3"),
+        timeout=120,  # before the fix the run never ends
+    )
+    assert time.monotonic() - started < 60
+    assert result.returncode == 3, result.stderr
+    assert "worker process died" in result.stderr and "--resume" in result.stderr
+    assert "3 (in.jsonl from line 13)" in result.stderr  # the unit that was running is named
+    assert not Path(f"{died}.manifest.json").exists()
+    resumed = run_tool("preprocess_data.py", *common, "--output-prefix", died, "--resume", "--workers", 2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert prefix_files(died) == prefix_files(ref)
+
+
+def test_hostile_records_are_rejected_and_never_end_the_run(tmp_path, tiny_tokenizer, monkeypatch):
+    import megasail.data.preprocess.worker as worker_module
+
+    write_images(str(tmp_path), {"a.jpg": image_bytes("JPEG")})
+    real_encode = worker_module.encode_sample
+
+    def encode_or_fail(parsed, *args, **kwargs):
+        if parsed.conversation.turns[-1].text == "boom":
+            raise ZeroDivisionError("a bug in encoding")
+        return real_encode(parsed, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "encode_sample", encode_or_fail)
+    lines = [
+        {"text": "good"},
+        b"[" * 200_000,  # RecursionError in json
+        b"1" * 5000,  # ValueError: integer string too long
+        {"image": "a\u0000b.jpg", "caption": "NUL in the name"},
+        {"text": "boom"},
+        {"image": "a.jpg", "caption": "good too"},
+    ]
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), lines)
+    tar = write_webdataset(
+        str(tmp_path / "s.tar"),
+        [
+            {"jpg": image_bytes("JPEG"), "json": b"[" * 200_000},
+            {"jpg": image_bytes("JPEG"), "json": b"1" * 5000},
+            {"jpg": image_bytes("JPEG"), "txt": b"fine"},
+        ],
+    )
+    prefix = tmp_path / "ds"
+    cfg = PreprocessConfig(
+        inputs=[jsonl, tar], output_prefix=str(prefix), tokenizer=tiny_tokenizer, max_tiles=1, progress=False
+    )
+    manifest = run_preprocess(cfg)["manifest"]
+    rejects = [json.loads(line) for line in Path(f"{prefix}.rejects.jsonl").read_text().splitlines()]
+    assert [(r["location"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
+        ("2", "malformed_json"),
+        ("3", "malformed_json"),
+        ("4", "malformed_record"),
+        ("5", "internal_error"),
+        ("000000.jpg", "malformed_json"),
+        ("000001.jpg", "malformed_json"),
+    ]
+    assert "ZeroDivisionError: a bug in encoding" in rejects[3]["message"]
+    assert manifest["counts"]["written"] == 3 and not any(reconcile(manifest).values())
+
+
+def test_image_paths_stay_inside_the_root_and_are_bounded(tmp_path, tiny_tokenizer):
+    root = tmp_path / "root"
+    write_images(str(root), {"a.jpg": image_bytes("JPEG"), "big.png": image_bytes("PNG", 200, 200)})
+    write_images(str(tmp_path / "outside"), {"secret.jpg": image_bytes("JPEG")})
+    os.symlink(tmp_path / "outside" / "secret.jpg", root / "link.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.mkfifo(root / "fifo.jpg")
+    (root / "dir.jpg").mkdir()
+    limit = len((root / "big.png").read_bytes()) - 1
+    cases = {
+        "a.jpg": None,
+        str(tmp_path / "outside" / "secret.jpg"): "image_path_outside_root",
+        "/dev/zero": "image_path_outside_root",
+        "../outside/secret.jpg": "image_path_outside_root",
+        "link.jpg": "image_path_outside_root",
+        "zero.jpg": "image_path_outside_root",
+        "fifo.jpg": "image_unreadable",  # opened non-blocking: no hang
+        "dir.jpg": "image_unreadable",
+        "big.png": "image_too_large",
+    }
+    jsonl = write_jsonl(
+        str(tmp_path / "in.jsonl"), [{"image": name, "caption": f"case {i}"} for i, name in enumerate(cases)]
+    )
+    prefix = tmp_path / "ds"
+    r = run_tool(
+        "preprocess_data.py",
+        "--input",
+        jsonl,
+        "--image-root",
+        root,
+        "--tokenizer",
+        tiny_tokenizer,
+        "--output-prefix",
+        prefix,
+        "--max-image-bytes",
+        limit,
+        "--no-progress",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    rejects = [json.loads(line) for line in Path(f"{prefix}.rejects.jsonl").read_text().splitlines()]
+    got = {int(x["location"].rsplit(":", 1)[1]): x["reason"] for x in rejects}
+    assert got == {i + 1: reason for i, reason in enumerate(cases.values()) if reason}
+    manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
+    assert manifest["counts"]["written"] == 1
+    assert set(manifest["rejected_by_reason"]) <= set(__import__("megasail").data.preprocess.REJECT_REASONS)
+
+
+def test_webdataset_reads_only_used_members_under_their_caps(tmp_path, tiny_tokenizer, monkeypatch):
+    import tarfile
+
+    import megasail.data.preprocess.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_TEXT_MEMBER_BYTES", 1000)
+    read_members = []
+    real_extractfile = tarfile.TarFile.extractfile
+
+    def spy(self, member):
+        read_members.append(member.name)
+        return real_extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    small, big = image_bytes("JPEG", 32, 32), image_bytes("PNG", 300, 300, 7)
+    tar = write_webdataset(
+        str(tmp_path / "s.tar"),
+        [
+            {"jpg": small, "mp4": b"\0" * 100_000, "txt": b"ok"},
+            {"png": big, "txt": b"image too large"},
+            {"jpg": small, "txt": b"x" * 1001},
+            {"jpg": small, "json": b'{"caption": "' + b"y" * 1000 + b'"}'},
+            {"jpg": small, "txt": b"ok again"},
+        ],
+    )
+    prefix = tmp_path / "ds"
+    cfg = PreprocessConfig(
+        inputs=[tar],
+        output_prefix=str(prefix),
+        tokenizer=tiny_tokenizer,
+        max_tiles=1,
+        max_image_bytes=len(big) - 1,
+        progress=False,
+    )
+    manifest = run_preprocess(cfg)["manifest"]
+    assert manifest["counts"]["written"] == 2
+    assert manifest["rejected_by_reason"] == {"member_too_large": 3}
+    assert "000000.mp4" not in read_members and "000001.png" not in read_members
+    assert "000002.txt" not in read_members
+
+
+def test_merge_failure_is_raised_at_the_next_feed(tmp_path):
+    from megasail.data.preprocess.writer import StreamingMerge
+
+    merge = StreamingMerge(
+        str(tmp_path / "out"), [(0, str(tmp_path / "missing-0")), (1, str(tmp_path / "m-1"))]
+    )
+    try:
+        merge.feed({0})
+        assert _wait_for(lambda: all(f.done() for f in merge._futures), timeout=30)
+        with pytest.raises(Exception):  # noqa: B017  (whatever the merger raises for a missing shard)
+            merge.feed({0})
+    finally:
+        merge.abort()
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "EPS_HEADER"])
+def test_only_known_image_formats_are_opened(fmt):
+    from megasail.data.preprocess.images import validate_image
+    from megasail.data.preprocess.rejects import RecordRejected
+
+    if fmt == "EPS_HEADER":
+        raw = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    else:
+        raw = image_bytes(fmt, 16, 16)
+        assert Image.open(io.BytesIO(raw)).format == fmt  # Pillow itself would open it
+    with pytest.raises(RecordRejected) as err:
+        validate_image(raw, "x.jpg", 10**6)
+    assert err.value.reason == "image_unsupported"
+
+
+def test_load_report_distrusts_unreadable_reports_and_missing_shards(tmp_path, tiny_tokenizer):
+    from megasail.data.preprocess.sources import expand_inputs, plan_units
+    from megasail.data.preprocess.worker import (
+        UnitContext,
+        load_report,
+        process_unit,
+        report_path,
+        unit_prefix,
+    )
+
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "doc"}])
+    (unit,) = plan_units(expand_inputs([jsonl], "auto"), lines_per_unit=100)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    ctx = UnitContext(
+        PreprocessConfig(tokenizer=tiny_tokenizer), MultimodalTokenizer.load(tiny_tokenizer), str(parts)
+    )
+    report = process_unit(unit, ctx)
+    assert load_report(str(parts), unit) == report
+    os.remove(unit_prefix(str(parts), unit) + ".img.bin")
+    assert load_report(str(parts), unit) is None  # a shard file is gone: redo the unit
+    Path(report_path(str(parts), unit)).write_bytes(b"\xff\xfe{")
+    assert load_report(str(parts), unit) is None  # not UTF-8
+    os.remove(report_path(str(parts), unit))
+    os.mkdir(report_path(str(parts), unit))
+    assert load_report(str(parts), unit) is None  # IsADirectoryError
+
+
+def test_resume_of_a_finished_prefix_checks_its_settings(tmp_path, tiny_tokenizer):
+    from megasail.data.preprocess import PreprocessError
+
+    jsonl = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "hello"}])
+    cfg = PreprocessConfig(
+        inputs=[jsonl], output_prefix=str(tmp_path / "ds"), tokenizer=tiny_tokenizer, progress=False
+    )
+    first = run_preprocess(cfg)["manifest"]
+    again = run_preprocess(PreprocessConfig(**{**cfg.__dict__, "resume": True}))
+    assert again["manifest"] == first and again["runtime"]["units_resumed"] == 1
+    with pytest.raises(PreprocessError, match="max_seq_length.*--overwrite"):
+        run_preprocess(PreprocessConfig(**{**cfg.__dict__, "resume": True, "max_seq_length": 77}))
+    manifest_path = tmp_path / "ds.manifest.json"
+    legacy = {k: v for k, v in json.loads(manifest_path.read_text()).items() if k != "fingerprint"}
+    manifest_path.write_text(json.dumps(legacy))
+    with pytest.raises(PreprocessError, match="no settings fingerprint"):
+        run_preprocess(PreprocessConfig(**{**cfg.__dict__, "resume": True}))

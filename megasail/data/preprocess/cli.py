@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.rejects import REJECT_REASONS
-from megasail.data.preprocess.run import PreprocessError, run_preprocess
+from megasail.data.preprocess.run import PreprocessError, WorkerDied, run_preprocess
 from megasail.data.template import TEMPLATES
 
 EPILOG = (
@@ -22,7 +22,8 @@ input records (JSON Lines, one object per line; kinds detected per record):
   webdataset    .tar shards of key.jpg|png|webp + key.txt|json (img2dataset layout), streamed
 
 exit status: 0 when the run finished (rejected records are reported, not fatal);
-             2 when a check before any work failed (nothing was written).
+             2 when a check before any work failed (nothing was written);
+             3 when a worker process died (killed, out of memory): rerun with --resume.
 reject reasons: """
     + ", ".join(REJECT_REASONS)
     + """
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished units are kept in {cfg.output_prefix}.parts/ and the prefix has no "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 DEFAULT_MAX_IMAGE_PIXELS = (
     64_000_000  # about 8000x8000; larger crawled images are almost always bombs or scans
 )
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -70,6 +71,10 @@ class PreprocessConfig:
     max_image_pixels: int = field(
         default=DEFAULT_MAX_IMAGE_PIXELS,
         metadata={"help": "reject images with more pixels (checked from the header before decoding)"},
+    )
+    max_image_bytes: int = field(
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        metadata={"help": "reject image files and webdataset image members larger than this many bytes"},
     )
     max_line_bytes: int = field(default=16 << 20, metadata={"help": "reject JSONL lines longer than this"})
     workers: int = field(default=1, metadata={"help": "worker processes; output bytes do not depend on it"})

@@ -1,9 +1,9 @@
 """Image validation for preprocessing: sniff the bytes, check the size, decode fully, normalise the format.
 
 JPEG and PNG are kept byte for byte (what the decoder reads at training time is what was crawled).
-Other formats Pillow can read (WebP, GIF, TIFF, BMP, ...) are re-encoded as PNG: lossless, so no second
-compression of already-compressed pixels; GIFs keep their first frame. The extension is never used:
-the format comes from the bytes.
+WebP, GIF, TIFF and BMP are re-encoded as PNG: lossless, so no second
+compression of already-compressed pixels; GIFs keep their first frame. Any other format (EPS, PSD,
+PPM, ...) is rejected unopened. The extension is never used: the format comes from the bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ _KEPT_FORMATS = {
     "MPO": FORMAT_JPEG,
     "PNG": FORMAT_PNG,
 }  # MPO: multi-picture JPEG, still a JPEG stream
+# The only formats Pillow may open: no EPS (Ghostscript), PSD, ... plugins run on crawled bytes.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# What Image.open is given: MPO has no opener of its own (the JPEG opener returns MPO images).
+_OPEN_FORMATS = tuple(f for f in ALLOWED_FORMATS if f != "MPO")
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
@@ -48,12 +52,13 @@ def validate_image(data: bytes, name: str, max_pixels: int) -> ValidatedImage:
         # The project's own --max-image-pixels limit applies; silence Pillow's generic bomb warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
         except Image.DecompressionBombError as e:
             raise RecordRejected("image_too_large", f"image {name!r}: {e}") from None
         except UnidentifiedImageError:
             raise RecordRejected(
-                "image_unsupported", f"image {name!r}: bytes are not an image format Pillow can read"
+                "image_unsupported",
+                f"image {name!r}: bytes are not a supported image format ({', '.join(ALLOWED_FORMATS)})",
             ) from None
         except Exception as e:  # Pillow raises assorted errors on malformed headers
             raise RecordRejected(
@@ -62,6 +67,8 @@ def validate_image(data: bytes, name: str, max_pixels: int) -> ValidatedImage:
         with img:
             width, height = img.size
             fmt = img.format or "UNKNOWN"
+            if fmt not in ALLOWED_FORMATS:
+                raise RecordRejected("image_unsupported", f"image {name!r}: format {fmt} is not supported")
             if width <= 0 or height <= 0:
                 raise RecordRejected("image_empty", f"image {name!r} has zero size {width}x{height}")
             if width * height > max_pixels:

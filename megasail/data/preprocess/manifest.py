@@ -23,6 +23,13 @@ def _sum_counts(reports: list[dict]) -> tuple[Counter, Counter]:
     return counts, reasons
 
 
+def manifest_fingerprint(fingerprint: dict) -> dict:
+    """A run's settings fingerprint as the manifest stores it: without the output prefix (the
+    manifest's own place), so the same run written under two prefixes has the same manifest."""
+    settings = {k: v for k, v in fingerprint["settings"].items() if k != "output_prefix"}
+    return {**fingerprint, "settings": settings}
+
+
 def build_manifest(plan, reports: list[dict]) -> dict:
     """Manifest dict for `plan` (a RunPlan) from its unit reports in unit order."""
     cfg = plan.config
@@ -86,4 +93,6 @@ def build_manifest(plan, reports: list[dict]) -> dict:
         },
         "image_bytes": totals["image_bytes"],
         "sources": sources,
+        # What --resume on this finished prefix compares its settings against.
+        "fingerprint": manifest_fingerprint(plan.fingerprint),
     }

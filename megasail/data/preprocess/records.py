@@ -7,13 +7,14 @@ Record kinds (auto-detected per record by their fields, or forced with --input-f
 - caption: ``{"image": path | [paths], "caption": str}`` or ``{"image", "text"}``
 - text: ``{"text": str}``
 
-Image paths are relative to --image-root (or to the JSONL file's directory when none is given);
-webdataset records carry their image bytes inline.
+Image paths are relative to --image-root (or to the JSONL file's directory when none is given) and
+must stay inside it; webdataset records carry their image bytes inline.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from megasail.data.preprocess.images import ValidatedImage, validate_image
@@ -71,6 +72,8 @@ def _image_names(fields: dict, required: bool) -> list[str]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise RecordRejected("malformed_record", "field 'image' must be a path or a list of paths")
+    if any("\x00" in n for n in names):
+        raise RecordRejected("malformed_record", "field 'image' holds a path with a NUL character")
     return names
 
 
@@ -99,29 +102,70 @@ def _conversation_turns(fields: dict) -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def _read_image(name: str, record: RawRecord, image_root: str | None, max_pixels: int) -> ValidatedImage:
+def _read_image(
+    name: str, record: RawRecord, image_root: str | None, max_pixels: int, max_bytes: int
+) -> ValidatedImage:
     if record.inline_images is not None:
         if name not in record.inline_images:
             raise RecordRejected("image_missing", f"image {name!r} is not a member of this sample")
         return validate_image(record.inline_images[name], name, max_pixels)
     source_file = record.location.rsplit(":", 1)[0]
     root = image_root if image_root is not None else os.path.dirname(source_file)
-    path = os.path.join(root, name)
+    where = f"--image-root {image_root}" if image_root is not None else f"the directory of {source_file}"
+    data = read_image_file(root, name, max_bytes, where)
+    return validate_image(data, name, max_pixels)
+
+
+def read_image_file(root: str, name: str, max_bytes: int, where: str) -> bytes:
+    """The bytes of `name` under `root`: a regular file inside realpath(root), at most `max_bytes`.
+
+    Absolute names and names that resolve (via ../ or symlinks) outside the root are refused; the file
+    is opened non-blocking (a FIFO cannot hang the worker) and must be a regular file (not /dev/zero).
+    """
+    if os.path.isabs(name):
+        raise RecordRejected(
+            "image_path_outside_root", f"image {name!r} is an absolute path; give it relative to {where}"
+        )
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, name))
+    if os.path.commonpath([real_root, path]) != real_root:
+        raise RecordRejected("image_path_outside_root", f"image {name!r} leads outside {where}")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        where = f"--image-root {image_root}" if image_root is not None else f"the directory of {source_file}"
         raise RecordRejected("image_missing", f"image {name!r} not found (relative to {where})") from None
     except OSError as e:
         raise RecordRejected(
             "image_unreadable", f"image {name!r} cannot be read: {e.strerror or e}"
         ) from None
-    return validate_image(data, name, max_pixels)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecordRejected("image_unreadable", f"image {name!r} is not a regular file")
+        if st.st_size > max_bytes:
+            raise RecordRejected(
+                "image_too_large", f"image {name!r} is {st.st_size} bytes > --max-image-bytes {max_bytes}"
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since fstat
+    except OSError as e:
+        raise RecordRejected(
+            "image_unreadable", f"image {name!r} cannot be read: {e.strerror or e}"
+        ) from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise RecordRejected("image_too_large", f"image {name!r} is over --max-image-bytes {max_bytes} bytes")
+    return data
 
 
 def parse_record(
-    record: RawRecord, input_format: str, image_root: str | None, max_pixels: int
+    record: RawRecord,
+    input_format: str,
+    image_root: str | None,
+    max_pixels: int,
+    max_image_bytes: int = 64 << 20,
 ) -> ParsedRecord:
     """The record as a Conversation with validated images; RecordRejected (message without location) if bad."""
     fields = record.fields
@@ -140,5 +184,5 @@ def parse_record(
         turns = (Turn("assistant", _string_field(fields, "text")),)
         names = []
         conv_kind = "text"
-    images = [_read_image(n, record, image_root, max_pixels) for n in names]
+    images = [_read_image(n, record, image_root, max_pixels, max_image_bytes) for n in names]
     return ParsedRecord(Conversation(turns, len(images), conv_kind), images)

@@ -17,9 +17,12 @@ REJECT_REASONS: dict[str, str] = {
     "image_unsupported": "the bytes are not an image format Pillow can read or convert",
     "image_corrupt": "the image header or pixel data is broken (full decode failed)",
     "image_empty": "the image file is empty (0 bytes) or has zero width or height",
-    "image_too_large": "the image has more pixels than --max-image-pixels",
+    "image_too_large": "the image has more pixels than --max-image-pixels or more bytes than --max-image-bytes",
+    "image_path_outside_root": "an image path is absolute or leads outside the image root (../, symlinks)",
+    "member_too_large": "a webdataset member is larger than its cap (--max-image-bytes for images, 16 MiB for json/txt)",
     "archive_corrupt": "a tar shard is truncated or damaged; members after the damage are lost",
     "too_long": "the sample has more tokens than --max-seq-length and cannot be truncated",
+    "internal_error": "an unexpected error while parsing or encoding the record (a bug: see the message and log)",
 }
 
 

@@ -14,13 +14,16 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
-from megasail.data.preprocess.manifest import build_manifest
+from megasail.data.preprocess.manifest import build_manifest, manifest_fingerprint
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
 from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
 from megasail.data.preprocess.writer import StreamingMerge
@@ -68,6 +71,7 @@ def _check_settings(cfg: PreprocessConfig) -> None:
         "max_seq_length",
         "max_tiles",
         "max_image_pixels",
+        "max_image_bytes",
         "max_line_bytes",
         "workers",
         "lines_per_unit",
@@ -154,30 +158,61 @@ def plan_run(cfg: PreprocessConfig) -> RunPlan:
     fingerprint = _fingerprint(cfg, tokenizer.identity(), inputs)
     if cfg.resume and os.path.isdir(parts_dir):
         _check_resumable(parts_dir, fingerprint)
+    elif cfg.resume and os.path.exists(prefix + ".manifest.json"):
+        _check_finished(prefix + ".manifest.json", fingerprint)
     units = plan_units(inputs, cfg.lines_per_unit)
     return RunPlan(cfg, tokenizer, inputs, units, parts_dir, fingerprint)
+
+
+def _fingerprint_differences(previous: dict, fingerprint: dict) -> list[str]:
+    previous_settings = previous.get("settings", {}) if isinstance(previous, dict) else {}
+    previous = previous if isinstance(previous, dict) else {}
+    diff = [k for k in fingerprint["settings"] if previous_settings.get(k) != fingerprint["settings"][k]]
+    if previous.get("inputs") != fingerprint["inputs"]:
+        diff.append("inputs (paths, sizes or modification times)")
+    if previous.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+        diff.append("tokenizer")
+    return diff
 
 
 def _check_resumable(parts_dir: str, fingerprint: dict) -> None:
     try:
         with open(os.path.join(parts_dir, PLAN_FILE)) as f:
             previous = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return  # the run died before its plan was saved: nothing finished, start the units afresh
     if previous != fingerprint:
-        diff = [
-            k
-            for k in fingerprint["settings"]
-            if previous.get("settings", {}).get(k) != fingerprint["settings"][k]
-        ]
-        if previous.get("inputs") != fingerprint["inputs"]:
-            diff.append("inputs (paths, sizes or modification times)")
-        if previous.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
-            diff.append("tokenizer")
+        diff = _fingerprint_differences(previous, fingerprint)
         raise PreprocessError(
             f"--resume: the unfinished run in {parts_dir} used different settings "
             f"({', '.join(diff)}); pass --overwrite to start over"
         )
+
+
+def _check_finished(manifest_path: str, fingerprint: dict) -> None:
+    """--resume on a complete prefix returns it as it is: only if it was made with these settings."""
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            previous = json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PreprocessError(
+            f"--resume: cannot read {manifest_path} ({e}); pass --overwrite to start over"
+        ) from None
+    if previous is None:
+        raise PreprocessError(
+            f"--resume: {manifest_path} records no settings fingerprint (written by an older version), so it "
+            "cannot be checked against these settings; pass --overwrite to start over"
+        )
+    current = manifest_fingerprint(fingerprint)
+    if previous != current:
+        raise PreprocessError(
+            f"--resume: the finished prefix {manifest_path} was made with different settings "
+            f"({', '.join(_fingerprint_differences(previous, current))}); pass --overwrite to start over"
+        )
+
+
+class WorkerDied(RuntimeError):
+    """A worker process died (killed, out of memory, crashed) and its units cannot finish in this run."""
 
 
 _WORKER_CTX: UnitContext | None = None
@@ -195,8 +230,30 @@ def _add_to_shared_counters(records: int, nbytes: int) -> None:
             counter.value += delta
 
 
+# Test hook: the worker process that runs the unit with this index kills itself with SIGKILL.
+KILL_UNIT_ENV = "MEGASAIL_PREPROCESS_KILL_UNIT"
+
+
 def _run_unit_in_worker(unit: WorkUnit) -> dict:
+    if os.environ.get(KILL_UNIT_ENV) == str(unit.index):
+        os.kill(os.getpid(), signal.SIGKILL)
     return process_unit(unit, _WORKER_CTX, _add_to_shared_counters)
+
+
+def _worker_died_message(prefix: str, parts_dir: str, units: list[WorkUnit]) -> str:
+    def describe(u: WorkUnit) -> str:
+        return f"{u.index} ({os.path.basename(u.path)}" + (
+            f" from line {u.first_line})" if u.container == "jsonl" else ")"
+        )
+
+    shown = ", ".join(describe(u) for u in units[:10]) + (
+        f" and {len(units) - 10} more" if len(units) > 10 else ""
+    )
+    return (
+        f"a worker process died (killed by a signal, e.g. out of memory, or crashed); {len(units)} unit(s) "
+        f"not finished: {shown}. The finished units are kept in {parts_dir} and {prefix} has no manifest; "
+        "rerun with --resume to redo the unfinished units"
+    )
 
 
 def _progress_bar(cfg: PreprocessConfig, total_bytes: int):
@@ -271,18 +328,45 @@ def execute(plan: RunPlan) -> dict:
             spawn = mp.get_context("spawn")
             counters = (spawn.Value("q", 0), spawn.Value("q", 0))
             shown = [0, 0]
-            with spawn.Pool(min(cfg.workers, len(pending)), _init_worker, (ctx, counters)) as pool:
-                results = pool.imap_unordered(_run_unit_in_worker, pending)
-                while len(reports) < len(plan.units):
-                    try:
-                        report = results.next(timeout=0.5)
+            pool = ProcessPoolExecutor(
+                min(cfg.workers, len(pending)),
+                mp_context=spawn,
+                initializer=_init_worker,
+                initargs=(ctx, counters),
+            )
+            clean = False
+            try:
+                running = {pool.submit(_run_unit_in_worker, u): u for u in pending}
+                while running:
+                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        unit = running.pop(future)
+                        try:
+                            report = future.result()
+                        except BrokenProcessPool:
+                            unfinished = [u for u in plan.units if u.index not in reports]
+                            raise WorkerDied(
+                                _worker_died_message(prefix, plan.parts_dir, unfinished)
+                            ) from None
                         reports[report["unit"]] = report
+                    if done:
                         merge.feed(reports)
-                    except mp.TimeoutError:
-                        pass
-                    now = [c.value for c in counters]
+                    # Read without the lock: a killed worker may have died holding it.
+                    now = [c.get_obj().value for c in counters]
                     show(now[0] - shown[0], now[1] - shown[1])
                     shown = now
+                clean = True
+            finally:
+                if clean:
+                    pool.shutdown(wait=True)
+                else:
+                    processes = list((getattr(pool, "_processes", None) or {}).values())
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for process in processes:  # stop the units still running: they are redone on --resume
+                        if process.is_alive():
+                            process.terminate()
+                    for process in processes:
+                        process.join(5)
         bar.refresh()
         bar.close()
         units_wall_seconds = time.perf_counter() - started

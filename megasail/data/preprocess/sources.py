@@ -4,12 +4,14 @@ A work unit is a fixed chunk of one input: `lines_per_unit` lines of a JSONL fil
 shard. Units depend only on the inputs and that number, never on the worker count, so each unit's
 shard is the same bytes however many processes run, and a resumed run redoes exactly the missing ones.
 Both containers are streamed: JSONL line by line from a byte offset, tars with `tarfile` in stream
-mode (members are read into memory by key and never extracted to disk).
+mode (image, .json and .txt members are read into memory by key, each under a size cap, and never
+extracted to disk; other members are skipped unread).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import tarfile
 from collections.abc import Iterator
@@ -122,9 +124,10 @@ def _jsonl_spans(path: str, size: int, lines_per_unit: int) -> list[tuple[int, i
 class UnitReader:
     """The raw records of one unit, streamed; `bytes_read` tells how far into the unit it is (progress)."""
 
-    def __init__(self, unit: WorkUnit, max_line_bytes: int):
+    def __init__(self, unit: WorkUnit, max_line_bytes: int, max_image_bytes: int = 64 << 20):
         self.unit = unit
         self.max_line_bytes = max_line_bytes
+        self.max_image_bytes = max_image_bytes
         self._file = None
 
     @property
@@ -139,7 +142,7 @@ class UnitReader:
         with open(self.unit.path, "rb") as f:
             self._file = f
             if self.unit.container == "tar":
-                yield from _iter_tar(self.unit.path, f)
+                yield from _iter_tar(self.unit.path, f, self.max_image_bytes)
             else:
                 yield from _iter_jsonl(self.unit, f, self.max_line_bytes)
 
@@ -149,8 +152,6 @@ def iter_unit_records(unit: WorkUnit, max_line_bytes: int) -> Iterator[RawRecord
 
 
 def _iter_jsonl(unit: WorkUnit, f, max_line_bytes: int) -> Iterator[RawRecord]:
-    import json
-
     f.seek(unit.start_byte)
     line_no = unit.first_line
     while f.tell() < unit.end_byte:
@@ -186,10 +187,8 @@ def _iter_jsonl(unit: WorkUnit, f, max_line_bytes: int) -> Iterator[RawRecord]:
             continue
         try:
             fields = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield RawRecord(
-                location, None, RecordRejected("malformed_json", f"{location}: {e.msg} at column {e.colno}")
-            )
+        except (ValueError, RecursionError) as e:  # also nesting too deep, integers too long
+            yield RawRecord(location, None, RecordRejected("malformed_json", f"{location}: {_json_error(e)}"))
             continue
         if not isinstance(fields, dict):
             yield RawRecord(
@@ -203,6 +202,18 @@ def _iter_jsonl(unit: WorkUnit, f, max_line_bytes: int) -> Iterator[RawRecord]:
         yield RawRecord(location, fields)
 
 
+def _json_error(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+MAX_TEXT_MEMBER_BYTES = 16 << 20  # cap on a webdataset .json/.txt member
+_TEXT_EXTENSIONS = ("json", "txt")
+
+
 def _wds_key(name: str) -> tuple[str, str]:
     """webdataset's split: key = path up to the first dot of the basename, extension = the rest."""
     directory, base = os.path.split(name)
@@ -210,19 +221,35 @@ def _wds_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def _iter_tar(path: str, fileobj) -> Iterator[RawRecord]:
-    import json
+def _iter_tar(path: str, fileobj, max_image_bytes: int = 64 << 20) -> Iterator[RawRecord]:
+    """Only image, .json and .txt members are read (others are skipped unread), each under its cap."""
 
-    def group_record(key: str, members: dict[str, tuple[str, bytes]]) -> RawRecord:
+    def group_record(key: str, members: dict[str, tuple[str, bytes | None]]) -> RawRecord:
         images = {name: data for ext, (name, data) in members.items() if ext in IMAGE_EXTENSIONS}
         location = f"{path}:{next(iter(images), key)}"
+        for ext, (name, data) in members.items():
+            if data is None:  # over its cap: never read into memory
+                cap = max_image_bytes if ext in IMAGE_EXTENSIONS else MAX_TEXT_MEMBER_BYTES
+                return RawRecord(
+                    location,
+                    None,
+                    RecordRejected(
+                        "member_too_large",
+                        f"{path}:{name}: member larger than "
+                        + ("--max-image-bytes" if ext in IMAGE_EXTENSIONS else "the json/txt cap")
+                        + f" {cap}",
+                    ),
+                )
         fields: dict = {}
         if "json" in members:
             try:
                 meta = json.loads(members["json"][1].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+                message = str(e) if isinstance(e, UnicodeDecodeError) else _json_error(e)
                 return RawRecord(
-                    location, None, RecordRejected("malformed_json", f"{path}:{members['json'][0]}: {e}")
+                    location,
+                    None,
+                    RecordRejected("malformed_json", f"{path}:{members['json'][0]}: {message}"),
                 )
             if isinstance(meta, dict):
                 fields.update({k: meta[k] for k in ("conversations", "caption", "text") if k in meta})
@@ -254,7 +281,14 @@ def _iter_tar(path: str, fileobj) -> Iterator[RawRecord]:
                     yield group_record(current_key, members)
                     members = {}
                 current_key = key
-                members[ext] = (member.name, tar.extractfile(member).read())
+                if ext in IMAGE_EXTENSIONS:
+                    cap = max_image_bytes
+                elif ext in _TEXT_EXTENSIONS:
+                    cap = MAX_TEXT_MEMBER_BYTES
+                else:
+                    continue  # unused member (.mp4, .cls, ...): skipped by the stream, never held
+                data = tar.extractfile(member).read(cap + 1) if member.size <= cap else None
+                members[ext] = (member.name, data if data is None or len(data) <= cap else None)
     except (tarfile.TarError, OSError, EOFError) as e:
         members = {}  # the sample being read when the stream broke may be missing members: not written
         yield RawRecord(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from megasail.data.preprocess.sources import UnitReader, WorkUnit
 from megasail.data.preprocess.writer import open_shard_writer, write_sample
 from megasail.data.template import get_template
 from megasail.data.tokenizer import MultimodalTokenizer
+
+log = logging.getLogger(__name__)
 
 # Test hook: seconds to sleep before each unit finalizes, so a test can kill a run mid-way.
 UNIT_DELAY_ENV = "MEGASAIL_PREPROCESS_UNIT_DELAY"
@@ -50,6 +53,9 @@ def report_path(parts_dir: str, unit: WorkUnit) -> str:
     return unit_prefix(parts_dir, unit) + ".report.json"
 
 
+# The files of a finished unit besides its report (the shard, then its rejects).
+UNIT_FILE_SUFFIXES = (".bin", ".idx", ".img.bin", ".img.idx", ".rejects.jsonl")
+
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
@@ -63,12 +69,18 @@ def boot_id() -> str | None:
 
 
 def load_report(parts_dir: str, unit: WorkUnit) -> dict | None:
+    """The unit's report if the unit can be trusted as finished, else None (the unit is redone)."""
     try:
-        with open(report_path(parts_dir, unit)) as f:
+        with open(report_path(parts_dir, unit), encoding="utf-8") as f:
             report = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):  # unreadable after a power loss: redo the unit
+    except (OSError, ValueError):  # missing, unreadable or torn (e.g. after a power loss): redo the unit
         return None
-    unsynced_boot = report.get("unsynced_boot_id") if isinstance(report, dict) else None
+    if not isinstance(report, dict) or report.get("unit") != unit.index:
+        return None
+    prefix = unit_prefix(parts_dir, unit)
+    if not all(os.path.isfile(prefix + suffix) for suffix in UNIT_FILE_SUFFIXES):
+        return None  # a shard file was removed after the report was written: redo the unit
+    unsynced_boot = report.get("unsynced_boot_id")
     if unsynced_boot is not None and unsynced_boot != boot_id():
         return None  # shard not fsynced and the machine rebooted since: it may be torn, redo it
     return report
@@ -111,7 +123,7 @@ def process_unit(
     # No fsync unless asked for (or no boot id can tell a reboot apart): see the module docstring.
     unsynced_boot = None if cfg.fsync_units else boot_id()
     writer = open_shard_writer(prefix, cfg.writer, sync=unsynced_boot is None)
-    reader = UnitReader(unit, cfg.max_line_bytes)
+    reader = UnitReader(unit, cfg.max_line_bytes, cfg.max_image_bytes)
     reported_records = reported_bytes = 0
     try:
         for record in reader:
@@ -122,7 +134,9 @@ def process_unit(
             try:
                 if record.error is not None:
                     raise record.error
-                parsed = parse_record(record, cfg.input_format, cfg.image_root, cfg.max_image_pixels)
+                parsed = parse_record(
+                    record, cfg.input_format, cfg.image_root, cfg.max_image_pixels, cfg.max_image_bytes
+                )
                 sample = encode_sample(
                     parsed,
                     templates[parsed.conversation.kind],
@@ -132,7 +146,12 @@ def process_unit(
                     on_too_long=cfg.on_too_long,
                     system_message=cfg.system_message,
                 )
-            except RecordRejected as e:
+            except Exception as e:  # a RecordRejected, or a bug: either way one record never ends the run
+                if not isinstance(e, RecordRejected):
+                    log.error(
+                        "%s: internal error on this record (counted as rejected)", record.location, exc_info=e
+                    )
+                    e = RecordRejected("internal_error", f"{type(e).__name__}: {str(e)[:1000]}")
                 reasons[e.reason] += 1
                 message = (
                     e.message if e.message.startswith(record.location) else f"{record.location}: {e.message}"

@@ -77,10 +77,22 @@ class StreamingMerge:
             self.busy_seconds += time.perf_counter() - t0
 
     def feed(self, finished: Container[int]) -> None:
-        """Queue every shard whose unit and all earlier units are in `finished`."""
+        """Queue every shard whose unit and all earlier units are in `finished`; raise the first merge
+        failure as soon as it is known (not only at finish())."""
+        self.check()
         while self._next < len(self._shards) and self._shards[self._next][0] in finished:
             self._futures.append(self._pool.submit(self._append, self._shards[self._next][1]))
             self._next += 1
+
+    def check(self) -> None:
+        """Raise the error of the first failed copy, if one has failed; forget the copies that are done."""
+        pending = []
+        for future in self._futures:
+            if not future.done():
+                pending.append(future)
+            elif future.exception() is not None:
+                raise future.exception()
+        self._futures = pending
 
     def finish(self) -> int:
         """Wait for the queued copies (raising the first failure), then fsync and publish."""
