@@ -181,6 +181,43 @@ def test_on_error_raise_names_index_and_reason(backend):
         decode_tiles([png_bomb()], 6, backend=backend, on_error="raise")
 
 
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_out_gives_the_same_tiles_bit_for_bit(backend):
+    """decode_tiles(out=buf) writes each image into its slice of buf, equal to the tensors it returns without out."""
+    batch = [data for _, data in inputs_for_reference()]
+    expected = decode_tiles(batch, 6, backend=backend)
+    counts = [t.shape[0] for t in expected]
+    buf = torch.full((sum(counts), 3, 448, 448), float("nan"))
+    stats = DecodeStats()
+    got = decode_tiles(batch, 6, backend=backend, out=buf, stats=stats)
+    assert torch.equal(buf, torch.cat(expected))
+    at = 0
+    for tiles, n in zip(got, counts, strict=True):
+        assert tiles.data_ptr() == buf[at].data_ptr() and tiles.shape[0] == n  # a view of buf, no copy
+        at += n
+    assert (stats.decoded, stats.tiles) == (len(batch), sum(counts))
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_out_leaves_bad_images_slices_to_the_caller(backend):
+    batch = bad_batch()
+    alone = decode_tiles(batch, 6, backend=backend)
+    counts = [7, 7, 1, 1, 7]  # the refused images' counts come from out_tiles (e.g. the dataset index)
+    buf = torch.full((sum(counts), 3, 448, 448), -7.0)
+    stats = DecodeStats()
+    got = decode_tiles(batch, 6, backend=backend, out=buf, out_tiles=counts, stats=stats)
+    assert [r is None for r in got] == [False, True, True, True, False]
+    assert (stats.decoded, stats.corrupt, stats.too_large) == (2, 2, 1)
+    assert torch.equal(buf[:7], alone[0]) and torch.equal(buf[16:], alone[4])
+    assert bool((buf[7:16] == -7.0).all())  # untouched
+    with pytest.raises(ValueError, match="unreadable header"):  # no out_tiles: the layout is unknown
+        decode_tiles(batch, 6, backend=backend, out=buf)
+    with pytest.raises(ImageDecodeError, match="image 0: corrupt: its 640x480 header gives 7 tiles, out_tiles says 3"):
+        decode_tiles(batch[:1], 6, backend=backend, out=buf[:3], out_tiles=[3], on_error="raise")
+    with pytest.raises(ValueError, match="out holds 8"):
+        decode_tiles(batch[:1], 6, backend=backend, out=buf[:8])
+
+
 def test_pixel_limit_is_explicit_not_pils_global(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # users often switch PIL's guard off
     stats = DecodeStats()

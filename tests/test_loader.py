@@ -341,3 +341,45 @@ def test_bench_loader_quick_runs(repo_root):
     help_text = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "bench_loader.py"), "--help"],
                                capture_output=True, text=True, env=env, timeout=120)
     assert help_text.returncode == 0 and "--quick" in help_text.stdout
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_replacement_with_another_tile_count_keeps_pixels_in_order(tmp_path, backend, num_workers):
+    """Every sample has an image (1, 3, 3, 1, ... tiles); sample 0's (1 tile) is corrupt and sample 1
+    (3 tiles) replaces it, so the micro-batch's tiles are laid out anew after decoding."""
+    good = image_bytes("JPEG", 64, 48, seed=5)
+    prefix = write_prefix(tmp_path / "bad", 6, 3, image_every=1, bad={0: good[: len(good) // 2]})
+    config = DataConfig(stages=[StageConfig("only", [SourceConfig(prefix, 1.0)], budget_samples=6)],
+                        seq_length=8192, global_batch_size=1, max_tiles=2, num_workers=num_workers,
+                        pack_chunk_samples=6, decode_backend=backend, balance_dp=False)
+    loader = MultimodalDataLoader(config)
+    plans = micro_batch_plans(loader.curriculum, loader.position, 0, 1, loader.cost_model)
+    ds = IndexedMultimodalDataset(prefix)
+    checked = changed = 0
+    for batch, plan in zip(loader, plans, strict=False):
+        (sequence,) = plan.sequences
+        samples = list(sequence.samples)
+        if 0 in samples:  # the replacement comes right after the samples kept before it
+            samples[samples.index(0)] = 1
+        pixels = [t for i in samples for t in decode_tiles([bytes(im.data) for im in ds[i].images], 2,
+                                                           backend=backend)]
+        assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+        checked += 1
+        changed += 0 in sequence.samples and batch["pixel_values"].shape[0] == sequence.num_tiles + 2
+    stats = loader.statistics()
+    loader.close()
+    assert checked and changed == 1 and stats["bad_samples"] == 1 and stats["replaced_samples"] == 1
+
+
+def test_in_process_batches_decode_straight_into_pixel_values(prefixes, monkeypatch):
+    """No bad image: pixel_values is the tensor the images were decoded into (nothing concatenated)."""
+    from megasail.data import packing
+
+    def no_concat(*args, **kwargs):
+        raise AssertionError("pixel tiles were concatenated")
+
+    monkeypatch.setattr(packing, "concat_tiles", no_concat)
+    loader = MultimodalDataLoader(make_config(prefixes))
+    batches = [next(loader) for _ in range(6)]
+    assert any(b["pixel_values"] is not None for b in batches)

@@ -106,8 +106,11 @@ def read_header(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -
 
 
 def normalized_tiles_from_uint8(grid_hwc: np.ndarray, cols: int, rows: int, tile_size: int,
-                                thumbnail_hwc: np.ndarray | None) -> torch.Tensor:
-    """uint8 [rows*T, cols*T, 3] grid (+ [T, T, 3] thumbnail) -> float32 [n(+1), 3, T, T], normalised."""
+                                thumbnail_hwc: np.ndarray | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [rows*T, cols*T, 3] grid (+ [T, T, 3] thumbnail) -> float32 [n(+1), 3, T, T], normalised.
+
+    Written into `out` (float32 of that shape, e.g. a slice of a batch tensor) when given.
+    """
     n = cols * rows
     tiles_u8 = torch.empty((n + (thumbnail_hwc is not None), 3, tile_size, tile_size), dtype=torch.uint8)
     # Rearrange as uint8 (a quarter of the float bytes): tile (r, c) = grid[r*T:(r+1)*T, c*T:(c+1)*T].
@@ -115,12 +118,17 @@ def normalized_tiles_from_uint8(grid_hwc: np.ndarray, cols: int, rows: int, tile
         torch.from_numpy(grid_hwc).view(rows, tile_size, cols, tile_size, 3).permute(0, 2, 4, 1, 3))
     if thumbnail_hwc is not None:
         tiles_u8[n].copy_(torch.from_numpy(thumbnail_hwc).permute(2, 0, 1))
-    out = torch.empty(tiles_u8.shape, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(tiles_u8.shape, dtype=torch.float32)
     return out.copy_(tiles_u8).mul_(_SCALE_C11).add_(_SHIFT_C11)
 
 
-def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448) -> torch.Tensor:
+def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """One image with PIL, exactly as InternVL's load_image: float32 [cols*rows (+1), 3, T, T].
+
+    Written into `out` (a CPU float32 tensor of that shape) when given; `out` is untouched when
+    the image fails to decode.
 
     Raises OSError / ValueError (from PIL) when the pixel data is corrupt.
     """
@@ -131,7 +139,7 @@ def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448) ->
     grid = image.resize((cols * tile_size, rows * tile_size), Image.BICUBIC)
     thumbnail = image.resize((tile_size, tile_size), Image.BICUBIC) if cols * rows > 1 else None
     return normalized_tiles_from_uint8(np.array(grid), cols, rows, tile_size,
-                                       None if thumbnail is None else np.array(thumbnail))
+                                       None if thumbnail is None else np.array(thumbnail), out)
 
 
 _logged: set[str] = set()
@@ -186,9 +194,42 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def output_device(backend: str = "auto", dali_threads: int = 1) -> str:
+    """Where `decode_tiles` puts its tensors for this backend: "cpu", or the GPU of DALI `mixed`."""
+    backend = resolve_backend(backend)
+    on_gpu = backend != "pil" and decode_dali.dali_gpu_count() > 0
+    return _dali_tiler(dali_threads).device if on_gpu else "cpu"
+
+
+def _out_slots(out: torch.Tensor, out_tiles: Sequence[int] | None, grids: dict[int, tuple[int, int]],
+               count: int, tile_size: int) -> list[torch.Tensor]:
+    """The slice of `out` each image is written into (images back to back, in order)."""
+    shape = (3, tile_size, tile_size)
+    if out.dtype != torch.float32 or out.dim() != 4 or tuple(out.shape[1:]) != shape:
+        raise ValueError(f"out must be float32 [tiles, {', '.join(map(str, shape))}], "
+                         f"got {out.dtype} {list(out.shape)}")
+    counts = []
+    for index in range(count):
+        if out_tiles is not None:  # a header that disagrees is already a bad image
+            counts.append(int(out_tiles[index]))
+        elif index in grids:
+            cols, rows = grids[index]
+            counts.append(cols * rows + (cols * rows > 1))
+        else:
+            raise ValueError(f"image {index}: unreadable header, so its slice of `out` is unknown; pass out_tiles")
+    if sum(counts) != out.shape[0]:
+        raise ValueError(f"the images have {sum(counts)} tiles, out holds {out.shape[0]}")
+    slots, at = [], 0
+    for n in counts:
+        slots.append(out[at : at + n])
+        at += n
+    return slots
+
+
 def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "auto", tile_size: int = 448,
                  min_tiles: int = 1, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: str = "skip",
-                 stats: DecodeStats | None = None, dali_threads: int = 1) -> list[torch.Tensor | None]:
+                 stats: DecodeStats | None = None, dali_threads: int = 1, out: torch.Tensor | None = None,
+                 out_tiles: Sequence[int] | None = None) -> list[torch.Tensor | None]:
     """Decode and tile a batch of encoded images.
 
     Args:
@@ -200,14 +241,28 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
             lowest bad index after the batch is processed (stats still count every image).
         stats: counters to update (decoded, tiles, corrupt, too_large, backend_counts).
         dali_threads: worker threads of the DALI CPU pipeline.
+        out: a preallocated float32 [total_tiles, 3, tile_size, tile_size] tensor (e.g. a batch's
+            pixel_values in shared memory): image i is written straight into its slice, the images'
+            slices back to back in order, with no per-image tensor copied afterwards. A bad image's
+            slice is left as it was, for the caller to fill or discard.
+        out_tiles: the tile count of each image (e.g. from the dataset index), which lays out `out`
+            even when a header is unreadable. Without it the layout comes from the headers, so
+            every header must be readable (ValueError otherwise). An image whose header gives
+            another tile count than out_tiles is a bad image ("corrupt"); a layout whose total
+            differs from out's first dimension is a ValueError.
 
     Returns:
         One float32 tensor [n, 3, tile_size, tile_size] per image (None for refused images with
         on_error="skip"), n = tiling.num_tiles(width, height, max_tiles, min_tiles, tile_size).
-        Tensors are on the GPU when DALI `mixed` decoded the batch, else on the CPU.
+        Tensors are on the GPU when DALI `mixed` decoded the batch, else on the CPU. With `out`,
+        they are the views of `out` the images were written into.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if out_tiles is not None and out is None:
+        raise ValueError("out_tiles lays out `out`; pass out as well")
+    if out_tiles is not None and len(out_tiles) != len(images):
+        raise ValueError(f"out_tiles has {len(out_tiles)} counts for {len(images)} images")
     stats = stats if stats is not None else DecodeStats()
     backend = resolve_backend(backend)
     results: list[torch.Tensor | None] = [None] * len(images)
@@ -221,9 +276,15 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
         except ImageDecodeError as error:
             errors[index] = ImageDecodeError(index, error.kind, error.reason)
             continue
-        grids[index] = tile_grid(header.width, header.height, max_tiles, min_tiles, tile_size)
+        cols, rows = tile_grid(header.width, header.height, max_tiles, min_tiles, tile_size)
+        if out_tiles is not None and cols * rows + (cols * rows > 1) != int(out_tiles[index]):
+            errors[index] = ImageDecodeError(index, "corrupt", f"its {header.width}x{header.height} header gives "
+                                             f"{cols * rows + (cols * rows > 1)} tiles, out_tiles says {out_tiles[index]}")
+            continue
+        grids[index] = (cols, rows)
         if _decode_with_dali(backend, header, on_gpu):
             use_dali.append(index)
+    slots = _out_slots(out, out_tiles, grids, len(images), tile_size) if out is not None else None
 
     if backend == "auto":
         _log_once("image decode backend: auto -> DALI mixed (GPU)" if on_gpu else
@@ -236,7 +297,8 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
     if use_dali:
         tiler = _dali_tiler(dali_threads)
         dali_name = "dali_cpu" if tiler.device_id is None else "dali_mixed"
-        decoded = tiler.decode_each([bytes(images[i]) for i in use_dali], [grids[i] for i in use_dali], tile_size)
+        decoded = tiler.decode_each([bytes(images[i]) for i in use_dali], [grids[i] for i in use_dali], tile_size,
+                                    outs=None if slots is None else [slots[i] for i in use_dali])
         for index, tiles in zip(use_dali, decoded, strict=True):
             if isinstance(tiles, Exception):
                 errors[index] = ImageDecodeError(index, "corrupt", f"DALI could not decode it: {_dali_reason(tiles)}")
@@ -247,12 +309,16 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
     for index, (cols, rows) in grids.items():
         if index in dali_set:
             continue
+        # With a CPU `out`, PIL writes into its slice; else (no out, or out on the GPU) it is moved there.
+        direct = slots is not None and slots[index].device.type == "cpu"
         try:
-            tiles = decode_tiles_pil(bytes(images[index]), cols, rows, tile_size)
+            tiles = decode_tiles_pil(bytes(images[index]), cols, rows, tile_size, out=slots[index] if direct else None)
         except Exception as error:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError... on bad data
             errors[index] = ImageDecodeError(index, "corrupt", f"{type(error).__name__}: {error}")
             continue
-        results[index] = tiles.to(device)
+        if slots is not None and not direct:
+            tiles = slots[index].copy_(tiles)
+        results[index] = tiles if slots is not None else tiles.to(device)
         stats.backend_counts["pil"] += 1
 
     for tiles in results:

@@ -96,11 +96,15 @@ def _build_pipeline(key: PipelineKey) -> Pipeline:
 
 
 def grid_to_tiles(grid_chw: torch.Tensor, cols: int, rows: int, tile_size: int,
-                  thumbnail_chw: torch.Tensor | None) -> torch.Tensor:
-    """[3, rows*T, cols*T] grid (+ [3, T, T] thumbnail) -> [rows*cols (+1), 3, T, T], tiles row by row."""
+                  thumbnail_chw: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[3, rows*T, cols*T] grid (+ [3, T, T] thumbnail) -> [rows*cols (+1), 3, T, T], tiles row by row.
+
+    Written into `out` (that shape, any device) when given, else into a new tensor on the grid's device.
+    """
     n = cols * rows
-    out = torch.empty((n + (thumbnail_chw is not None), 3, tile_size, tile_size), dtype=grid_chw.dtype,
-                      device=grid_chw.device)
+    if out is None:
+        out = torch.empty((n + (thumbnail_chw is not None), 3, tile_size, tile_size), dtype=grid_chw.dtype,
+                          device=grid_chw.device)
     # One copy: tile (r, c) is grid[:, r*T:(r+1)*T, c*T:(c+1)*T].
     out[:n].view(rows, cols, 3, tile_size, tile_size).copy_(
         grid_chw.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4))
@@ -141,8 +145,11 @@ class DaliTiler:
         return self._pipelines[key]
 
     def decode_batch(self, images: Sequence[bytes], grids: Sequence[tuple[int, int]],
-                     tile_size: int) -> list[torch.Tensor]:
+                     tile_size: int, outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Encoded images and their (cols, rows) grids -> one float32 [n, 3, T, T] per image.
+
+        With `outs` (one float32 [n, 3, T, T] tensor per image), each image's tiles are written into
+        its tensor, which is returned; nothing is written when the batch fails.
 
         Raises RuntimeError when DALI fails the batch (one undecodable image fails all of them);
         the pipeline stays usable for the next batch.
@@ -163,25 +170,26 @@ class DaliTiler:
         for i, (cols, rows) in enumerate(grids):
             grid = self._to_torch(grid_list[i])
             thumb = self._to_torch(thumb_list[i]) if (thumb_list is not None and cols * rows > 1) else None
-            results.append(grid_to_tiles(grid, cols, rows, tile_size, thumb))
+            results.append(grid_to_tiles(grid, cols, rows, tile_size, thumb, None if outs is None else outs[i]))
         return results
 
     def decode_each(self, images: Sequence[bytes], grids: Sequence[tuple[int, int]],
-                    tile_size: int) -> list[torch.Tensor | Exception]:
+                    tile_size: int, outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | Exception]:
         """Like `decode_batch`, but a failed batch is re-decoded one image at a time.
 
-        Returns the tiles of each image, or the exception that image raised.
+        Returns the tiles of each image, or the exception that image raised (its `outs` tensor,
+        if any, is then left as it was).
         """
         try:
-            return list(self.decode_batch(images, grids, tile_size))
+            return list(self.decode_batch(images, grids, tile_size, outs))
         except RuntimeError as batch_error:
             if len(images) == 1:
                 return [batch_error]
             logger.debug("DALI batch of %d failed (%s); retrying one image at a time", len(images), batch_error)
         results: list[torch.Tensor | Exception] = []
-        for data, grid in zip(images, grids, strict=True):
+        for i, (data, grid) in enumerate(zip(images, grids, strict=True)):
             try:
-                results.append(self.decode_batch([data], [grid], tile_size)[0])
+                results.append(self.decode_batch([data], [grid], tile_size, None if outs is None else [outs[i]])[0])
             except RuntimeError as error:
                 results.append(error)
         return results

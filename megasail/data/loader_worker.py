@@ -7,6 +7,12 @@ that fits the room left in the row and whose images all decode. Failing candidat
 too. When none fits, the space becomes padding. The rule depends on the data only, so a run
 is still deterministic, and no bad image can stop or stall it. Every bad sample is logged with its
 source and index.
+
+Pixels: the index gives every planned image's tile count before anything is decoded, so the
+micro-batch's `pixel_values` is allocated once (in shared memory in a DataLoader worker) and
+every image is decoded straight into its slice (`decode_tiles(out=...)`); no pixel is copied
+afterwards. Only a micro-batch in which a sample was dropped (whose replacement may have another
+tile count) is laid out again: its kept and replacement tiles are concatenated into a new tensor.
 """
 
 from __future__ import annotations
@@ -92,11 +98,12 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         d = self.data
         return ds.expand(index, d.max_tiles, min_tiles=d.min_tiles, tile_size=d.tile_size)
 
-    def _decode(self, images: list, decode_stats: decode.DecodeStats) -> list:
+    def _decode(self, images: list, decode_stats: decode.DecodeStats, out: torch.Tensor | None = None,
+                out_tiles: list[int] | None = None) -> list:
         d = self.data
         return decode.decode_tiles(images, d.max_tiles, backend=d.decode_backend, tile_size=d.tile_size,
                                    min_tiles=d.min_tiles, max_image_pixels=d.max_image_pixels,
-                                   on_error="skip", stats=decode_stats)
+                                   on_error="skip", stats=decode_stats, out=out, out_tiles=out_tiles)
 
     def _reason(self, images: list, tiles: list) -> str:
         for data, result in zip(images, tiles, strict=True):
@@ -135,20 +142,32 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
             return sample, tiles
         return None
 
-    def build_sequence(self, planned: PlannedSequence, row: _RowStats,
-                       decode_stats: decode.DecodeStats) -> PackedSequence:
-        """Read, expand and decode one planned sequence, replacing samples whose images fail."""
-        stage = planned.stage
+    def read_sequence(self, planned: PlannedSequence) -> tuple[list[TokenizedSample], list[list]]:
+        """The expanded samples of one planned sequence and the encoded images of each."""
         samples, images_of = [], []
         for source, index, length in zip(planned.sources, planned.samples, planned.lengths, strict=True):
-            ds = self.dataset(stage, source)
+            ds = self.dataset(planned.stage, source)
             samples.append(self._expand(ds, index))
             if len(samples[-1].input_ids) != length:  # the plan's count comes from tiling.num_image_tokens
                 raise AssertionError(f"{ds.prefix} sample {index}: expanded to {len(samples[-1].input_ids)} "
                                      f"tokens, the index counted {length}")
             images_of.append([im.data for im in ds.sample(index).images])
+        return samples, images_of
+
+    def build_sequence(self, planned: PlannedSequence, row: _RowStats, decode_stats: decode.DecodeStats,
+                       read: tuple[list[TokenizedSample], list[list]] | None = None,
+                       out: torch.Tensor | None = None) -> PackedSequence:
+        """Read, expand and decode one planned sequence, replacing samples whose images fail.
+
+        `read` is `read_sequence(planned)` when the caller has it already. With `out` (float32
+        [tiles of the planned samples, 3, T, T]), the planned images are decoded straight into it,
+        in order, and the sequence's pixels are views of it.
+        """
+        stage = planned.stage
+        samples, images_of = read if read is not None else self.read_sequence(planned)
         flat = [im for images in images_of for im in images]
-        decoded = self._decode(flat, decode_stats) if flat else []
+        out_tiles = [n for sample in samples for n in sample.image_tiles] if out is not None else None
+        decoded = self._decode(flat, decode_stats, out, out_tiles) if flat else []
         tiles_of, at = [], 0
         for images in images_of:
             tiles_of.append(decoded[at : at + len(images)])
@@ -176,12 +195,28 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
     def __getitem__(self, plan: MicroBatchPlan) -> BuiltMicroBatch:
         started = time.perf_counter()
         row, decode_stats = _RowStats(), decode.DecodeStats()
-        sequences = [self.build_sequence(p, row, decode_stats) for p in plan.sequences]
-        context_id = self._image_context_id(plan)
         in_worker = torch.utils.data.get_worker_info() is not None
+        reads = [self.read_sequence(p) for p in plan.sequences]
+        # The planned tiles, known from the index: one tensor for the micro-batch, each sequence its slice.
+        tiles_of = [sum(sum(s.image_tiles) for s in samples) for samples, _ in reads]
+        size = self.data.tile_size
+        pixels = None
+        device = decode.output_device(self.data.decode_backend)
+        if sum(tiles_of) and device == "cpu":  # DALI mixed (GPU) decodes to the GPU: concatenated there
+            shape = (sum(tiles_of), 3, size, size)
+            pixels = shared_float32(shape) if in_worker else torch.empty(shape, dtype=torch.float32)
+        sequences, at = [], 0
+        for planned, read, n in zip(plan.sequences, reads, tiles_of, strict=True):
+            out = pixels[at : at + n] if pixels is not None and n else None
+            sequences.append(self.build_sequence(planned, row, decode_stats, read, out))
+            at += n
+        # A dropped sample (replaced or not) changes the layout: then the tiles are concatenated anew.
+        intact = row.bad_samples == 0
+        context_id = self._image_context_id(plan)
         batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
                                build_attention_mask=self.data.build_attention_mask,
-                               pixel_allocator=shared_float32 if in_worker else None)
+                               pixel_allocator=shared_float32 if in_worker else None,
+                               pixel_values=pixels if intact else None)
         stats = {
             "sequences": len(sequences),
             "samples": sum(len(s.samples) for s in sequences),

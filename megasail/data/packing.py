@@ -116,6 +116,7 @@ def collate_packed(
     img_context_id: int | None = None,
     build_attention_mask: bool = True,
     pixel_allocator: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Rows of packed samples -> the batch dict of `forward_step` (b = len(sequences), s = seq_length).
 
@@ -134,6 +135,9 @@ def collate_packed(
 
     pixel_allocator(shape) gives the float32 tensor the tiles are concatenated into (a DataLoader
     worker passes shared memory, so handing the batch to the main process copies no pixels).
+    pixel_values, when given, already holds every row's tiles in order (the loader decodes straight
+    into one tensor, `decode.decode_tiles(out=...)`): it is returned as is, nothing is concatenated,
+    and `sequence.pixels` (views of it, or empty) only serve the per-row tile count checks.
     """
     b = len(sequences)
     input_ids = torch.full((b, seq_length), pad_token_id, dtype=torch.int64)
@@ -165,6 +169,12 @@ def collate_packed(
         if sequence.pixels and got_tiles != expected_tiles:
             raise AssertionError(f"row {row}: {got_tiles} decoded tiles, its samples expect {expected_tiles}")
         pixels.extend(sequence.pixels)
+    if pixel_values is not None:
+        total = sum(s.num_tiles for s in sequences)
+        if int(pixel_values.shape[0]) != total:
+            raise AssertionError(f"pixel_values holds {int(pixel_values.shape[0])} tiles, the samples expect {total}")
+    elif pixels:
+        pixel_values = concat_tiles(pixels, pixel_allocator)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -172,6 +182,6 @@ def collate_packed(
         "loss_mask": loss_mask,
         "attention_mask": torch.stack(masks)[:, None] if build_attention_mask and b else None,
         "cu_seqlens": torch.tensor(boundaries, dtype=torch.int32),
-        "pixel_values": concat_tiles(pixels, pixel_allocator) if pixels else None,
+        "pixel_values": pixel_values,
         "num_samples": torch.tensor([len(s.samples) for s in sequences], dtype=torch.int64),
     }
