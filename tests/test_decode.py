@@ -293,3 +293,13 @@ def test_bench_images_quick_runs(tmp_path):
     assert sorted((cells[0], cells[2], cells[3].split(" ")[0]) for cells in table) == expected
     rows = json.loads(out.read_text())
     assert len(rows) == len(table) and all(r["tiles_per_s"] > 0 for r in rows)
+
+
+def test_formats_outside_the_allowlist_are_refused_from_the_header():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(buf, format="PPM")  # PIL reads PPM, datasets never hold it
+    stats = DecodeStats()
+    assert decode_tiles([buf.getvalue()], 1, backend="pil", stats=stats) == [None]
+    assert stats.corrupt == 1

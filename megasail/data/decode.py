@@ -85,13 +85,17 @@ class ImageHeader:
     format: str  # PIL's name: "JPEG", "PNG", ...
 
 
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG's opener also yields MPO
+
+
 def read_header(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageHeader:
     """Size and format from the header alone; raises ImageDecodeError (index -1) for refused images."""
     try:
         with warnings.catch_warnings():
             # Our own limit below decides; PIL's warning for > Image.MAX_IMAGE_PIXELS is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # parses the header, decodes no pixels
+            # parses the header, decodes no pixels; only the formats datasets hold (no EPS/PSD/... parsers)
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
                 width, height, fmt = image.width, image.height, image.format or ""
     except Image.DecompressionBombError as error:  # PIL's own ceiling, 2x Image.MAX_IMAGE_PIXELS, cannot be skipped
         raise ImageDecodeError(-1, "too_large", f"PIL refused the header: {error}") from error
@@ -132,7 +136,7 @@ def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448,
 
     Raises OSError / ValueError (from PIL) when the pixel data is corrupt.
     """
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
         image.load()  # decodes: truncated or corrupt pixel data raises here
         # Palette, grey, alpha and CMYK become RGB as in InternVL (an RGB image needs no copy).
         image = image if image.mode == "RGB" else image.convert("RGB")
@@ -152,9 +156,17 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
+def _gpu_decode_allowed() -> bool:
+    """DALI `mixed` decoding only in a process that owns its GPU: never in a DataLoader worker
+    (forked from a trainer that already initialised CUDA, where CUDA cannot be re-initialised)."""
+    if torch.utils.data.get_worker_info() is not None:
+        return False
+    return decode_dali.dali_gpu_count() > 0
+
+
 def _dali_tiler(num_threads: int) -> decode_dali.DaliTiler:
     """The process's DaliTiler: on GPU 'mixed' when DALI sees one, else the CPU pipeline."""
-    device_id = torch.cuda.current_device() if decode_dali.dali_gpu_count() > 0 else None
+    device_id = torch.cuda.current_device() if _gpu_decode_allowed() else None
     key = (os.getpid(), device_id, num_threads)  # a forked DataLoader worker must not reuse its parent's threads
     if key not in _tilers:
         _tilers[key] = decode_dali.DaliTiler(device_id=device_id, num_threads=num_threads)
@@ -197,7 +209,7 @@ def resolve_backend(backend: str) -> str:
 def output_device(backend: str = "auto", dali_threads: int = 1) -> str:
     """Where `decode_tiles` puts its tensors for this backend: "cpu", or the GPU of DALI `mixed`."""
     backend = resolve_backend(backend)
-    on_gpu = backend != "pil" and decode_dali.dali_gpu_count() > 0
+    on_gpu = backend != "pil" and _gpu_decode_allowed()
     return _dali_tiler(dali_threads).device if on_gpu else "cpu"
 
 
@@ -269,7 +281,7 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
     errors: dict[int, ImageDecodeError] = {}
     grids: dict[int, tuple[int, int]] = {}
     use_dali: list[int] = []
-    on_gpu = backend != "pil" and decode_dali.dali_gpu_count() > 0
+    on_gpu = backend != "pil" and _gpu_decode_allowed()
     for index, data in enumerate(images):
         try:
             header = read_header(bytes(data), max_image_pixels)
