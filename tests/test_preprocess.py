@@ -326,25 +326,19 @@ def _wait_for(predicate, timeout=60.0):
     return False
 
 
+def unit_run_args(jsonl, image_root, tokenizer) -> list:
+    """Arguments of a small multi-unit run (4 lines per unit) without a progress bar."""
+    return ["--input", jsonl, "--image-root", image_root, "--tokenizer", tokenizer, "--max-tiles", MAX_TILES,
+            "--lines-per-unit", 4, "--no-progress"]
+
+
 def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_tokenizer):
     write_images(str(tmp_path / "imgs"), {f"{k}.jpg": image_bytes("JPEG", 40 + k, 30, k) for k in range(4)})
     jsonl = write_jsonl(
         str(tmp_path / "in.jsonl"),
         good_conversation_records(39, [f"{k}.jpg" for k in range(4)]) + [b"{broken"],
     )
-    common = [
-        "--input",
-        jsonl,
-        "--image-root",
-        tmp_path / "imgs",
-        "--tokenizer",
-        tiny_tokenizer,
-        "--max-tiles",
-        MAX_TILES,
-        "--lines-per-unit",
-        4,
-        "--no-progress",
-    ]
+    common = unit_run_args(jsonl, tmp_path / "imgs", tiny_tokenizer)
     ref = tmp_path / "ref" / "ds"
     assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
 
@@ -627,19 +621,7 @@ def test_dead_worker_stops_the_run_and_resume_finishes_identically(tmp_path, tin
     jsonl = write_jsonl(
         str(tmp_path / "in.jsonl"), good_conversation_records(24, [f"{k}.jpg" for k in range(4)])
     )
-    common = [
-        "--input",
-        jsonl,
-        "--image-root",
-        tmp_path / "imgs",
-        "--tokenizer",
-        tiny_tokenizer,
-        "--max-tiles",
-        MAX_TILES,
-        "--lines-per-unit",
-        4,
-        "--no-progress",
-    ]
+    common = unit_run_args(jsonl, tmp_path / "imgs", tiny_tokenizer)
     ref = tmp_path / "ref" / "ds"
     assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
     died = tmp_path / "died" / "ds"
