@@ -97,3 +97,12 @@ def test_data_stages_load_from_yaml_and_typos_in_list_items_are_located(tmp_path
     bad.write_text(good.read_text().replace("{prefix: /d/sft, weight", "{prefix: /d/sft, weigth"))
     with pytest.raises(ConfigError, match=r"bad.yaml:12: unknown config key 'weigth'.*sources\[\]\.weight"):
         load_config(bad)
+
+
+def test_resolved_config_round_trips_through_yaml(repo_root, tmp_path):
+    from megasail.config import to_yaml
+
+    cfg = load_config(f"{repo_root}/examples/configs/sail_vl_8b.yaml", ["parallel.pipeline=2", "data.seq_length=4096"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved) == cfg

@@ -171,8 +171,3 @@ def install() -> bool:
     _installed = True
     log.info("CUDA not available: megatron-core runs on the CPU backend (gloo)")
     return True
-
-
-def is_active() -> bool:
-    """True when the CPU backend is installed in this process."""
-    return _installed

@@ -12,8 +12,6 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-BATCH_KEYS = ("input_ids", "position_ids", "labels", "loss_mask", "pixel_values", "attention_mask", "cu_seqlens")
-
 
 def masked_loss_sum(loss_mask_bs: torch.Tensor, losses_bs: torch.Tensor):
     """(sum of per-token losses over loss tokens, number of loss tokens, logs), as megatron's
