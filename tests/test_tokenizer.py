@@ -3,7 +3,7 @@ import os
 import pickle
 
 import pytest
-from fixtures.multimodal_data import QWEN_TOKENIZER_DIR, make_sentencepiece_model, make_tiny_tokenizer
+from fixtures.multimodal_data import make_sentencepiece_model, make_tiny_tokenizer
 
 from megasail.data.tokenizer import (
     IM_END,
@@ -15,11 +15,6 @@ from megasail.data.tokenizer import (
     MultimodalTokenizer,
     TokenizerError,
 )
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return MultimodalTokenizer.load(QWEN_TOKENIZER_DIR)
 
 
 @pytest.fixture
