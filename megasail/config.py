@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from megasail.data.config import DataConfig
+from megasail.data.loader.config import DataConfig
 from megasail.fields import doc
 from megasail.models.config import ModelConfig
 

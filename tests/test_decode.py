@@ -1,4 +1,4 @@
-"""megasail.data.decode: PIL against InternVL's reference, DALI against PIL, bad-input policy, bench smoke."""
+"""megasail.data.images.decode: PIL against InternVL's reference, DALI against PIL, bad-input policy, bench smoke."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ import skimage
 import torch
 from PIL import Image, ImageDraw
 
-from megasail.data import decode, decode_dali
-from megasail.data.decode import BACKEND_ENV_VAR, DecodeStats, ImageDecodeError, decode_tiles
-from megasail.data.tiling import num_tiles
+from megasail.data.images import dali, decode
+from megasail.data.images.decode import BACKEND_ENV_VAR, DecodeStats, ImageDecodeError, decode_tiles
+from megasail.data.images.tiling import num_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
-needs_dali = pytest.mark.skipif(not decode_dali.dali_available(), reason="nvidia-dali is not installed")
+needs_dali = pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali is not installed")
 MEAN_C11 = np.asarray(ref.IMAGENET_MEAN, dtype=np.float64).reshape(3, 1, 1)
 STD_C11 = np.asarray(ref.IMAGENET_STD, dtype=np.float64).reshape(3, 1, 1)
 
@@ -250,7 +250,7 @@ def test_auto_chooses_per_image_by_size_and_env_overrides(monkeypatch):
 
 
 def test_missing_dali_gives_clear_error_and_auto_falls_back(monkeypatch):
-    monkeypatch.setattr(decode_dali, "fn", None)
+    monkeypatch.setattr(dali, "fn", None)
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     with pytest.raises(ImportError, match="nvidia-dali"):
         decode_tiles([skimage_bytes("rocket.jpg")], 1, backend="dali")
@@ -262,14 +262,14 @@ def test_missing_dali_gives_clear_error_and_auto_falls_back(monkeypatch):
 def test_backend_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(decode, "_logged", set())
     data = [skimage_bytes("rocket.jpg")]
-    with caplog.at_level(logging.INFO, logger="megasail.data.decode"):
+    with caplog.at_level(logging.INFO, logger="megasail.data.images.decode"):
         decode_tiles(data, 1, backend="pil")
         decode_tiles(data, 1, backend="pil")
     assert [r.getMessage() for r in caplog.records] == ["image decode backend: pil"]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(decode_dali.dali_gpu_count() == 0, reason="needs a GPU visible to DALI")
+@pytest.mark.skipif(dali.dali_gpu_count() == 0, reason="needs a GPU visible to DALI")
 def test_dali_mixed_agrees_with_pil_on_gpu():
     data = skimage_bytes("rocket.jpg")
     stats = DecodeStats()
@@ -287,7 +287,7 @@ def test_bench_images_quick_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = [[cell.strip() for cell in line.strip("|").split("|")]
              for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    backends = ["pil", "dali", "auto"] if decode_dali.dali_available() else ["pil", "auto"]
+    backends = ["pil", "dali", "auto"] if dali.dali_available() else ["pil", "auto"]
     expected = sorted((images, mt, b) for images in ("photo JPEG", "photo PNG", "document JPEG", "document PNG")
                       for mt in ("1", "12") for b in backends)
     assert sorted((cells[0], cells[2], cells[3].split(" ")[0]) for cells in table) == expected

@@ -6,11 +6,11 @@ import warnings
 
 import numpy as np
 import pytest
-from test_builder import random_samples, write
+from test_writer import random_samples, write
 
-from megasail.data.builder import ShardWriter
-from megasail.data.indexed import IncompleteDatasetError, IndexedMultimodalDataset
-from megasail.data.tiling import num_image_tokens, num_tiles
+from megasail.data.format.reader import IncompleteDatasetError, IndexedMultimodalDataset
+from megasail.data.format.writer import ShardWriter
+from megasail.data.images.tiling import num_image_tokens, num_tiles
 
 IMAGE_IDS = {"img_start": 151665, "img_end": 151666, "img_context": 151667}
 

@@ -13,17 +13,17 @@ from dist_utils import run_distributed_test
 from fixtures.multimodal_data import image_bytes
 from PIL import Image
 
-from megasail.data import decode_dali
-from megasail.data.builder import ShardWriter
-from megasail.data.config import DataConfig, SourceConfig, StageConfig
-from megasail.data.decode import decode_tiles
-from megasail.data.indexed import IndexedMultimodalDataset
-from megasail.data.loader import MultimodalDataLoader, micro_batch_plans
-from megasail.data.packing import block_causal_mask
+from megasail.data.format.reader import IndexedMultimodalDataset
+from megasail.data.format.writer import ShardWriter
+from megasail.data.images import dali
+from megasail.data.images.decode import decode_tiles
+from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+from megasail.data.loader.data_loader import MultimodalDataLoader, micro_batch_plans
+from megasail.data.loader.packing import block_causal_mask
 
 IMAGE_IDS = {"img_start": 151665, "img_end": 151666, "img_context": 151667}
 IMAGE_SIZES = [(64, 48), (900, 448), (300, 600)]  # 1, 2+1 and 1x2+1 tiles at max_tiles 2
-needs_dali = pytest.mark.skipif(not decode_dali.dali_available(), reason="nvidia-dali is not installed")
+needs_dali = pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali is not installed")
 
 
 def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
@@ -194,8 +194,8 @@ def test_next_step_fetches_one_optimizer_step(prefixes):
 
 
 def _model_parallel_ranks(rank, world_size, prefixes, tp, pp, build_mask):
-    from megasail.data import loader_broadcast
-    from megasail.data.loader_broadcast import build_data_loader, stage_fields
+    from megasail.data.loader import model_parallel as loader_broadcast
+    from megasail.data.loader.model_parallel import build_data_loader, stage_fields
     from megasail.runtime import initialize
 
     initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -254,7 +254,7 @@ def _pipeline_schedule_fed_by_loader(rank, world_size, prefix, vpp):
     from model_utils import tiny_model_config
 
     from megasail.config import ParallelConfig
-    from megasail.data.loader_broadcast import build_data_loader
+    from megasail.data.loader.model_parallel import build_data_loader
     from megasail.runtime import initialize
     from megasail.training import build_model_chunks, forward_step
 
@@ -304,7 +304,7 @@ def test_pipeline_schedule_runs_on_batches_fetched_before_it(tmp_path, vpp):
 def test_every_data_config_field_has_a_doc():
     import dataclasses
 
-    from megasail.data import config as data_config
+    from megasail.data.loader import config as data_config
 
     for cls in (data_config.SourceConfig, data_config.StageConfig, data_config.DataConfig):
         for f in dataclasses.fields(cls):
@@ -314,7 +314,7 @@ def test_every_data_config_field_has_a_doc():
 def test_sail_vl_stage_presets_load_in_curriculum_order(repo_root):
     from pathlib import Path
 
-    from megasail.data.config import load_stages
+    from megasail.data.loader.config import load_stages
 
     names = ["pretrain_alignment", "pretrain_advance", "sft_knowledge", "sft_instruction", "sft_preference"]
     stages = load_stages([Path(repo_root) / "examples/configs/stages" / f"{n}.yaml" for n in names])
@@ -374,7 +374,7 @@ def test_replacement_with_another_tile_count_keeps_pixels_in_order(tmp_path, bac
 
 def test_in_process_batches_decode_straight_into_pixel_values(prefixes, monkeypatch):
     """No bad image: pixel_values is the tensor the images were decoded into (nothing concatenated)."""
-    from megasail.data import packing
+    from megasail.data.loader import packing
 
     def no_concat(*args, **kwargs):
         raise AssertionError("pixel tiles were concatenated")

@@ -11,8 +11,8 @@ import torch
 from dist_utils import run_distributed_test
 from test_loader import make_config, write_prefix
 
-from megasail.data.loader import MultimodalDataLoader, micro_batch_plans
-from megasail.data.loader_state import LoaderPosition
+from megasail.data.loader.data_loader import MultimodalDataLoader, micro_batch_plans
+from megasail.data.loader.state import LoaderPosition
 
 KEYS = ("input_ids", "position_ids", "labels", "loss_mask", "cu_seqlens", "pixel_values")
 PER_RANK_GLOBAL_BATCH = 2  # micro-batches of one rank per global batch (4 rows / DP 2 / 1 row)
@@ -66,7 +66,7 @@ def test_resume_equals_uninterrupted_at_dp2(prefixes, global_batches):
 
 
 def test_restore_is_independent_of_the_position(prefixes, monkeypatch):
-    from megasail.data.blend import StagePlan
+    from megasail.data.loader.curriculum import StagePlan
 
     packed = []
     original = StagePlan.chunk_members
@@ -92,7 +92,7 @@ def test_state_from_other_data_settings_is_refused(prefixes, setting, value):
 def test_tile_size_changes_the_token_counts():
     """Why tile_size is in the fingerprint: grids of equal aspect ratio are chosen by the image's area
     against tile_size^2, so the same image gets another tile count and its sample packs differently."""
-    from megasail.data.tiling import num_image_tokens
+    from megasail.data.images.tiling import num_image_tokens
 
     assert num_image_tokens(500, 500, 4, 1, 448) != num_image_tokens(500, 500, 4, 1, 224)
 
@@ -145,7 +145,7 @@ def test_dp2_state_restores_at_dp1_with_the_same_samples(prefixes):
 def _dp2_resume(rank, world_size, prefixes, global_batches):
     from megatron.core import parallel_state as ps
 
-    from megasail.data.loader_broadcast import build_data_loader
+    from megasail.data.loader.model_parallel import build_data_loader
     from megasail.runtime import initialize
 
     initialize(1, 1)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megasail.data.index_helpers import (
+from megasail.data.format.index_helpers import (
     blend_indices,
     blend_indices_ref,
     pack_samples,

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megasail.data.indexed import TokenizedSample
-from megasail.data.packing import (
+from megasail.data.format.reader import TokenizedSample
+from megasail.data.loader.packing import (
     PackedSequence,
     block_causal_mask,
     check_image_tokens,

@@ -23,13 +23,13 @@ from fixtures.multimodal_data import (
 )
 from PIL import Image
 
-from megasail.data.indexed import IndexedMultimodalDataset
+from megasail.data.format.reader import IndexedMultimodalDataset
+from megasail.data.images.tiling import num_image_tokens
 from megasail.data.preprocess import PreprocessConfig, run_preprocess
 from megasail.data.preprocess.config import config_help
 from megasail.data.preprocess.run import FINAL_SUFFIXES, reconcile
-from megasail.data.template import Conversation, Turn, get_template, render_text
-from megasail.data.tiling import num_image_tokens
-from megasail.data.tokenizer import MultimodalTokenizer
+from megasail.data.text.template import Conversation, Turn, get_template, render_text
+from megasail.data.text.tokenizer import MultimodalTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"

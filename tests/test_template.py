@@ -3,7 +3,7 @@ from fixtures.multimodal_data import make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megasail.data.template import (
+from megasail.data.text.template import (
     INTERNVL_SYSTEM_MESSAGE,
     Conversation,
     SegmentMode,
@@ -14,7 +14,7 @@ from megasail.data.template import (
     render_text,
     tokenize_pieces,
 )
-from megasail.data.tokenizer import MultimodalTokenizer
+from megasail.data.text.tokenizer import MultimodalTokenizer
 
 
 def chat(*texts, num_images=0, system=None):

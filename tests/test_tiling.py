@@ -1,4 +1,4 @@
-"""megasail.data.tiling against InternVL's reference grid choice (tests/internvl_reference.py)."""
+"""megasail.data.images.tiling against InternVL's reference grid choice (tests/internvl_reference.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from megasail.data.tiling import candidate_grids, num_image_tokens, num_tiles, tile_grid
+from megasail.data.images.tiling import candidate_grids, num_image_tokens, num_tiles, tile_grid
 
 
 def reference_grid(width, height, max_tiles, min_tiles=1, tile_size=448):

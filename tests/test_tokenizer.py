@@ -5,7 +5,7 @@ import pickle
 import pytest
 from fixtures.multimodal_data import make_sentencepiece_model, make_tiny_tokenizer
 
-from megasail.data.tokenizer import (
+from megasail.data.text.tokenizer import (
     IM_END,
     IM_START,
     IMG_CONTEXT,

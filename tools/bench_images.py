@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from megasail.data.decode import AUTO_DALI_MIN_PIXELS, DecodeStats, decode_tiles
-from megasail.data.decode_dali import dali_available
-from megasail.data.tiling import tile_grid
+from megasail.data.images.dali import dali_available
+from megasail.data.images.decode import AUTO_DALI_MIN_PIXELS, DecodeStats, decode_tiles
+from megasail.data.images.tiling import tile_grid
 
 PHOTO_SIZE = (640, 480)
 DOCUMENT_SIZE = (2480, 3508)  # A4 at 300 dpi

@@ -25,9 +25,9 @@ from itertools import islice
 
 import numpy as np
 
-from megasail.data.balance import SequenceCostModel, assign_to_ranks, imbalance
-from megasail.data.blend import PlannedSequence
-from megasail.data.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
+from megasail.data.images.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
+from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.loader.curriculum import PlannedSequence
 
 # (share, text tokens lo..hi, images lo..hi, tiles per image lo..hi): SAIL-VL's data kinds
 LENGTH_MIX = {
@@ -61,7 +61,7 @@ def realistic_length_mix(n: int, seed: int = 0, max_length: int | None = None) -
 
 
 def packing_table(num_samples: int, chunk_samples: int) -> list[str]:
-    from megasail.data.packing import pack_samples, packing_efficiency
+    from megasail.data.loader.packing import pack_samples, packing_efficiency
 
     rows = [f"| seq_length | samples | sequences | efficiency (whole) | efficiency (chunks of {chunk_samples}) "
             "| pack time (s) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -80,7 +80,7 @@ def packing_table(num_samples: int, chunk_samples: int) -> list[str]:
 
 
 def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> list[str]:
-    from megasail.data.packing import pack_samples
+    from megasail.data.loader.packing import pack_samples
 
     seq_length = 8192
     lengths, tiles = realistic_length_mix(num_samples, seed=2, max_length=seq_length)
@@ -114,7 +114,7 @@ def write_bench_prefix(prefix: str, num_samples: int, seed: int = 0) -> None:
 
     from PIL import Image
 
-    from megasail.data.builder import ShardWriter
+    from megasail.data.format.writer import ShardWriter
 
     rng = np.random.default_rng(seed)
     sizes = [(640, 480), (800, 600), (1024, 768), (480, 640)]
@@ -143,10 +143,10 @@ def throughput_table(num_samples: int, global_batches: int, workers: list[int], 
     Wall seconds for all; for the in-process runs (decode alone, workers=0) also process CPU
     seconds, which a shared machine disturbs less.
     """
-    from megasail.data.config import DataConfig, SourceConfig, StageConfig
-    from megasail.data.decode import decode_tiles
-    from megasail.data.indexed import IndexedMultimodalDataset
-    from megasail.data.loader import MultimodalDataLoader, micro_batch_plans
+    from megasail.data.format.reader import IndexedMultimodalDataset
+    from megasail.data.images.decode import decode_tiles
+    from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+    from megasail.data.loader.data_loader import MultimodalDataLoader, micro_batch_plans
 
     rows = ["| pipeline | decode backend | workers | samples | images | wall s | samples/s | CPU s "
             "| overhead vs decode alone (wall / CPU) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

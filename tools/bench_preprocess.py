@@ -16,7 +16,7 @@ the builder costs:
   share of work  builder s / (worker s + merge busy s): its part of all the work, overlapped or not
                  (the share of wall on a machine with no core to spare for the merge thread)
 
-Part 2 times `megasail.data.index_helpers` (shuffle_indices, pack_samples, blend_indices) with
+Part 2 times `megasail.data.format.index_helpers` (shuffle_indices, pack_samples, blend_indices) with
 backend="cpp" on --index-samples samples and backend="python" on --python-index-samples; when the
 two differ, the Python time is extrapolated linearly to --index-samples and marked "(extrapolated)".
 
@@ -39,7 +39,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from megasail.data import index_helpers
+from megasail.data.format import index_helpers
 from megasail.data.preprocess import PreprocessConfig, run_preprocess
 from megasail.data.preprocess.run import FINAL_SUFFIXES
 

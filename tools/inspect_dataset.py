@@ -13,14 +13,14 @@ import argparse
 import json
 import sys
 
-from megasail.data.indexed import IncompleteDatasetError, IndexedMultimodalDataset
-from megasail.data.preprocess.dataset_report import (
+from megasail.data.format.inspect import (
     dataset_summary,
     dump_images,
     format_summary,
     render_sample,
 )
-from megasail.data.tokenizer import MultimodalTokenizer, TokenizerError
+from megasail.data.format.reader import IncompleteDatasetError, IndexedMultimodalDataset
+from megasail.data.text.tokenizer import MultimodalTokenizer, TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Data: tokenizer and templates, tiling and decoding, the indexed dataset, packing and the loader.
+"""Data, in layers: format/ (the on-disk dataset), text/ (tokenizer, templates), images/ (tiling,
+decode), loader/ (curriculum, packing, balancing, workers) and preprocess/ (raw data -> dataset).
 
 Names resolve lazily, so preprocessing workers importing the tokenizer do not pay for torch or DALI.
 """
@@ -6,26 +7,26 @@ Names resolve lazily, so preprocessing workers importing the tokenizer do not pa
 from importlib import import_module
 
 _EXPORTS = {
-    "MultimodalTokenizer": "tokenizer",
-    "get_template": "template",
-    "tile_grid": "tiling",
-    "num_tiles": "tiling",
-    "num_image_tokens": "tiling",
-    "decode_tiles": "decode",
-    "DecodeStats": "decode",
-    "ImageDecodeError": "decode",
-    "ShardWriter": "builder",
-    "PyShardWriter": "builder",
-    "merge_shards": "builder",
-    "IndexedMultimodalDataset": "indexed",
-    "TokenizedSample": "indexed",
-    "pack_samples": "packing",
-    "collate_packed": "packing",
-    "DataConfig": "config",
-    "StageConfig": "config",
-    "SourceConfig": "config",
-    "MultimodalDataLoader": "loader",
-    "build_data_loader": "loader_broadcast",
+    "MultimodalTokenizer": "text.tokenizer",
+    "get_template": "text.template",
+    "tile_grid": "images.tiling",
+    "num_tiles": "images.tiling",
+    "num_image_tokens": "images.tiling",
+    "decode_tiles": "images.decode",
+    "DecodeStats": "images.decode",
+    "ImageDecodeError": "images.decode",
+    "ShardWriter": "format.writer",
+    "PyShardWriter": "format.writer",
+    "merge_shards": "format.writer",
+    "IndexedMultimodalDataset": "format.reader",
+    "TokenizedSample": "format.reader",
+    "pack_samples": "loader.packing",
+    "collate_packed": "loader.packing",
+    "DataConfig": "loader.config",
+    "StageConfig": "loader.config",
+    "SourceConfig": "loader.config",
+    "MultimodalDataLoader": "loader.data_loader",
+    "build_data_loader": "loader.model_parallel",
 }
 
 __all__ = sorted(_EXPORTS)

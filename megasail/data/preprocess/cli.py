@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.rejects import REJECT_REASONS
 from megasail.data.preprocess.run import PreprocessError, WorkerDied, run_preprocess
-from megasail.data.template import TEMPLATES
+from megasail.data.text.template import TEMPLATES
 
 EPILOG = (
     """\

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from megasail.data.template import get_template
+from megasail.data.text.template import get_template
 
 FORMAT_NAME = "megasail-indexed-multimodal"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from megasail.data.preprocess.images import ValidatedImage, validate_image
 from megasail.data.preprocess.rejects import RecordRejected
 from megasail.data.preprocess.sources import RawRecord
-from megasail.data.template import Conversation, Turn
+from megasail.data.text.template import Conversation, Turn
 
 _ROLE_NAMES = {
     "human": "user",

@@ -27,8 +27,8 @@ from megasail.data.preprocess.manifest import build_manifest, manifest_fingerpri
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
 from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
 from megasail.data.preprocess.writer import StreamingMerge
-from megasail.data.template import get_template
-from megasail.data.tokenizer import MultimodalTokenizer, TokenizerError
+from megasail.data.text.template import get_template
+from megasail.data.text.tokenizer import MultimodalTokenizer, TokenizerError
 
 FINAL_SUFFIXES = (
     ".manifest.json",
@@ -141,7 +141,7 @@ def plan_run(cfg: PreprocessConfig) -> RunPlan:
     except InputError as e:
         raise PreprocessError(str(e)) from None
     try:
-        import megasail.data.native  # noqa: F401  (merge_shards is native: fail now, not after the work)
+        import megasail.data.format.native  # noqa: F401  (merge_shards is native: fail now, not after the work)
     except ImportError as e:
         raise PreprocessError(str(e)) from None
     _check_output_dir(prefix)

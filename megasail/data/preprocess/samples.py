@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megasail.data.images.tiling import num_image_tokens
 from megasail.data.preprocess.images import ValidatedImage
 from megasail.data.preprocess.records import ParsedRecord
 from megasail.data.preprocess.rejects import RecordRejected
-from megasail.data.template import SegmentMode, TemplateError, TokenizedSegment, tokenize_pieces
-from megasail.data.tiling import num_image_tokens
-from megasail.data.tokenizer import MultimodalTokenizer
+from megasail.data.text.template import SegmentMode, TemplateError, TokenizedSegment, tokenize_pieces
+from megasail.data.text.tokenizer import MultimodalTokenizer
 
 
 @dataclass

@@ -29,8 +29,8 @@ from megasail.data.preprocess.rejects import RecordRejected
 from megasail.data.preprocess.samples import encode_sample
 from megasail.data.preprocess.sources import UnitReader, WorkUnit
 from megasail.data.preprocess.writer import open_shard_writer, write_sample
-from megasail.data.template import get_template
-from megasail.data.tokenizer import MultimodalTokenizer
+from megasail.data.text.template import get_template
+from megasail.data.text.tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)
 

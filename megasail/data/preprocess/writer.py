@@ -1,4 +1,4 @@
-"""The one place preprocessing touches the dataset builder (`megasail.data.builder`)."""
+"""The one place preprocessing touches the dataset builder (`megasail.data.format.writer`)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from megasail.data.preprocess.samples import EncodedSample
 def open_shard_writer(prefix: str, backend: str = "auto", sync: bool = True):
     """A ShardWriter for `prefix`: the native one ("cpp"), the pure-Python one ("python"), or the
     native one when it is built ("auto"). Both write byte-identical files; `sync=False` skips the
-    fsyncs at finalize (see builder.ShardWriter)."""
-    from megasail.data import builder
+    fsyncs at finalize (see dataset_writer.ShardWriter)."""
+    from megasail.data.format import writer as dataset_writer
 
     if backend == "python":
-        return builder.PyShardWriter(prefix, sync=sync)
+        return dataset_writer.PyShardWriter(prefix, sync=sync)
     if backend == "cpp":
-        return builder.ShardWriter(prefix, sync=sync)
+        return dataset_writer.ShardWriter(prefix, sync=sync)
     try:
-        return builder.ShardWriter(prefix, sync=sync)
+        return dataset_writer.ShardWriter(prefix, sync=sync)
     except ImportError:  # native extension not built: same bytes, slower
-        return builder.PyShardWriter(prefix, sync=sync)
+        return dataset_writer.PyShardWriter(prefix, sync=sync)
 
 
 def write_sample(writer, sample: EncodedSample, source_id: int) -> None:
@@ -42,9 +42,9 @@ def write_sample(writer, sample: EncodedSample, source_id: int) -> None:
 
 
 def merge_shards(shard_prefixes: list[str], out_prefix: str) -> None:
-    from megasail.data import builder
+    from megasail.data.format import writer as dataset_writer
 
-    builder.merge_shards(shard_prefixes, out_prefix)
+    dataset_writer.merge_shards(shard_prefixes, out_prefix)
 
 
 class StreamingMerge:
@@ -60,11 +60,11 @@ class StreamingMerge:
     """
 
     def __init__(self, out_prefix: str, shards: Sequence[tuple[int, str]]):
-        from megasail.data import builder
+        from megasail.data.format import writer as dataset_writer
 
         self._shards = list(shards)
         self._next = 0
-        self._merger = builder.ShardMerger(out_prefix)
+        self._merger = dataset_writer.ShardMerger(out_prefix)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megasail-merge")
         self._futures = []
         self.busy_seconds = 0.0  # time spent inside the merger (copies, fsync, indexes)

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_loader import write_prefix
 
-from megasail.data.balance import SequenceCostModel, assign_to_ranks, imbalance
-from megasail.data.blend import Curriculum, PlannedSequence, StagePlan, open_source
-from megasail.data.config import DataConfig, SourceConfig, StageConfig
-from megasail.data.indexed import IndexedMultimodalDataset
-from megasail.data.loader_state import LoaderPosition
+from megasail.data.format.reader import IndexedMultimodalDataset
+from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+from megasail.data.loader.curriculum import Curriculum, PlannedSequence, StagePlan, open_source
+from megasail.data.loader.state import LoaderPosition
 from megasail.models.flops import sequence_flops
 from megasail.models.presets import sail_vl_2b
 

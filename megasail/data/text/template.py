@@ -28,7 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from megasail.data.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, MultimodalTokenizer
+from megasail.data.text.tokenizer import (
+    IM_END,
+    IM_START,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    MultimodalTokenizer,
+)
 
 IMAGE_TAG = "<image>"
 ROLES = ("system", "user", "assistant")

@@ -1,4 +1,4 @@
-"""DALI backend of `megasail.data.decode`: decode, resize to the tile grid, thumbnail, normalise.
+"""DALI backend of `megasail.data.images.decode`: decode, resize to the tile grid, thumbnail, normalise.
 
 One DALI pipeline decodes a batch of encoded images (`fn.external_source`), resizes each to its
 own grid size (cubic with antialias, sizes fed per sample), makes a tile_size x tile_size

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from megasail.data.indexed import (
+from megasail.data.format.reader import (
     IMAGE_FORMAT_NAMES,
     SEGMENT_IMAGE,
     SEGMENT_TARGET,
@@ -21,7 +21,7 @@ from megasail.data.indexed import (
     read_token_index,
     token_idx_path,
 )
-from megasail.data.tiling import num_image_tokens, num_tiles
+from megasail.data.images.tiling import num_image_tokens, num_tiles
 
 _EXTENSIONS = {1: "jpg", 2: "png"}
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megasail.data import index_helpers
-from megasail.data.config import DataConfig, SourceConfig, StageConfig
-from megasail.data.indexed import IndexedMultimodalDataset
-from megasail.data.loader_state import LoaderPosition
-from megasail.data.packing import pack_samples
-from megasail.data.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
+from megasail.data.format import index_helpers
+from megasail.data.format.reader import IndexedMultimodalDataset
+from megasail.data.images.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
+from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+from megasail.data.loader.packing import pack_samples
+from megasail.data.loader.state import LoaderPosition
 
 
 def derive_seed(*parts: int) -> int:

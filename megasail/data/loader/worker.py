@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megasail.data import decode
-from megasail.data.blend import PlannedSequence
-from megasail.data.config import DataConfig
-from megasail.data.indexed import IndexedMultimodalDataset, TokenizedSample
-from megasail.data.loader_state import LoaderPosition
-from megasail.data.packing import PackedSequence, collate_packed
+from megasail.data.format.reader import IndexedMultimodalDataset, TokenizedSample
+from megasail.data.images import decode
+from megasail.data.loader.config import DataConfig
+from megasail.data.loader.curriculum import PlannedSequence
+from megasail.data.loader.packing import PackedSequence, collate_packed
+from megasail.data.loader.state import LoaderPosition
 
 logger = logging.getLogger(__name__)
 MAX_LOGGED_PER_BATCH = 8  # bad samples named in one micro-batch's stats (all are logged)

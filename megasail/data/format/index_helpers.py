@@ -179,7 +179,7 @@ def shuffle_indices(n: int, seed: int, backend: str = "cpp") -> np.ndarray:
     _check_backend(backend)
     if backend == "python":
         return shuffle_indices_ref(n, seed)
-    from megasail.data.native import C
+    from megasail.data.format.native import C
 
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -193,7 +193,7 @@ def pack_samples(
     _check_backend(backend)
     if backend == "python":
         return pack_samples_ref(lengths, seq_length, seed, window)
-    from megasail.data.native import C
+    from megasail.data.format.native import C
 
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     if lengths.ndim != 1:
@@ -206,7 +206,7 @@ def blend_indices(weights, num_samples: int, sizes, backend: str = "cpp"):
     _check_backend(backend)
     if backend == "python":
         return blend_indices_ref(weights, num_samples, sizes)
-    from megasail.data.native import C
+    from megasail.data.format.native import C
 
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)

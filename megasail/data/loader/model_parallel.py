@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megasail.data.config import DataConfig, StageConfig
-from megasail.data.loader import MultimodalDataLoader, fetch_step
-from megasail.data.loader_state import LoaderPosition, position_from_state, position_state
-from megasail.data.packing import block_causal_mask
+from megasail.data.loader.config import DataConfig, StageConfig
+from megasail.data.loader.data_loader import MultimodalDataLoader, fetch_step
+from megasail.data.loader.packing import block_causal_mask
+from megasail.data.loader.state import LoaderPosition, position_from_state, position_state
 
 ALL_STAGES = ("position_ids", "cu_seqlens", "num_samples")
 FIRST_STAGE = ("input_ids", "pixel_values")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megasail.data.blend import PlannedSequence
+from megasail.data.loader.curriculum import PlannedSequence
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megasail.data.config import DataConfig
+from megasail.data.loader.config import DataConfig
 
 STATE_VERSION = 1
 

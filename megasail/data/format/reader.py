@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megasail.data.tiling import TOKENS_PER_TILE, num_image_tokens, num_tiles
+from megasail.data.images.tiling import TOKENS_PER_TILE, num_image_tokens, num_tiles
 
 TOKEN_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 TOKEN_INDEX_VERSION = 1

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from megasail.data.builder import PyShardWriter, ShardWriter, image_format_code, merge_shards
+from megasail.data.format.writer import PyShardWriter, ShardWriter, image_format_code, merge_shards
 
 FILES = (".bin", ".idx", ".img.bin", ".img.idx")
 JPEG_HEAD, PNG_HEAD = b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n"
@@ -267,7 +267,7 @@ def big_image_samples(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_crc32_binding_equals_zlib_across_the_interleave_threshold():
-    from megasail.data.native import C
+    from megasail.data.format.native import C
 
     rng = np.random.default_rng(7)
     data = rng.bytes(40_000)
@@ -367,7 +367,7 @@ def test_unsynced_unit_reports_are_trusted_only_in_the_same_boot(tmp_path, monke
 
 
 def test_shard_merger_appending_one_at_a_time_equals_merge_shards(tmp_path):
-    from megasail.data.builder import ShardMerger
+    from megasail.data.format.writer import ShardMerger
 
     samples = big_image_samples(4, seed=4) + random_samples(20, seed=4)
     prefixes = []
@@ -387,7 +387,7 @@ def test_shard_merger_appending_one_at_a_time_equals_merge_shards(tmp_path):
 
 
 def test_shard_merger_abort_and_bad_input_leave_no_files(tmp_path):
-    from megasail.data.builder import ShardMerger
+    from megasail.data.format.writer import ShardMerger
 
     write(ShardWriter, tmp_path / "a", random_samples(3))
     with pytest.raises(ValueError, match="also one of its inputs"):

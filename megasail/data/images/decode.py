@@ -7,7 +7,7 @@ when the grid has more than one tile (InternVL's `load_image`; `tiling.num_tiles
 Backends:
   pil   readable reference: PIL decode, BICUBIC resize, crops, numpy-exact normalisation.
   dali  NVIDIA DALI: `mixed` nvJPEG decode + GPU resize when a GPU is visible to DALI, else a
-        CPU pipeline (see `decode_dali`).
+        CPU pipeline (see `dali`).
   auto  with a GPU, DALI mixed; on CPU, per image by its header (size and format): PIL for
         photo-sized images, DALI for large JPEG scans (AUTO_DALI_MIN_PIXELS, measured with
         tools/bench_images.py --sweep-sizes).
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megasail.data import decode_dali
-from megasail.data.tiling import tile_grid
+from megasail.data.images import dali
+from megasail.data.images.tiling import tile_grid
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
 # auto on CPU: per format, the size (pixels) from which DALI's CPU pipeline beats PIL per core
 # (tools/bench_images.py --sweep-sizes); formats not listed always go to PIL.
 AUTO_DALI_MIN_PIXELS = {"JPEG": 6_000_000}
-IMAGENET_MEAN = decode_dali.IMAGENET_MEAN
-IMAGENET_STD = decode_dali.IMAGENET_STD
+IMAGENET_MEAN = dali.IMAGENET_MEAN
+IMAGENET_STD = dali.IMAGENET_STD
 
 # v/255 normalised as (v/255 - mean)/std, folded into one multiply-add per pixel.
 _SCALE_C11 = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=torch.float32).view(3, 1, 1)
@@ -147,7 +147,7 @@ def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448,
 
 
 _logged: set[str] = set()
-_tilers: dict[tuple[int, int | None, int], decode_dali.DaliTiler] = {}
+_tilers: dict[tuple[int, int | None, int], dali.DaliTiler] = {}
 
 
 def _log_once(message: str) -> None:
@@ -161,21 +161,21 @@ def _gpu_decode_allowed() -> bool:
     (forked from a trainer that already initialised CUDA, where CUDA cannot be re-initialised)."""
     if torch.utils.data.get_worker_info() is not None:
         return False
-    return decode_dali.dali_gpu_count() > 0
+    return dali.dali_gpu_count() > 0
 
 
-def _dali_tiler(num_threads: int) -> decode_dali.DaliTiler:
+def _dali_tiler(num_threads: int) -> dali.DaliTiler:
     """The process's DaliTiler: on GPU 'mixed' when DALI sees one, else the CPU pipeline."""
     device_id = torch.cuda.current_device() if _gpu_decode_allowed() else None
     key = (os.getpid(), device_id, num_threads)  # a forked DataLoader worker must not reuse its parent's threads
     if key not in _tilers:
-        _tilers[key] = decode_dali.DaliTiler(device_id=device_id, num_threads=num_threads)
+        _tilers[key] = dali.DaliTiler(device_id=device_id, num_threads=num_threads)
     return _tilers[key]
 
 
 def _decode_with_dali(backend: str, header: ImageHeader, on_gpu: bool) -> bool:
     """Routing of one image; formats DALI cannot read always go to PIL."""
-    if header.format not in decode_dali.DALI_FORMATS or backend == "pil":
+    if header.format not in dali.DALI_FORMATS or backend == "pil":
         return False
     # auto on CPU: DALI's per-image overhead loses on small images, its decode wins on large ones.
     min_pixels = AUTO_DALI_MIN_PIXELS.get(header.format)
@@ -199,9 +199,9 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown image decode backend {backend!r} (from the argument or ${BACKEND_ENV_VAR}); "
                          f"choose one of {', '.join(BACKENDS)}")
-    if backend in ("dali", "auto") and not decode_dali.dali_available():
+    if backend in ("dali", "auto") and not dali.dali_available():
         if backend == "dali":
-            decode_dali.DaliTiler()  # raises the install hint
+            dali.DaliTiler()  # raises the install hint
         backend = "pil"
     return backend
 

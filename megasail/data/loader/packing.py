@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megasail.data import index_helpers
-from megasail.data.indexed import TokenizedSample
-from megasail.data.tiling import TOKENS_PER_TILE
+from megasail.data.format import index_helpers
+from megasail.data.format.reader import TokenizedSample
+from megasail.data.images.tiling import TOKENS_PER_TILE
 
 
 def pack_samples(

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megasail.data.indexed import (
+from megasail.data.format.reader import (
     IMAGE_FORMAT_JPEG,
     IMAGE_FORMAT_OTHER,
     IMAGE_FORMAT_PNG,
@@ -157,7 +157,7 @@ class ShardWriter(_SampleWriterBase):
     """
 
     def __init__(self, prefix: str | os.PathLike, sync: bool = True):
-        from megasail.data.native import C
+        from megasail.data.format.native import C
 
         self._writer = C.ShardWriter(os.fspath(prefix), sync=bool(sync))
 
@@ -390,7 +390,7 @@ def merge_shards(
     prefixes, out = [os.fspath(p) for p in shard_prefixes], os.fspath(out_prefix)
     if backend == "python":
         return merge_shards_ref(prefixes, out)
-    from megasail.data.native import C
+    from megasail.data.format.native import C
 
     return C.merge_shards(prefixes, out)
 
@@ -404,7 +404,7 @@ class ShardMerger(_FinalizeOnExit):
     """
 
     def __init__(self, out_prefix: str | os.PathLike):
-        from megasail.data.native import C
+        from megasail.data.format.native import C
 
         self._merger = C.ShardMerger(os.fspath(out_prefix))
 

@@ -13,7 +13,7 @@ cost and give every data-parallel rank the same number of sequences with an even
 DataLoader turn each micro-batch plan into tensors (`loader_worker.MicroBatchBuilder`); the main
 process only tracks the position and the statistics.
 
-For TP/PP ranks use `megasail.data.loader_broadcast.build_data_loader`, which reads once per
+For TP/PP ranks use `megasail.data.loader.model_parallel.build_data_loader`, which reads once per
 model-parallel group and sends each pipeline stage the fields it needs; there, fetch each step
 with `next_step` before the pipeline schedule (see that module).
 """
@@ -26,12 +26,12 @@ from collections.abc import Iterator
 
 import torch
 
-from megasail.data import decode
-from megasail.data.balance import SequenceCostModel, assign_to_ranks, imbalance
-from megasail.data.blend import Curriculum
-from megasail.data.config import DataConfig, StageConfig
-from megasail.data.loader_state import LoaderPosition, position_from_state, position_state
-from megasail.data.loader_worker import BuiltMicroBatch, MicroBatchBuilder, MicroBatchPlan
+from megasail.data.images import decode
+from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.loader.config import DataConfig, StageConfig
+from megasail.data.loader.curriculum import Curriculum
+from megasail.data.loader.state import LoaderPosition, position_from_state, position_state
+from megasail.data.loader.worker import BuiltMicroBatch, MicroBatchBuilder, MicroBatchPlan
 
 _SUMMED = ("sequences", "samples", "images", "tiles", "tokens", "slots", "bad_images_corrupt",
            "bad_images_too_large", "bad_samples", "replaced_samples", "unreplaced_samples", "build_seconds")

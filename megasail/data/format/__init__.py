@@ -1,0 +1,1 @@
+"""The on-disk indexed multimodal dataset: writer, reader, index helpers and the native extension."""

@@ -1,0 +1,1 @@
+"""Text: the multimodal tokenizer and the chat templates (loss masks, image slots)."""
