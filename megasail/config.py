@@ -49,13 +49,109 @@ class ParallelConfig:
             raise ValueError("parallel.virtual_pipeline needs parallel.pipeline > 1")
 
 
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
+@dataclass
+class TrainConfig:
+    """How long to train and how each step runs. Batch sizes are data.micro_batch_size / data.global_batch_size."""
+
+    iters: int | None = doc("cap on optimizer steps for this invocation's run; null = every stage's budget to its end",
+                            None)
+    log_interval: int = doc("optimizer steps between console lines (metrics.jsonl gets every step)", 1)
+    max_nan_steps: int = doc("consecutive steps with a non-finite loss or gradient before the run stops", 3)
+    recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")
+    recompute_num_layers: int = doc("with recompute=full: layers per recomputed block (megatron 'uniform')", 1)
+    timeout_minutes: int = doc("collective timeout of the process group", 30)
+
+    def validate(self) -> None:
+        if self.iters is not None and self.iters < 0:
+            raise ValueError(f"train.iters must be >= 0 or null, got {self.iters}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"train.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        for name in ("log_interval", "max_nan_steps", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (megatron-core's distributed optimizer) and the learning-rate schedule of every stage.
+
+    Each curriculum stage runs its own schedule (warmup, then decay to min_lr) that ends exactly
+    when the stage's token or sample budget is spent; a stage may override lr, min_lr, warmup_steps.
+    """
+
+    lr: float = doc("peak learning rate", 1e-4)
+    min_lr: float = doc("learning rate at the end of each stage's decay", 0.0)
+    weight_decay: float = doc("AdamW weight decay (not applied to biases and norms)", 0.01)
+    adam_beta1: float = doc("Adam beta1", 0.9)
+    adam_beta2: float = doc("Adam beta2", 0.95)
+    adam_eps: float = doc("Adam epsilon", 1e-8)
+    clip_grad: float = doc("clip the global gradient norm to this value (0 = no clipping)", 1.0)
+    warmup_steps: int | None = doc("linear warmup length in optimizer steps (token budgets: steps of full "
+                                   "global batches); null = warmup_fraction of each stage", None)
+    warmup_fraction: float = doc("warmup as a fraction of each stage's budget when warmup_steps is null", 0.0)
+    schedule: str = doc("decay after warmup: cosine, wsd (constant then decay), linear or constant", "cosine")
+    wsd_decay_fraction: float = doc("with schedule=wsd: the final fraction of each stage spent decaying", 0.1)
+    wsd_decay_style: str = doc("with schedule=wsd: shape of the decay (linear, cosine, exponential, minus_sqrt)",
+                               "linear")
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"optim.wsd_decay_style must be one of {WSD_DECAY_STYLES}, got {self.wsd_decay_style!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr {self.min_lr} must lie in [0, optim.lr={self.lr}]")
+        if not 0 <= self.warmup_fraction < 1 or not 0 < self.wsd_decay_fraction <= 1:
+            raise ValueError("optim.warmup_fraction must lie in [0, 1) and optim.wsd_decay_fraction in (0, 1]")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0 or null, got {self.warmup_steps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (megatron-core dist_checkpointing, torch_dist): reshardable across TP/PP/DP."""
+
+    save: str | None = doc("directory to save checkpoints in (iter_NNNNNNN/ + latest marker); null = never save",
+                           None)
+    load: str | None = doc("checkpoint directory (or one iter_* step dir) to resume from; null = start fresh", None)
+    interval: int = doc("optimizer steps between saves (0 = only at the end of the run)", 0)
+    keep_last: int = doc("step directories kept under checkpoint.save (older ones are deleted)", 3)
+    async_save: bool = doc("write checkpoints in the background (GPU only)", False)
+    weights_only: bool = doc("load only the model weights: fresh optimizer, schedule and data position", False)
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: LOGGING_DIR/metrics.jsonl (one JSON object per step), the console, wandb."""
+
+    dir: str | None = doc("directory for metrics.jsonl and the resolved config; null = console only", None)
+    wandb: bool = doc("mirror metrics to Weights & Biases (offline when WANDB_API_KEY is unset)", True)
+    wandb_project: str = doc("wandb project name", "megasail")
+    wandb_run_name: str | None = doc("wandb run name; null = wandb's own", None)
+
+
 @dataclass
 class RunConfig:
-    """The whole run. Sections grow as training, data and checkpointing land."""
+    """The whole run: model, layout, data and curriculum, training, optimizer, checkpoints, logging."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)  # validated where a loader is built (needs stages)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = doc("global seed (model init, data order)", 1234)
 
 
@@ -131,7 +227,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tensor=2)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", default)
     obj = OmegaConf.to_object(cfg)
-    for section in ("model", "parallel"):
+    for section in ("model", "parallel", "train", "optim", "checkpoint"):
         validate = getattr(getattr(obj, section, None), "validate", None)
         if validate is not None:
             try:
@@ -142,18 +238,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_help(schema=RunConfig) -> str:
-    """One line per field: dotted key, default, and its documentation."""
+    """One entry per field: dotted key, default, and its documentation. Items of list-of-dataclass
+    fields (``data.stages``) are listed as ``data.stages[].name`` with the item class's defaults."""
     lines = []
 
     def walk(cls, prefix: str) -> None:
         inst = cls()
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(inst, f.name)
             if dataclasses.is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.")
-            else:
-                text = f.metadata.get("help", "")
-                lines.append(f"  {prefix}{f.name}={value!r}\n      {text}")
+                continue
+            text = f.metadata.get("help", "")
+            lines.append(f"  {prefix}{f.name}={value!r}\n      {text}")
+            tp = hints[f.name]
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+            if item is not None and dataclasses.is_dataclass(item):
+                walk(item, f"{prefix}{f.name}[].")
 
     walk(schema, "")
     return "\n".join(lines)

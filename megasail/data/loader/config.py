@@ -25,6 +25,7 @@ from megasail.fields import doc
 
 TRAINABLE_MODULES = ("vision", "projector", "language")  # what a stage may train
 DECODE_BACKENDS = ("auto", "pil", "dali")
+WORKER_STARTS = ("auto", "fork", "spawn", "forkserver")  # multiprocessing start methods of loader workers
 
 
 @dataclass
@@ -54,6 +55,13 @@ class StageConfig:
         "stage ends after the global batch in which this many samples were trained; null = no sample budget", None
     )
     trainable: list[str] = doc("modules trained in this stage: any of vision, projector, language", [])
+    lr: float | None = doc("peak learning rate of this stage's schedule; null = optim.lr", None)
+    min_lr: float | None = doc("learning rate at the end of this stage's decay; null = optim.min_lr", None)
+    warmup_steps: int | None = doc("warmup of this stage's schedule in optimizer steps; null = optim's warmup", None)
+    init_checkpoint: str | None = doc(
+        "start this stage from another run's checkpoint, weights only (fresh optimizer and schedule); null = "
+        "continue from the previous stage's weights", None
+    )
 
     def validate(self) -> None:
         if not self.sources:
@@ -81,6 +89,9 @@ class DataConfig:
     """How training data is read, packed, balanced over data-parallel ranks and decoded."""
 
     stages: list[StageConfig] = doc("curriculum stages, run in order; the last one without budget runs forever", [])
+    path: str | None = doc(
+        "one dataset prefix trained as a single stage (all modules, no budget) instead of data.stages", None
+    )
     seq_length: int = doc("token slots of every packed sequence (samples are never split)", 8192)
     micro_batch_size: int = doc("packed sequences per micro-batch on one data-parallel rank", 1)
     global_batch_size: int = doc("packed sequences per optimizer step over all data-parallel ranks", 8)
@@ -110,6 +121,11 @@ class DataConfig:
         "build the bool [b,1,s,s] block-causal mask (local attention); false with Transformer Engine THD (cu_seqlens)",
         True,
     )
+    worker_start: str = doc(
+        "how loader workers start: auto (spawn where a GPU decodes, so each worker owns a DALI GPU pipeline; "
+        "else fork), fork, spawn or forkserver",
+        "auto",
+    )
 
     def validate(self) -> None:
         if not self.stages:
@@ -125,6 +141,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.decode_backend not in DECODE_BACKENDS:
             raise ValueError(f"data.decode_backend must be one of {DECODE_BACKENDS}, got {self.decode_backend!r}")
+        if self.worker_start not in WORKER_STARTS:
+            raise ValueError(f"data.worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"data.global_batch_size {self.global_batch_size} is not a multiple of "
