@@ -156,10 +156,24 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
+_worker_gpu: int | None = None  # set in a spawned loader worker that may decode on this GPU
+
+
+def enable_gpu_decode_in_worker(device_id: int) -> None:
+    """Let this DataLoader worker (spawned or forkserver-started, never forked) decode with DALI
+    `mixed` on `device_id`; called from the loader's worker_init_fn."""
+    global _worker_gpu
+    if torch.cuda._is_in_bad_fork():
+        raise RuntimeError("a forked worker of a CUDA process cannot decode on the GPU; start workers with spawn")
+    torch.cuda.set_device(device_id)
+    _worker_gpu = device_id
+
+
 def _gpu_decode_allowed() -> bool:
-    """DALI `mixed` decoding only in a process that owns its GPU: never in a DataLoader worker
-    (forked from a trainer that already initialised CUDA, where CUDA cannot be re-initialised)."""
-    if torch.utils.data.get_worker_info() is not None:
+    """DALI `mixed` decoding only in a process that owns its GPU: the main process, or a loader
+    worker started with spawn/forkserver (`enable_gpu_decode_in_worker`); a forked worker cannot
+    re-initialise the CUDA context its parent already holds."""
+    if torch.utils.data.get_worker_info() is not None and _worker_gpu is None:
         return False
     return dali.dali_gpu_count() > 0
 

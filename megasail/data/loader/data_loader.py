@@ -136,10 +136,19 @@ class MultimodalDataLoader:
         plans = micro_batch_plans(self.curriculum, self._position, self.dp_rank, self.dp_size,
                                   self.cost_model, self._imbalances)
         workers = self.config.num_workers
+        start, init = None, None
+        if workers:  # spawned workers (GPU decode) take the trainer's current device
+            from functools import partial
+
+            from megasail.data.loader.worker import init_worker, worker_start_method
+
+            start = worker_start_method(self.config.worker_start, self.config.decode_backend)
+            device = torch.cuda.current_device() if start != "fork" and torch.cuda.is_available() else None
+            init = partial(init_worker, start, device)
         return iter(torch.utils.data.DataLoader(
             self.builder, sampler=_PlanSampler(plans), batch_size=None, collate_fn=_identity,
             num_workers=workers, prefetch_factor=self.config.prefetch_factor if workers else None,
-            persistent_workers=False,
+            persistent_workers=False, multiprocessing_context=start, worker_init_fn=init,
         ))
 
     def __iter__(self):

@@ -18,6 +18,7 @@ tile count) is laid out again: its kept and replacement tiles are concatenated i
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +62,32 @@ class _RowStats:
     replaced: int = 0
     not_replaced: int = 0
     logged: list = field(default_factory=list)
+
+
+def worker_start_method(worker_start: str, decode_backend: str) -> str:
+    """The multiprocessing start method of the loader's workers for `DataConfig.worker_start`.
+
+    "auto" spawns where a GPU decodes (DALI `mixed` needs a CUDA context of its own, which a worker
+    forked from a trainer that already holds one cannot create) and forks elsewhere (cheaper start).
+    """
+    if worker_start != "auto":
+        if worker_start not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"data.worker_start={worker_start!r} is not available on this platform "
+                             f"(available: {', '.join(multiprocessing.get_all_start_methods())})")
+        return worker_start
+    gpu_decodes = decode.resolve_backend(decode_backend) != "pil" and decode.dali.dali_gpu_count() > 0
+    return "spawn" if gpu_decodes else "fork"
+
+
+def init_worker(start_method: str, device_id: int | None, worker_id: int) -> None:
+    """`worker_init_fn` of the loader's DataLoader: a spawned worker decodes on the trainer's GPU.
+
+    Bound with functools.partial (picklable for spawn); `device_id` is the trainer's current CUDA
+    device, or None on CPU. A forked worker never touches CUDA.
+    """
+    del worker_id
+    if start_method != "fork" and device_id is not None:
+        decode.enable_gpu_decode_in_worker(device_id)
 
 
 def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
@@ -215,7 +242,7 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         context_id = self._image_context_id(plan)
         batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
                                build_attention_mask=self.data.build_attention_mask,
-                               pixel_allocator=shared_float32 if in_worker else None,
+                               pixel_allocator=shared_float32 if in_worker and device == "cpu" else None,
                                pixel_values=pixels if intact else None)
         stats = {
             "sequences": len(sequences),
