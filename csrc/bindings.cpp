@@ -79,6 +79,17 @@ py::array_t<int64_t> shuffle_indices(int64_t n, uint64_t seed) {
   return out;
 }
 
+py::array_t<int64_t> permute_indices(const CArray<int64_t>& positions, int64_t n, uint64_t seed, int rounds) {
+  if (positions.ndim() != 1) throw py::value_error("positions must be one-dimensional");
+  py::array_t<int64_t> out(positions.size());
+  int64_t* data = out.mutable_data();
+  const int64_t* in = positions.data();
+  const int64_t m = positions.size();
+  py::gil_scoped_release release;
+  megasail::permute_indices(in, m, n, seed, rounds, data);
+  return out;
+}
+
 py::tuple pack_samples(const CArray<int64_t>& lengths, int64_t seq_length, uint64_t seed, int64_t window) {
   if (lengths.ndim() != 1) throw py::value_error("lengths must be one-dimensional");
   megasail::Packing packing;
@@ -166,6 +177,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32", &crc32, "data"_a, "crc"_a = 0,
         "CRC-32 of a bytes-like object, continuing from crc; equals zlib.crc32(data, crc).");
   m.def("shuffle_indices", &shuffle_indices, "n"_a, "seed"_a, "Seeded Fisher-Yates permutation of 0..n-1 (int64).");
+  m.def("permute_indices", &permute_indices, "positions"_a, "n"_a, "seed"_a, "rounds"_a,
+        "Values at int64 positions of the seeded Feistel permutation of 0..n-1 (O(1) memory).");
   m.def("pack_samples", &pack_samples, "lengths"_a, "seq_length"_a, "seed"_a, "window"_a,
         "Windowed best-fit-decreasing packing -> (pack_offsets int64[P+1], order int64[N]).");
   m.def("blend_indices", &blend_indices, "weights"_a, "num_samples"_a, "sizes"_a,

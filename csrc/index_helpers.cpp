@@ -23,6 +23,35 @@ void shuffle_indices(int64_t n, uint64_t seed, int64_t* out) {
   }
 }
 
+void permute_indices(const int64_t* positions, int64_t m, int64_t n, uint64_t seed, int rounds, int64_t* out) {
+  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  if (rounds < 1) throw std::invalid_argument("rounds must be >= 1, got " + std::to_string(rounds));
+  for (int64_t i = 0; i < m; ++i)
+    if (positions[i] < 0 || positions[i] >= n)
+      throw std::invalid_argument("position " + std::to_string(positions[i]) + " (entry " + std::to_string(i) +
+                                  ") is out of range [0, " + std::to_string(n) + ")");
+  std::vector<uint64_t> keys(static_cast<size_t>(rounds));
+  SplitMix64 rng(seed ^ mix64(static_cast<uint64_t>(n)));
+  for (auto& key : keys) key = rng.next();
+  int bits = 0;  // bit length of n - 1
+  while (bits < 63 && (uint64_t{1} << bits) < static_cast<uint64_t>(n)) ++bits;
+  const int half = std::max(1, (bits + 1) / 2);
+  const uint64_t mask = (uint64_t{1} << half) - 1;
+  for (int64_t i = 0; i < m; ++i) {
+    uint64_t x = static_cast<uint64_t>(positions[i]);
+    do {  // cycle-walking: the block is up to 4x larger than [0, n)
+      uint64_t left = x >> half, right = x & mask;
+      for (const uint64_t key : keys) {
+        const uint64_t next = left ^ (mix64(right ^ key) & mask);
+        left = right;
+        right = next;
+      }
+      x = (left << half) | right;
+    } while (x >= static_cast<uint64_t>(n));
+    out[i] = static_cast<int64_t>(x);
+  }
+}
+
 namespace {
 
 // Open packs grouped by remaining capacity (1..seq_length) with a bitmap of non-empty groups,

@@ -1,5 +1,8 @@
 """Index helpers over whole datasets: shuffled order, packing into sequences, weighted blending.
 
+`permute_indices` gives the value at any position of a seeded permutation of 0..n-1 in O(1)
+memory (a Feistel network with cycle-walking), so epoch orders need not be materialised.
+
 Each helper has a C++ implementation (csrc/index_helpers.cpp, the default) and a readable
 Python reference here (`*_ref`); the two agree bit for bit, which the tests check. Choose with
 `backend="cpp"` or `backend="python"`.
@@ -30,6 +33,14 @@ def splitmix64_draws(seed: int, count: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function (a bijection of uint64) applied element-wise; uint64 in, uint64 out."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def _check_seed(seed: int) -> int:
     seed = int(seed)
     if not 0 <= seed <= _U64:
@@ -49,6 +60,59 @@ def shuffle_indices_ref(n: int, seed: int) -> np.ndarray:
         for i, j in zip(range(n - 1, 0, -1), picks, strict=True):
             perm[i], perm[j] = perm[j], perm[i]
     return np.array(perm, dtype=np.int64)
+
+
+FEISTEL_ROUNDS = (
+    12  # 4 suffice for wide blocks (Luby-Rackoff); tiny blocks need more (tests/test_permutation.py)
+)
+
+
+def feistel_keys(n: int, seed: int, rounds: int) -> np.ndarray:
+    """Round keys uint64[rounds]: splitmix64 draws of `seed ^ mix64(n)`, so each n has its own order."""
+    return splitmix64_draws(_check_seed(seed) ^ int(mix64(np.uint64(n))), rounds)
+
+
+def _feistel_half_bits(n: int) -> int:
+    """Bits per half of the smallest even-width block 4**h >= n (so 4**h < 4n: under 4 walks expected)."""
+    return max(1, ((n - 1).bit_length() + 1) // 2)
+
+
+def _check_positions(positions, n: int) -> np.ndarray:
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    positions = np.asarray(positions)
+    if positions.size and not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    bad = np.flatnonzero((positions.ravel() < 0) | (positions.ravel() >= n))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"position {int(positions.ravel()[i])} (entry {i}) is out of range [0, {n})")
+    return positions
+
+
+def permute_indices_ref(positions, n: int, seed: int, rounds: int | None = None) -> np.ndarray:
+    """Value at each position of the seeded permutation of 0..n-1 (int64, the shape of `positions`).
+
+    The permutation is a balanced Feistel network on blocks of 2h bits (4**h >= n), walked in
+    cycles until the value falls inside [0, n): x = (L, R) with L the high h bits; each round
+    i maps (L, R) -> (R, L ^ (mix64(R ^ key_i) & mask)). Every round is a bijection of the block,
+    so the network is, and cycle-walking restricts it to a bijection of [0, n).
+    """
+    positions = _check_positions(positions, n)
+    keys = feistel_keys(n, seed, FEISTEL_ROUNDS if rounds is None else rounds)
+    h = np.uint64(_feistel_half_bits(int(n)))
+    mask = np.uint64((1 << int(h)) - 1)
+    x = positions.ravel().astype(np.uint64)
+    walking = np.ones(x.shape, dtype=bool)  # every position takes at least one pass
+    while walking.any():
+        left, right = x[walking] >> h, x[walking] & mask
+        for key in keys:
+            left, right = right, left ^ (mix64(right ^ key) & mask)
+        x[walking] = (left << h) | right
+        walking &= x >= np.uint64(n)
+    return x.astype(np.int64).reshape(positions.shape)
 
 
 def _check_pack_lengths(lengths: np.ndarray, seq_length: int) -> None:
@@ -184,6 +248,23 @@ def shuffle_indices(n: int, seed: int, backend: str = "cpp") -> np.ndarray:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return C.shuffle_indices(int(n), _check_seed(seed))
+
+
+def permute_indices(positions, n: int, seed: int, backend: str = "cpp") -> np.ndarray:
+    """Value at each position of the seeded permutation of 0..n-1: int64 of the shape of `positions`.
+
+    positions: integers in [0, n) (ValueError names the first one outside). O(1) memory whatever n
+    is, so `permute_indices(np.arange(a, b), n, seed)` reads a slice of an epoch's order without
+    building the order; see permute_indices_ref for the construction.
+    """
+    _check_backend(backend)
+    if backend == "python":
+        return permute_indices_ref(positions, n, seed)
+    from megasail.data.format.native import C
+
+    positions = _check_positions(positions, n)
+    out = C.permute_indices(positions.ravel(), int(n), _check_seed(seed), FEISTEL_ROUNDS)
+    return out.reshape(positions.shape)
 
 
 def pack_samples(
