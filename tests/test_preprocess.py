@@ -328,8 +328,19 @@ def _wait_for(predicate, timeout=60.0):
 
 def unit_run_args(jsonl, image_root, tokenizer) -> list:
     """Arguments of a small multi-unit run (4 lines per unit) without a progress bar."""
-    return ["--input", jsonl, "--image-root", image_root, "--tokenizer", tokenizer, "--max-tiles", MAX_TILES,
-            "--lines-per-unit", 4, "--no-progress"]
+    return [
+        "--input",
+        jsonl,
+        "--image-root",
+        image_root,
+        "--tokenizer",
+        tokenizer,
+        "--max-tiles",
+        MAX_TILES,
+        "--lines-per-unit",
+        4,
+        "--no-progress",
+    ]
 
 
 def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_tokenizer):
@@ -677,7 +688,12 @@ def test_hostile_records_are_rejected_and_never_end_the_run(tmp_path, tiny_token
     )
     prefix = tmp_path / "ds"
     cfg = PreprocessConfig(
-        inputs=[jsonl, tar], output_prefix=str(prefix), tokenizer=tiny_tokenizer, max_tiles=1, progress=False
+        inputs=[jsonl, tar],
+        output_prefix=str(prefix),
+        tokenizer=tiny_tokenizer,
+        max_tiles=1,
+        progress=False,
+        max_internal_errors=1,
     )
     manifest = run_preprocess(cfg)["manifest"]
     rejects = [json.loads(line) for line in Path(f"{prefix}.rejects.jsonl").read_text().splitlines()]
@@ -685,12 +701,69 @@ def test_hostile_records_are_rejected_and_never_end_the_run(tmp_path, tiny_token
         ("2", "malformed_json"),
         ("3", "malformed_json"),
         ("4", "malformed_record"),
-        ("5", "internal_error"),
         ("000000.jpg", "malformed_json"),
         ("000001.jpg", "malformed_json"),
-    ]
-    assert "ZeroDivisionError: a bug in encoding" in rejects[3]["message"]
+    ]  # line 5 hit a bug: an internal error, not a reject
+    assert manifest["counts"]["internal_errors"] == 1
     assert manifest["counts"]["written"] == 3 and not any(reconcile(manifest).values())
+
+
+def test_internal_errors_are_reported_apart_and_fail_the_run(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """A bug inside megasail (planted: encode_sample raises ZeroDivisionError on the record "boom") is not
+    bad input: it stays out of the rejects, is written with its traceback to PREFIX.internal_errors.jsonl,
+    and fails the run (exit 4, no manifest) unless --max-internal-errors tolerates it. Once the bug is
+    fixed, --resume keeps the clean unit, redoes the one that hit the bug, and gives a clean run's bytes.
+
+    Fails if the error is counted as a reject (the old behaviour: the run succeeds), if the traceback is
+    lost, if the tolerated count is not enforced or not counted in the manifest, or if --resume keeps the
+    unit that hit the bug."""
+    import megasail.data.preprocess.worker as worker_module
+    from megasail.data.preprocess import cli
+
+    real_encode = worker_module.encode_sample
+
+    def encode_or_fail(parsed, *args, **kwargs):
+        if parsed.conversation.turns[-1].text == "boom":
+            raise ZeroDivisionError("a bug in encoding")
+        return real_encode(parsed, *args, **kwargs)
+
+    jsonl = write_jsonl(
+        str(tmp_path / "in.jsonl"), [{"text": "boom" if i == 5 else f"doc {i}"} for i in range(8)]
+    )
+    common = ["--input", jsonl, "--tokenizer", tiny_tokenizer, "--lines-per-unit", "4", "--no-progress"]
+    clean = tmp_path / "clean" / "ds"
+    assert cli.main([*common, "--output-prefix", str(clean)]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setattr(worker_module, "encode_sample", encode_or_fail)
+    prefix = tmp_path / "bug" / "ds"
+    assert cli.main([*common, "--output-prefix", str(prefix)]) == 4
+    err = capsys.readouterr().err
+    assert (
+        "1 record(s) raised an unexpected exception inside megasail" in err and "--max-internal-errors" in err
+    )
+    assert "ZeroDivisionError: a bug in encoding" in err and "in encode_or_fail" in err  # the traceback
+    assert not Path(f"{prefix}.manifest.json").exists()
+    (entry,) = [json.loads(line) for line in Path(f"{prefix}.internal_errors.jsonl").read_text().splitlines()]
+    assert (
+        entry["location"].endswith("in.jsonl:6") and entry["error"] == "ZeroDivisionError: a bug in encoding"
+    )
+    assert 'raise ZeroDivisionError("a bug in encoding")' in entry["traceback"]
+
+    tolerated = tmp_path / "tolerated" / "ds"
+    assert cli.main([*common, "--output-prefix", str(tolerated), "--max-internal-errors", "1"]) == 0
+    manifest = json.loads(Path(f"{tolerated}.manifest.json").read_text())
+    assert manifest["counts"]["internal_errors"] == 1 and manifest["counts"]["rejected"] == 0
+    assert manifest["counts"]["written"] == 7 and not any(reconcile(manifest).values())
+    assert Path(f"{tolerated}.rejects.jsonl").read_text() == ""
+    assert Path(f"{tolerated}.internal_errors.jsonl").exists()
+
+    monkeypatch.setattr(worker_module, "encode_sample", real_encode)  # the bug is fixed
+    report = tmp_path / "report.json"
+    assert cli.main([*common, "--output-prefix", str(prefix), "--resume", "--report-json", str(report)]) == 0
+    assert json.loads(report.read_text())["runtime"]["units_resumed"] == 1  # unit 0 kept, unit 1 redone
+    assert prefix_files(prefix) == prefix_files(clean)
+    assert not Path(f"{prefix}.internal_errors.jsonl").exists()
 
 
 def test_image_paths_stay_inside_the_root_and_are_bounded(tmp_path, tiny_tokenizer):

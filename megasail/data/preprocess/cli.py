@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.rejects import REJECT_REASONS
-from megasail.data.preprocess.run import PreprocessError, WorkerDied, run_preprocess
+from megasail.data.preprocess.run import InternalErrors, PreprocessError, WorkerDied, run_preprocess
 from megasail.data.text.template import TEMPLATES
 
 EPILOG = (
@@ -23,7 +23,9 @@ input records (JSON Lines, one object per line; kinds detected per record):
 
 exit status: 0 when the run finished (rejected records are reported, not fatal);
              2 when a check before any work failed (nothing was written);
-             3 when a worker process died (killed, out of memory): rerun with --resume.
+             3 when a worker process died (killed, out of memory): rerun with --resume;
+             4 when megasail raised on more records than --max-internal-errors (a bug, not bad
+               input; tracebacks in PREFIX.internal_errors.jsonl, no manifest written).
 reject reasons: """
     + ", ".join(REJECT_REASONS)
     + """
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except InternalErrors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished units are kept in {cfg.output_prefix}.parts/ and the prefix has no "
@@ -114,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rejected {n:>8} {reason}: {REJECT_REASONS[reason]}")
     if c["rejected"]:
         print(f"  details: {cfg.output_prefix}.rejects.jsonl")
+    if c["internal_errors"]:
+        print(
+            f"  {c['internal_errors']} record(s) hit an internal error (tolerated by --max-internal-errors); "
+            f"tracebacks: {cfg.output_prefix}.internal_errors.jsonl",
+            file=sys.stderr,
+        )
     if report_json:
         with open(report_json, "w", encoding="utf-8") as f:
             json.dump(

@@ -105,6 +105,14 @@ class PreprocessConfig:
         },
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar (only on a TTY)"})
+    max_internal_errors: int = field(
+        default=0,
+        metadata={
+            "help": "records on which megasail itself raised an unexpected exception (a bug, not bad input) "
+            "tolerated before the run fails; each is reported with its traceback in "
+            "PREFIX.internal_errors.jsonl, apart from the rejects"
+        },
+    )
 
 
 CHOICES = {

@@ -18,7 +18,15 @@ FORMAT_VERSION = 1
 def _sum_counts(reports: list[dict]) -> tuple[Counter, Counter]:
     counts, reasons = Counter(), Counter()
     for r in reports:
-        counts.update({"read": r["read"], "written": r["written"], "rejected": r["rejected"], **r["counts"]})
+        counts.update(
+            {
+                "read": r["read"],
+                "written": r["written"],
+                "rejected": r["rejected"],
+                "internal_errors": len(r.get("internal_errors", [])),
+                **r["counts"],
+            }
+        )
         reasons.update(r["rejected_by_reason"])
     return counts, reasons
 
@@ -48,6 +56,7 @@ def build_manifest(plan, reports: list[dict]) -> dict:
                 "read": counts["read"],
                 "written": counts["written"],
                 "rejected": counts["rejected"],
+                "internal_errors": counts["internal_errors"],
                 "rejected_by_reason": dict(sorted(src_reasons.items())),
             }
         )
@@ -81,6 +90,7 @@ def build_manifest(plan, reports: list[dict]) -> dict:
             "read": totals["read"],
             "written": totals["written"],
             "rejected": totals["rejected"],
+            "internal_errors": totals["internal_errors"],
             "truncated": totals["truncated"],
             "reencoded_images": totals["reencoded_images"],
         },

@@ -22,7 +22,6 @@ REJECT_REASONS: dict[str, str] = {
     "member_too_large": "a webdataset member is larger than its cap (--max-image-bytes for images, 16 MiB for json/txt)",
     "archive_corrupt": "a tar shard is truncated or damaged; members after the damage are lost",
     "too_long": "the sample has more tokens than --max-seq-length and cannot be truncated",
-    "internal_error": "an unexpected error while parsing or encoding the record (a bug: see the message and log)",
 }
 
 

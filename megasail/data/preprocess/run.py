@@ -4,6 +4,7 @@ Output of `run_preprocess(cfg)` for prefix P:
     P.bin / P.idx            token stream (megatron-core MMIDIDX, one document per sample)
     P.img.bin / P.img.idx    image sidecar
     P.rejects.jsonl          one line per rejected record: source, location, reason, message
+    P.internal_errors.jsonl  only when megasail raised on a record (a bug): location and traceback
     P.manifest.json          written last; a prefix is complete iff it exists
 Work in progress lives in P.parts/ (one finished shard per unit, plus plan.json), removed at the end.
 """
@@ -38,11 +39,27 @@ FINAL_SUFFIXES = (
     ".img.idx",
     ".rejects.jsonl",
 )  # manifest first: removed first
+INTERNAL_ERRORS_SUFFIX = ".internal_errors.jsonl"  # written only when there are internal errors
 PLAN_FILE = "plan.json"
+# Settings the output bytes do not depend on (left out of the resume fingerprint).
+VOLATILE_SETTINGS = (
+    "workers",
+    "overwrite",
+    "resume",
+    "progress",
+    "writer",
+    "fsync_units",
+    "inputs",
+    "max_internal_errors",
+)
 
 
 class PreprocessError(RuntimeError):
     """A problem found before any work starts (bad settings, tokenizer, inputs or output location)."""
+
+
+class InternalErrors(RuntimeError):
+    """More records than --max-internal-errors raised an unexpected exception inside megasail (a bug)."""
 
 
 @dataclass
@@ -78,6 +95,8 @@ def _check_settings(cfg: PreprocessConfig) -> None:
     ):
         if getattr(cfg, name) < 1:
             raise PreprocessError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_internal_errors < 0:
+        raise PreprocessError(f"--max-internal-errors must be >= 0, got {cfg.max_internal_errors}")
     for name in (cfg.template, cfg.caption_template):
         try:
             get_template(name)
@@ -102,13 +121,13 @@ def _check_output_dir(prefix: str) -> None:
 
 
 def _existing_outputs(prefix: str, parts_dir: str) -> list[str]:
-    found = [prefix + s for s in FINAL_SUFFIXES if os.path.exists(prefix + s)]
+    found = [prefix + s for s in (*FINAL_SUFFIXES, INTERNAL_ERRORS_SUFFIX) if os.path.exists(prefix + s)]
     return found + ([parts_dir] if os.path.isdir(parts_dir) else [])
 
 
 def remove_outputs(prefix: str, parts_dir: str) -> None:
     """Delete a previous result: the manifest first, so no half-deleted prefix looks complete."""
-    for suffix in FINAL_SUFFIXES:
+    for suffix in (*FINAL_SUFFIXES, INTERNAL_ERRORS_SUFFIX):
         for path in (prefix + suffix, prefix + suffix + ".tmp"):
             if os.path.exists(path):
                 os.remove(path)
@@ -118,8 +137,8 @@ def remove_outputs(prefix: str, parts_dir: str) -> None:
 def _fingerprint(cfg: PreprocessConfig, tokenizer_identity: dict, inputs: list[InputFile]) -> dict:
     """Everything the output bytes depend on; a resumed run must match it exactly."""
     settings = asdict(cfg)
-    for volatile in ("workers", "overwrite", "resume", "progress", "writer", "fsync_units", "inputs"):
-        settings.pop(volatile)
+    for name in VOLATILE_SETTINGS:
+        settings.pop(name)
     return {
         "settings": settings,
         "tokenizer_sha256": tokenizer_identity["sha256"],
@@ -371,6 +390,7 @@ def execute(plan: RunPlan) -> dict:
         bar.close()
         units_wall_seconds = time.perf_counter() - started
         ordered = [reports[u.index] for u in plan.units]
+        _report_internal_errors(cfg, prefix, ordered)
         merge_started = time.perf_counter()
         merge.finish()
         merge_seconds = time.perf_counter() - merge_started  # the merge's wall time after the units
@@ -407,11 +427,39 @@ def execute(plan: RunPlan) -> dict:
     return {"manifest": manifest, "runtime": runtime}
 
 
+def _report_internal_errors(cfg: PreprocessConfig, prefix: str, reports: list[dict]) -> None:
+    """Write PREFIX.internal_errors.jsonl when megasail raised on some records; raise InternalErrors
+    when there are more than --max-internal-errors (the finished units stay for --resume)."""
+    errors = [entry for report in reports for entry in report.get("internal_errors", [])]
+    path = prefix + INTERNAL_ERRORS_SUFFIX
+    if not errors:
+        if os.path.exists(path):
+            os.remove(path)  # from an earlier attempt whose bug is fixed
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    os.replace(path + ".tmp", path)
+    if len(errors) > cfg.max_internal_errors:
+        first = errors[0]
+        raise InternalErrors(
+            f"{len(errors)} record(s) raised an unexpected exception inside megasail (a bug, not bad input; "
+            f"not counted as rejects); --max-internal-errors is {cfg.max_internal_errors}. First, at "
+            f"{first['location']}: {first['error']}\n{first['traceback'].rstrip()}\n"
+            f"All of them with tracebacks: {path}. {prefix} has no manifest; after a fix rerun with --resume "
+            "(the units with errors are redone), or pass --max-internal-errors N to accept up to N of them"
+        )
+
+
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Plan, check and run; returns {"manifest": ..., "runtime": {...}}. Raises PreprocessError early."""
     return execute(plan_run(cfg))
 
 
 def reconcile(manifest: dict) -> Counter:
-    """read - written - rejected per source; all zero for a consistent manifest."""
-    return Counter({s["path"]: s["read"] - s["written"] - s["rejected"] for s in manifest["sources"]})
+    """read - written - rejected - internal errors per source; all zero for a consistent manifest."""
+    return Counter(
+        {
+            s["path"]: s["read"] - s["written"] - s["rejected"] - s["internal_errors"]
+            for s in manifest["sources"]
+        }
+    )

@@ -1,5 +1,9 @@
 """One work unit -> one finished shard plus its report; the same bytes in any process, any run.
 
+A record is written, rejected (bad input, `rejects.RecordRejected`) or, when megasail itself raises
+on it, kept in the report's "internal_errors" with its traceback (a bug; such a unit is redone on
+`--resume`).
+
 A unit is done iff its report file exists: it is renamed into place after the shard's files and the
 unit's rejects, so a unit killed at any point is simply redone by `--resume`.
 
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +82,8 @@ def load_report(parts_dir: str, unit: WorkUnit) -> dict | None:
         return None
     if not isinstance(report, dict) or report.get("unit") != unit.index:
         return None
+    if report.get("internal_errors"):
+        return None  # records hit a bug: redo the unit, so a fixed megasail resumes into a clean result
     prefix = unit_prefix(parts_dir, unit)
     if not all(os.path.isfile(prefix + suffix) for suffix in UNIT_FILE_SUFFIXES):
         return None  # a shard file was removed after the report was written: redo the unit
@@ -96,6 +103,17 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 PROGRESS_EVERY = 16  # records between progress callbacks
+MAX_TRACEBACK_CHARS = 20_000
+
+
+def internal_error_entry(unit: WorkUnit, location: str, error: Exception) -> dict:
+    """An exception megasail raised on one record: where, what, and the traceback (its last part)."""
+    return {
+        "source": unit.path,
+        "location": location,
+        "error": f"{type(error).__name__}: {str(error)[:1000]}",
+        "traceback": "".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:],
+    }
 
 
 def process_unit(
@@ -114,6 +132,7 @@ def process_unit(
         "text": get_template("text"),
     }
     rejects: list[str] = []
+    internal_errors: list[dict] = []
     reasons: Counter[str] = Counter()
     stats = Counter()
     started = time.perf_counter()
@@ -146,12 +165,7 @@ def process_unit(
                     on_too_long=cfg.on_too_long,
                     system_message=cfg.system_message,
                 )
-            except Exception as e:  # a RecordRejected, or a bug: either way one record never ends the run
-                if not isinstance(e, RecordRejected):
-                    log.error(
-                        "%s: internal error on this record (counted as rejected)", record.location, exc_info=e
-                    )
-                    e = RecordRejected("internal_error", f"{type(e).__name__}: {str(e)[:1000]}")
+            except RecordRejected as e:
                 reasons[e.reason] += 1
                 message = (
                     e.message if e.message.startswith(record.location) else f"{record.location}: {e.message}"
@@ -165,6 +179,10 @@ def process_unit(
                 if isinstance(record.fields, dict) and isinstance(record.fields.get("id"), (str, int)):
                     entry["id"] = record.fields["id"]  # the record's own id, when it has one
                 rejects.append(json.dumps(entry, ensure_ascii=False))
+                continue
+            except Exception as e:  # noqa: BLE001 - a bug in megasail, not bad input: reported apart from the rejects
+                log.error("%s: internal error on this record", record.location, exc_info=e)
+                internal_errors.append(internal_error_entry(unit, record.location, e))
                 continue
             t0 = time.perf_counter()
             write_sample(writer, sample, unit.source_id)
@@ -197,6 +215,7 @@ def process_unit(
         "written": stats["written"],
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "internal_errors": internal_errors,
         "counts": {
             k: stats[k]
             for k in (
