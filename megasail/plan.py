@@ -1,0 +1,386 @@
+"""A run's plan before it starts: GPUs, layout, tokens per step, iterations per stage, estimated days.
+
+    python -m megasail.plan --config examples/configs/sail_vl_2b.yaml --nodes 16 \
+        --stage examples/configs/stages/pretrain_alignment.yaml --stage examples/configs/stages/pretrain_advance.yaml \
+        data.seq_length=8192 data.global_batch_size=512
+
+Arithmetic (every number printed is one of these):
+  gpus            = nodes * gpus_per_node
+  dp              = gpus / (tp * pp * cp)
+  micro-batches   = global_batch / (micro_batch * dp)          per data-parallel rank per step
+  token slots     = global_batch * seq_length                  per optimizer step
+  sample tokens   = token slots * packing_efficiency           (padding is not budget)
+  iterations      = ceil(budget_tokens / sample tokens)  or  ceil(budget_samples / (global_batch * samples_per_seq))
+  step FLOPs      = global_batch * executed FLOPs of one sequence (below)
+  tokens/s        = stated --tokens-per-s-per-gpu * gpus, or mfu * peak * gpus * token slots / step FLOPs
+  days            = iterations * token slots / tokens/s / 86400
+  pipeline bubble = (pp - 1) / (vpp * micro-batches + pp - 1)  of a 1F1B step (0 at pp = 1)
+
+Kept outside megasail.training (whose package imports torch and megatron-core) so a login node prints
+the plan in a second.
+
+Executed FLOPs follow what autograd runs for a stage's trainable set: a trained module costs
+forward + activation gradients + weight gradients (3x forward); a frozen module that a trained
+module lies before (the LLM while the projector trains) costs forward + activation gradients (2x);
+a frozen module with nothing trained before it (the ViT while only the projector trains) costs
+its forward only (1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+from megasail.models import flops
+
+MODULE_ORDER = ("vision", "projector", "language")  # the order activations flow through the model
+
+
+@dataclass
+class StagePlan:
+    """One curriculum stage: its budget, the steps it takes and how long they last."""
+
+    name: str
+    trainable: list[str]
+    budget_tokens: int | None
+    budget_samples: int | None
+    iterations: int
+    step_tflops: float  # executed, whole global batch
+    tokens_per_s: float  # token slots per second over all GPUs
+    tokens_per_s_source: str
+    days: float
+
+
+@dataclass
+class RunPlan:
+    """The layout and the per-stage plan; `format_plan` prints it."""
+
+    model: str
+    nodes: int
+    gpus_per_node: int
+    gpus: int
+    tensor: int
+    pipeline: int
+    virtual_pipeline: int | None
+    context: int
+    data_parallel: int
+    first_stage_llm_layers: int | None
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    micro_batches_per_rank: int
+    token_slots_per_step: int
+    sample_tokens_per_step: float
+    packing_efficiency: float
+    tiles_per_sequence: float
+    samples_per_sequence: float
+    pipeline_bubble: float
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def total_days(self) -> float:
+        return sum(s.days for s in self.stages)
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(s.iterations for s in self.stages)
+
+
+def module_flops_per_sequence(model_cfg, seq_length: int, tiles: float) -> dict[str, float]:
+    """Forward FLOPs of one sequence per module: vision (ViT), projector, language (layers + head)."""
+    vit = model_cfg.vision
+    lm_h = model_cfg.language.hidden_size
+    projector = 2 * model_cfg.tokens_per_tile * (model_cfg.projector_input_size * lm_h + lm_h * lm_h)
+    vision = (
+        flops.vision_flops_per_tile(model_cfg) - projector
+    )  # vision_flops_per_tile includes the projector
+    language = model_cfg.language.num_layers * flops.language_layer_flops(model_cfg, seq_length)
+    language += flops.language_head_flops(model_cfg, seq_length)
+    del vit
+    return {"vision": tiles * vision, "projector": tiles * projector, "language": language}
+
+
+def executed_flops_per_sequence(model_cfg, seq_length: int, tiles: float, trainable: list[str]) -> float:
+    """Forward + backward FLOPs autograd runs for one sequence when only `trainable` modules learn."""
+    forward = module_flops_per_sequence(model_cfg, seq_length, tiles)
+    total, upstream_trains = 0.0, False
+    for name in MODULE_ORDER:
+        trains = name in trainable
+        factor = 3 if trains else (2 if upstream_trains else 1)
+        total += factor * forward[name]
+        upstream_trains = upstream_trains or trains
+    return total
+
+
+def pipeline_bubble(pipeline: int, micro_batches: int, virtual_pipeline: int | None = None) -> float:
+    """Idle share of a 1F1B (interleaved with vpp chunks) step: (p - 1) / (v * m + p - 1)."""
+    if pipeline == 1:
+        return 0.0
+    v = virtual_pipeline or 1
+    return (pipeline - 1) / (v * micro_batches + pipeline - 1)
+
+
+def make_plan(
+    run,
+    nodes: int,
+    gpus_per_node: int,
+    *,
+    model_name: str = "",
+    tokens_per_s_per_gpu: float | None = None,
+    mfu: float = 0.35,
+    peak_tflops: float = 989.0,
+    packing_efficiency: float = 0.99,
+    tiles_per_sequence: float | None = None,
+    samples_per_sequence: float | None = None,
+) -> RunPlan:
+    """The plan of `run` (a RunConfig with data.stages) on nodes x gpus_per_node GPUs.
+
+    tiles_per_sequence defaults to 3/4 of a sequence being image tokens (caption pretraining);
+    samples_per_sequence (for sample budgets) defaults to seq_length / 2048 (SFT samples average
+    about 2k tokens). Raises ValueError when the layout does not divide the GPUs or the batch."""
+    p, d = run.parallel, run.data
+    gpus = nodes * gpus_per_node
+    model_parallel = p.tensor * p.pipeline * p.context
+    if gpus % model_parallel:
+        raise ValueError(
+            f"{gpus} GPUs ({nodes} nodes x {gpus_per_node}) do not divide into tensor {p.tensor} x "
+            f"pipeline {p.pipeline} x context {p.context} = {model_parallel}"
+        )
+    dp = gpus // model_parallel
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ValueError(
+            f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{d.micro_batch_size} x data-parallel size {dp}"
+        )
+    if not d.stages:
+        raise ValueError("no stages: give data.stages in the config or --stage FILE")
+    micro_batches = d.global_batch_size // (d.micro_batch_size * dp)
+    slots = d.global_batch_size * d.seq_length
+    sample_tokens = slots * packing_efficiency
+    tiles = (
+        tiles_per_sequence
+        if tiles_per_sequence is not None
+        else 0.75 * d.seq_length / run.model.tokens_per_tile
+    )
+    per_seq = samples_per_sequence if samples_per_sequence is not None else d.seq_length / 2048
+    first = p.first_stage_llm_layers
+    if first is None and p.pipeline > 1:
+        first = flops.suggest_first_stage_layers(
+            run.model, p.pipeline, d.seq_length, tiles, p.virtual_pipeline
+        )
+    plan = RunPlan(
+        model=model_name,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpus=gpus,
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        virtual_pipeline=p.virtual_pipeline,
+        context=p.context,
+        data_parallel=dp,
+        first_stage_llm_layers=first,
+        seq_length=d.seq_length,
+        micro_batch_size=d.micro_batch_size,
+        global_batch_size=d.global_batch_size,
+        micro_batches_per_rank=micro_batches,
+        token_slots_per_step=slots,
+        sample_tokens_per_step=sample_tokens,
+        packing_efficiency=packing_efficiency,
+        tiles_per_sequence=tiles,
+        samples_per_sequence=per_seq,
+        pipeline_bubble=pipeline_bubble(p.pipeline, micro_batches, p.virtual_pipeline),
+    )
+    for stage in d.stages:
+        if stage.budget_tokens is not None:
+            iterations = math.ceil(stage.budget_tokens / sample_tokens)
+        elif stage.budget_samples is not None:
+            iterations = math.ceil(stage.budget_samples / (d.global_batch_size * per_seq))
+        else:
+            raise ValueError(
+                f"stage {stage.name!r} has no budget: a plan needs budget_tokens or budget_samples"
+            )
+        step_flops = d.global_batch_size * executed_flops_per_sequence(
+            run.model, d.seq_length, tiles, stage.trainable
+        )
+        if tokens_per_s_per_gpu is not None:
+            tokens_per_s = tokens_per_s_per_gpu * gpus
+            source = f"stated {tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
+        else:
+            tokens_per_s = mfu * peak_tflops * 1e12 * gpus * slots / step_flops
+            source = f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s per GPU"
+        days = iterations * slots / tokens_per_s / 86400
+        plan.stages.append(
+            StagePlan(
+                stage.name,
+                list(stage.trainable),
+                stage.budget_tokens,
+                stage.budget_samples,
+                iterations,
+                step_flops / 1e12,
+                tokens_per_s,
+                source,
+                days,
+            )
+        )
+    return plan
+
+
+def format_plan(plan: RunPlan) -> str:
+    """Human-readable plan: layout lines, then one table row per stage."""
+    vpp = f", VPP={plan.virtual_pipeline}" if plan.virtual_pipeline else ""
+    split = f", first stage LLM layers={plan.first_stage_llm_layers}" if plan.first_stage_llm_layers else ""
+    lines = [
+        f"plan: {plan.model or 'model'} on {plan.gpus} GPUs ({plan.nodes} nodes x {plan.gpus_per_node})",
+        f"  layout: TP={plan.tensor}, PP={plan.pipeline}{vpp}, CP={plan.context}, DP={plan.data_parallel}{split}",
+        f"  batch: {plan.global_batch_size} sequences x {plan.seq_length} tokens = {plan.token_slots_per_step:,} "
+        f"token slots per step ({plan.sample_tokens_per_step:,.0f} sample tokens at packing efficiency "
+        f"{plan.packing_efficiency}); micro-batch {plan.micro_batch_size}, {plan.micro_batches_per_rank} "
+        f"micro-batches per DP rank; pipeline bubble {plan.pipeline_bubble:.1%}",
+        f"  FLOPs assume {plan.tiles_per_sequence:g} image tiles per sequence; sample budgets assume "
+        f"{plan.samples_per_sequence:g} samples per sequence",
+        "",
+        "| stage | trains | budget | iterations | TFLOP/step | tokens/s (all GPUs) | days | tokens/s from |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in plan.stages:
+        budget = (
+            f"{s.budget_tokens:,} tokens" if s.budget_tokens is not None else f"{s.budget_samples:,} samples"
+        )
+        lines.append(
+            f"| {s.name} | {'+'.join(s.trainable) or '-'} | {budget} | {s.iterations:,} | "
+            f"{s.step_tflops:,.0f} | {s.tokens_per_s:,.0f} | {s.days:.2f} | {s.tokens_per_s_source} |"
+        )
+    lines.append(f"| total | | | {plan.total_iterations:,} | | | {plan.total_days:.2f} | |")
+    return "\n".join(lines)
+
+
+def compose_run_config(
+    config: str,
+    stage_files: list[str],
+    overrides: list[str],
+    *,
+    all_sources: str | None = None,
+    budget_samples: int | None = None,
+):
+    """A RunConfig from a model/run YAML, stage YAMLs (replacing data.stages, in order) and overrides.
+
+    all_sources replaces every stage's sources with that one prefix, and budget_samples every stage's
+    budget (samples, no token budget): smoke runs of a real curriculum on synthetic data."""
+    from megasail.config import load_config
+    from megasail.data.loader.config import SourceConfig, load_stages
+
+    run = load_config(config, overrides)
+    if stage_files:
+        run.data.stages = load_stages(stage_files)
+    for stage in run.data.stages:
+        if all_sources is not None:
+            stage.sources = [SourceConfig(prefix=all_sources, weight=1.0, name=stage.name)]
+        if budget_samples is not None:
+            stage.budget_tokens, stage.budget_samples = None, budget_samples
+    return run
+
+
+def write_run_config(run, path: str) -> None:
+    """The resolved config as YAML, loadable by `pretrain_vlm.py --config`."""
+    from megasail.config import to_yaml
+
+    with open(path, "w") as f:
+        f.write(to_yaml(run))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 4)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", required=True, help="run config YAML (model, parallel, data)")
+    ap.add_argument(
+        "--stage", action="append", default=[], help="stage YAML, in order (replaces data.stages)"
+    )
+    ap.add_argument("--nodes", type=int, default=1, help="nodes in the job")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    ap.add_argument("--model-name", default="", help="name printed in the plan's first line")
+    ap.add_argument(
+        "--tokens-per-s-per-gpu",
+        type=float,
+        default=None,
+        help="measured throughput (tools/bench_train.py) to estimate days with; default: from --mfu",
+    )
+    ap.add_argument(
+        "--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed without a stated tokens/s"
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)"
+    )
+    ap.add_argument(
+        "--packing-efficiency",
+        type=float,
+        default=0.99,
+        help="sample tokens per token slot (docs/loader.md measures 0.995-0.999)",
+    )
+    ap.add_argument("--tiles-per-sequence", type=float, default=None, help="image tiles per packed sequence")
+    ap.add_argument(
+        "--samples-per-sequence", type=float, default=None, help="samples per packed sequence (SFT)"
+    )
+    ap.add_argument(
+        "--all-sources", default=None, help="replace every stage's sources with this prefix (smoke runs)"
+    )
+    ap.add_argument(
+        "--budget-samples", type=int, default=None, help="replace every stage's budget (smoke runs)"
+    )
+    ap.add_argument(
+        "--write-config", default=None, help="write the composed config here (for pretrain_vlm.py)"
+    )
+    ap.add_argument(
+        "--no-plan", action="store_true", help="with --write-config: skip the plan (one-node runs)"
+    )
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object after the table")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.global_batch_size=512")
+    args = ap.parse_intermixed_args(argv)
+
+    from megasail.config import ConfigError
+
+    try:
+        run = compose_run_config(
+            args.config,
+            args.stage,
+            args.overrides,
+            all_sources=args.all_sources,
+            budget_samples=args.budget_samples,
+        )
+        if args.write_config:
+            write_run_config(run, args.write_config)
+        if args.no_plan:
+            return 0
+        plan = make_plan(
+            run,
+            args.nodes,
+            args.gpus_per_node,
+            model_name=args.model_name,
+            tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+            packing_efficiency=args.packing_efficiency,
+            tiles_per_sequence=args.tiles_per_sequence,
+            samples_per_sequence=args.samples_per_sequence,
+        )
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"plan: error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {**asdict(plan), "total_days": plan.total_days, "total_iterations": plan.total_iterations}
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""examples/pretrain_655b.sh and examples/sft_curriculum.sh, and the plan they print (megasail.plan).
+
+The expected numbers are computed here from the recipe's settings (512 x 8192 token slots per step,
+packing efficiency 0.99, the stage budgets of the SAIL-VL paper), not by the plan module."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd, timeout=300, env_extra=None):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "SLURM_JOB_ID",
+            "SLURM_JOB_NUM_NODES",
+        )
+    }
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _stage_rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| pretrain_") or line.startswith("| sft_") or line.startswith("| total"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def _num(text: str) -> float:
+    return float(text.replace(",", "").split()[0])
+
+
+@pytest.mark.parametrize("model,nodes,tp,tps", [("2b", 16, 1, 20000), ("8b", 32, 4, 7000)])
+def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
+    """Fails if the plan's GPU count, data-parallel size, micro-batches, tokens per step, iterations
+    (ceil of budget over packed sample tokens) or days at the stated tokens/s are computed wrongly,
+    e.g. the packing efficiency left out, iterations rounded down, or days from another GPU count."""
+    proc = _run(
+        [
+            "bash",
+            "examples/pretrain_655b.sh",
+            "--dry-run",
+            "--model",
+            model,
+            "--nodes",
+            str(nodes),
+            "--tokens-per-s-per-gpu",
+            str(tps),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    gpus = nodes * 8
+    dp = gpus // tp
+    slots = 512 * 8192
+    assert f"on {gpus} GPUs ({nodes} nodes x 8)" in out
+    assert f"TP={tp}, PP=1, CP=1, DP={dp}" in out
+    assert f"{slots:,} token slots per step" in out and f"{512 // dp} micro-batches per DP rank" in out
+    rows = _stage_rows(out)
+    days_total, iters_total = 0.0, 0
+    for name, budget in (("pretrain_alignment", 131e9), ("pretrain_advance", 524e9)):
+        iters = math.ceil(budget / (slots * 0.99))
+        days = iters * slots / (tps * gpus) / 86400
+        cells = rows[name]
+        assert _num(cells[3]) == iters, cells
+        assert _num(cells[5]) == tps * gpus, cells
+        assert abs(_num(cells[6]) - days) < 0.006, (cells, days)
+        days_total += days
+        iters_total += iters
+    assert rows["pretrain_alignment"][1] == "projector" and rows["pretrain_advance"][1] == "vision+projector"
+    assert _num(rows["total"][3]) == iters_total and abs(_num(rows["total"][6]) - days_total) < 0.011
+    assert "pretrain_vlm.py --config" in out and f"--nnodes {nodes}" in out
+
+
+def test_pretrain_script_refuses_bad_arguments():
+    """Fails if an unknown model or flag is accepted silently, or a real launch starts outside Slurm."""
+    bad = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "3b"])
+    assert bad.returncode == 2 and "--model must be 2b or 8b, got '3b'" in bad.stderr
+    bad = _run(["bash", "examples/pretrain_655b.sh", "--nodse", "2"])
+    assert bad.returncode == 2 and "unknown argument '--nodse'" in bad.stderr
+    helped = _run(["bash", "examples/pretrain_655b.sh", "--help"])
+    assert helped.returncode == 0 and "--dry-run" in helped.stdout and "TOKENS_PER_S_PER_GPU" in helped.stdout
+
+
+def test_executed_flops_follow_the_trainable_set():
+    """Fails if a frozen ViT is charged a backward while only the projector trains, if the frozen LLM is
+    not charged its activation gradients, or if a fully trained step is not 3x the forward FLOPs."""
+    from megasail.models import flops
+    from megasail.models.presets import sail_vl_2b
+    from megasail.plan import executed_flops_per_sequence
+
+    cfg, s, tiles = sail_vl_2b(), 8192, 24
+    lm_h, width = cfg.language.hidden_size, cfg.projector_input_size
+    proj = tiles * 2 * cfg.tokens_per_tile * (width * lm_h + lm_h * lm_h)
+    vit = tiles * flops.vision_flops_per_tile(cfg) - proj
+    lang = flops.sequence_flops(cfg, s, 0)
+    assert executed_flops_per_sequence(cfg, s, tiles, ["vision", "projector", "language"]) == pytest.approx(
+        3 * flops.sequence_flops(cfg, s, tiles)
+    )
+    assert executed_flops_per_sequence(cfg, s, tiles, ["projector"]) == pytest.approx(
+        vit + 3 * proj + 2 * lang
+    )
+    assert executed_flops_per_sequence(cfg, s, tiles, ["vision", "projector"]) == pytest.approx(
+        3 * vit + 3 * proj + 2 * lang
+    )
+    assert executed_flops_per_sequence(cfg, s, tiles, ["language"]) == pytest.approx(vit + proj + 3 * lang)
+
+
+def test_plan_pipeline_layout_bubble_and_sample_budgets():
+    """Fails if the 1F1B bubble formula, the ViT-aware first-stage split, or sample-budget iterations are wrong,
+    or if a layout that does not divide the GPUs or the batch is accepted."""
+    from megasail.config import load_config
+    from megasail.data.loader.config import load_stages
+    from megasail.models.flops import suggest_first_stage_layers
+    from megasail.plan import make_plan
+
+    run = load_config(
+        f"{REPO}/examples/configs/sail_vl_8b.yaml",
+        ["parallel.tensor=2", "parallel.pipeline=4", "data.seq_length=8192", "data.global_batch_size=64"],
+    )
+    run.data.stages = load_stages([f"{REPO}/examples/configs/stages/sft_knowledge.yaml"])
+    plan = make_plan(run, nodes=2, gpus_per_node=8, samples_per_sequence=4, tokens_per_s_per_gpu=1000)
+    assert plan.data_parallel == 2 and plan.micro_batches_per_rank == 32
+    assert plan.pipeline_bubble == pytest.approx(3 / (32 + 3))
+    assert plan.first_stage_llm_layers == suggest_first_stage_layers(run.model, 4, 8192, 24)
+    assert plan.first_stage_llm_layers < 7  # stage 0 also runs the ViT: fewer than 28 / 4 layers
+    assert plan.stages[0].iterations == math.ceil(21_000_000 / (64 * 4))
+    with pytest.raises(ValueError, match="do not divide"):
+        make_plan(run, nodes=1, gpus_per_node=12)
+    run.data.global_batch_size = 63
+    with pytest.raises(ValueError, match="global_batch_size 63"):
+        make_plan(run, nodes=2, gpus_per_node=8)
