@@ -106,40 +106,64 @@ def test_state_is_kept_across_settings_that_do_not_move_samples(prefixes):
     assert other.position == loader.position
 
 
-def rows_of(batches: list[dict]) -> list[bytes]:
-    return sorted(row.numpy().tobytes() for b in batches for row in b["input_ids"])
-
-
-def plan_sequences(loader, position, rank, dp_size, count) -> list[tuple]:
-    """(stage, chunk, pack, samples) of the next `count` micro-batches' sequences of one rank."""
-    plans = micro_batch_plans(loader.curriculum, position, rank, dp_size, loader.cost_model)
-    return [(s.stage, s.chunk, s.pack, tuple(zip(s.sources, s.samples, strict=True)))
-            for plan in islice(plans, count) for s in plan.sequences]
+def global_batch_rows(per_rank: list[list[dict]], micro_batches: int) -> list[list[bytes]]:
+    """Per global batch (in order): its rows over all ranks, sorted (DP placement within a step is free).
+    per_rank[r] = rank r's micro-batches in order; `micro_batches` of them make one global batch."""
+    count = len(per_rank[0]) // micro_batches
+    return [sorted(row.numpy().tobytes() for batches in per_rank
+                   for b in batches[g * micro_batches : (g + 1) * micro_batches] for row in b["input_ids"])
+            for g in range(count)]
 
 
 def test_dp2_state_restores_at_dp1_with_the_same_samples(prefixes):
+    """Fails if a DP=2 position restores at DP=1 anywhere but the next global batch, or if DP=1 cuts its
+    global batches differently: compared per global batch, in order (not as one sorted bag)."""
     config = make_config(prefixes)
-    saved_after, total = 2, 5  # global batches; the stage boundary (after 3) falls after the restore
-    reference_rows, reference_sequences = [], []
-    for rank in (0, 1):
-        loader = MultimodalDataLoader(config, rank, 2)
-        reference_rows += rows_of(take(loader, total * PER_RANK_GLOBAL_BATCH))
-        reference_sequences += plan_sequences(loader, LoaderPosition(), rank, 2, total * PER_RANK_GLOBAL_BATCH)
-    before_rows, before_sequences, state = [], [], None
-    for rank in (0, 1):
-        loader = MultimodalDataLoader(config, rank, 2)
-        before_rows += rows_of(take(loader, saved_after * PER_RANK_GLOBAL_BATCH))
-        before_sequences += plan_sequences(loader, LoaderPosition(), rank, 2, saved_after * PER_RANK_GLOBAL_BATCH)
-        state = loader.state_dict()
+    saved_after, total = 2, 5  # global batches; the stage boundary falls after the restore
+    reference = global_batch_rows([take(MultimodalDataLoader(config, r, 2), total * PER_RANK_GLOBAL_BATCH)
+                                   for r in (0, 1)], PER_RANK_GLOBAL_BATCH)
+    first = [MultimodalDataLoader(config, r, 2) for r in (0, 1)]
+    before = global_batch_rows([take(loader, saved_after * PER_RANK_GLOBAL_BATCH) for loader in first],
+                               PER_RANK_GLOBAL_BATCH)
     single = MultimodalDataLoader(config, 0, 1)
-    single.load_state_dict(state)
-    after_count = (total - saved_after) * 2 * PER_RANK_GLOBAL_BATCH
-    after_sequences = plan_sequences(single, single.position, 0, 1, after_count)
-    after_rows = rows_of(take(single, after_count))
+    single.load_state_dict(first[0].state_dict())
+    stages = []
+    after_batches = []
+    for _ in range(total - saved_after):
+        after_batches += single.next_step()
+        stages.append(single.current_stage.name)
+    after = global_batch_rows([after_batches], 2 * PER_RANK_GLOBAL_BATCH)
     assert single.position.global_batches == total
-    assert sorted(before_sequences + after_sequences) == sorted(reference_sequences)
-    assert sorted(before_rows + after_rows) == sorted(reference_rows)
-    assert {s[0] for s in after_sequences} == {0, 1}  # the restored run crossed into stage b
+    assert before == reference[:saved_after]
+    assert after == reference[saved_after:]
+    assert stages[-1] == "b"  # the restored run crossed into stage b
+
+
+def test_resume_at_a_stage_boundary_with_workers_and_micro_batches(prefixes):
+    """Save exactly after the global batch that ends stage a, with 2 worker processes and 2 sequences a
+    micro-batch; the resumed loader's next global batches equal an uninterrupted run's. Fails if the
+    position saved at the boundary is not the next stage's start (e.g. the stage switch is applied late)."""
+    config = make_config(prefixes, num_workers=2, micro_batch_size=2)
+    straight = MultimodalDataLoader(config, 1, 2)
+    steps = [straight.next_step() for _ in range(5)]
+    first = MultimodalDataLoader(config, 1, 2)
+    boundary = None
+    for g in range(5):
+        first.next_step()
+        if first.current_stage.name == "b":
+            boundary = g + 1
+            break
+    assert boundary is not None and 1 < boundary < 5
+    state = first.state_dict()
+    assert state["position"]["stage"] == 1 and state["position"]["chunk"] == 0 and state["position"]["pack"] == 0
+    first.close()
+    resumed = MultimodalDataLoader(config, 1, 2)
+    resumed.load_state_dict(state)
+    for g in range(boundary, 5):
+        for a, b in zip(steps[g], resumed.next_step(), strict=True):
+            assert_same_batch(a, b)
+    resumed.close()
+    straight.close()
 
 
 def _dp2_resume(rank, world_size, prefixes, global_batches):

@@ -1,17 +1,9 @@
-"""Mixtures and the curriculum: which samples form which packed sequence, stage by stage.
+"""The curriculum: which samples form which packed sequence, in which order, stage by stage.
 
-A stage's stream of packed sequences is cut into chunks of C blended samples (C =
-DataConfig.pack_chunk_samples). Chunk c is a pure function of (seed, stage, c):
-
-1. Blend: `index_helpers.blend_indices(weights, C, sizes)` gives the sources of the C slots; every
-   chunk has the same composition, so source k contributes n_k samples to each chunk and its
-   g-th pick overall is g = c * n_k + (its count within the chunk).
-2. Epochs: pick g of source k reads sample perm_k,e[g % size_k] with e = g // size_k and perm_k,e a
-   seeded shuffle per (stage, source, epoch): each epoch visits every sample once, in a new order.
-3. Packing: `packing.pack_samples` packs the chunk's samples into sequences (seeded per chunk).
-
-The curriculum walks stages in order; a stage ends after the global batch in which its token or
-sample budget is spent. Nothing here reads tokens or pixels: only the index (token and tile counts).
+A stage's blended sample stream is cut into chunks of `pack_chunk_samples`, each chunk into
+epoch-clean segments; every segment is packed and its rows shuffled. docs/loader.md ("Order") has
+the rules and why; everything here is a pure function of (config, stage, chunk), computed from the
+index alone (token and tile counts), so any position is reached in O(1).
 """
 
 from __future__ import annotations
@@ -28,6 +20,9 @@ from megasail.data.images.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
 from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
 from megasail.data.loader.packing import pack_samples
 from megasail.data.loader.state import LoaderPosition
+
+# the roles of derived seeds (the last part of derive_seed's input)
+_SEED_PACK, _SEED_ROW_ORDER = 1, 2
 
 
 def derive_seed(*parts: int) -> int:
@@ -70,7 +65,10 @@ def open_source(source: SourceConfig, data: DataConfig) -> SourceIndex:
 
 @dataclass(frozen=True)
 class PlannedSequence:
-    """One packed sequence of the plan: its samples as (source, sample index) and their counts."""
+    """One packed sequence of the plan: its samples as (source, sample index) and their counts.
+
+    A sequence without samples (pack -1) pads the last global batch of a stage.
+    """
 
     stage: int
     chunk: int
@@ -89,13 +87,23 @@ class PlannedSequence:
         return sum(self.tiles)
 
 
+def padding_sequence(stage: int) -> PlannedSequence:
+    return PlannedSequence(stage, -1, -1, (), (), (), ())
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """Chunk c of a stage: pack p holds members[offsets[p]:offsets[p+1]] (rows of source, sample)."""
+    """Chunk c of a stage in training order: pack p holds members[offsets[p]:offsets[p+1]].
 
-    sources: np.ndarray  # int32[C] source of each member, in pack order
-    samples: np.ndarray  # int64[C] sample index within its source
+    num_samples < pack_chunk_samples only in the stage's last chunk (cut at its budget); `last`
+    marks that chunk, and `tokens` counts the tokens of its samples.
+    """
+
+    sources: np.ndarray  # int32[n] source of each member, in pack order
+    samples: np.ndarray  # int64[n] sample index within its source
     offsets: np.ndarray  # int64[P+1]
+    tokens: int
+    last: bool
 
     @property
     def num_packs(self) -> int:
@@ -103,10 +111,12 @@ class Chunk:
 
 
 class StagePlan:
-    """The packed-sequence stream of one stage, computed chunk by chunk (see module docstring)."""
+    """The packed-sequence stream of one stage, chunk by chunk (docs/loader.md, "Order")."""
 
-    def __init__(self, stage_index: int, sources: list[SourceIndex], data: DataConfig, cache_size: int = 2):
+    def __init__(self, stage_index: int, stage: StageConfig, sources: list[SourceIndex], data: DataConfig,
+                 cache_size: int = 2):
         self.stage_index = stage_index
+        self.stage = stage
         self.sources = sources
         self.data = data
         self.chunk_samples = data.pack_chunk_samples
@@ -121,57 +131,91 @@ class StagePlan:
             where = np.flatnonzero(self.blend_source == k)
             self.count_in_chunk[where] = np.arange(len(where))
         self._chunks: OrderedDict[int, Chunk] = OrderedDict()
-        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
-    def epoch_order(self, source: int, epoch: int) -> np.ndarray:
-        """int64[size] sample order of one source in one epoch of this stage."""
-        key = (source, epoch)
-        if key not in self._perms:
-            seed = derive_seed(self.data.seed, self.stage_index, source, epoch)
-            self._perms[key] = index_helpers.shuffle_indices(int(self.sizes[source]), seed)
-            while len(self._perms) > 2 * len(self.sources):
-                self._perms.popitem(last=False)
-        return self._perms[key]
+    def epoch_samples(self, source: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Samples at `positions` of one source's seeded epoch order (a bijection per epoch, O(1) memory)."""
+        seed = derive_seed(self.data.seed, self.stage_index, source, epoch)
+        return index_helpers.permute_indices(positions, int(self.sizes[source]), seed)
 
     def source_epochs(self, chunk: int) -> list[int]:
         """Epoch each source is in at the start of a chunk."""
         return [int(chunk * n // max(size, 1)) for n, size in zip(self.picks_per_chunk, self.sizes, strict=True)]
 
+    def _picks(self, chunk: int) -> np.ndarray:
+        """int64[C] each slot's pick count g within its source over the stage (epoch g // size)."""
+        return chunk * self.picks_per_chunk[self.blend_source] + self.count_in_chunk
+
     def chunk_members(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """(source int32[C], sample int64[C]) of the chunk's blended slots, before packing."""
-        picks = chunk * self.picks_per_chunk[self.blend_source] + self.count_in_chunk
+        picks = self._picks(chunk)
         samples = np.empty(self.chunk_samples, dtype=np.int64)
         for k in range(len(self.sources)):
             where = np.flatnonzero(self.blend_source == k)
             if not len(where):
                 continue
-            g = picks[where]
-            epochs, positions = g // self.sizes[k], g % self.sizes[k]
+            epochs, positions = np.divmod(picks[where], self.sizes[k])
             for epoch in np.unique(epochs).tolist():
                 sel = epochs == epoch
-                samples[where[sel]] = self.epoch_order(k, epoch)[positions[sel]]
+                samples[where[sel]] = self.epoch_samples(k, epoch, positions[sel])
         return self.blend_source, samples
 
-    def chunk(self, chunk: int) -> Chunk:
-        """Chunk `chunk`, packed (cached: the loader reads chunks in order)."""
+    def segment_starts(self, chunk: int, end: int) -> np.ndarray:
+        """Slots of chunk[:end] that start a segment: 0, and every pick that opens a new epoch of its
+        source (sources of one sample excepted: their every pick is a new epoch, and nothing can repeat
+        before them)."""
+        picks = self._picks(chunk)[:end]
+        sizes = self.sizes[self.blend_source[:end]]
+        opens = (picks % np.maximum(sizes, 1) == 0) & (picks > 0) & (sizes > 1)
+        opens[:1] = True
+        return np.flatnonzero(opens)
+
+    def chunk_end(self, chunk: int, lengths: np.ndarray, tokens_before: int) -> tuple[int, bool]:
+        """(members of `chunk` the stage trains, whether it is the stage's last chunk): a stage ends
+        exactly at its budget (the sample that reaches a token budget is the last)."""
+        end, last = self.chunk_samples, False
+        if self.stage.budget_samples is not None:
+            left = self.stage.budget_samples - chunk * self.chunk_samples
+            if left <= self.chunk_samples:
+                end, last = max(left, 0), True
+        if self.stage.budget_tokens is not None:
+            reach = np.cumsum(lengths[:end]) + tokens_before
+            hit = int(np.searchsorted(reach, self.stage.budget_tokens))  # first slot whose total reaches it
+            if hit < end:
+                end, last = hit + 1, True
+        return end, last
+
+    def chunk(self, chunk: int, tokens_before: int = 0) -> Chunk:
+        """Chunk `chunk` in training order; `tokens_before` = the stage's tokens in earlier chunks (it
+        decides where a token budget cuts). Cached: the loader reads chunks in order."""
         if chunk not in self._chunks:
             sources, samples = self.chunk_members(chunk)
             lengths = np.empty(len(samples), dtype=np.int64)
             for k, source in enumerate(self.sources):
                 sel = sources == k
                 lengths[sel] = source.lengths[samples[sel]]
-            groups = pack_samples(lengths, self.data.seq_length, derive_seed(self.data.seed, self.stage_index,
-                                                                             chunk, 1), self.data.pack_window)
-            order = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
-            self._chunks[chunk] = Chunk(sources[order], samples[order], offsets)
+            end, last = self.chunk_end(chunk, lengths, tokens_before)
+            starts = self.segment_starts(chunk, end).tolist() + [end]
+            orders, sizes = [], []
+            for s, (lo, hi) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+                groups = pack_samples(lengths[lo:hi], self.data.seq_length,
+                                      derive_seed(self.data.seed, self.stage_index, chunk, s, _SEED_PACK),
+                                      self.data.pack_window)
+                # packing decides which samples share a row; when a row trains is a seeded shuffle
+                row_order = index_helpers.shuffle_indices(
+                    len(groups), derive_seed(self.data.seed, self.stage_index, chunk, s, _SEED_ROW_ORDER))
+                for r in row_order.tolist():
+                    orders.append(groups[r] + lo)
+                    sizes.append(len(groups[r]))
+            order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+            self._chunks[chunk] = Chunk(sources[order], samples[order], offsets, int(lengths[:end].sum()), last)
             while len(self._chunks) > self._cache_size:
                 self._chunks.popitem(last=False)
         return self._chunks[chunk]
 
-    def sequence(self, chunk: int, pack: int) -> PlannedSequence:
-        c = self.chunk(chunk)
+    def sequence(self, chunk: int, pack: int, tokens_before: int = 0) -> PlannedSequence:
+        c = self.chunk(chunk, tokens_before)
         lo, hi = int(c.offsets[pack]), int(c.offsets[pack + 1])
         sources, samples = c.sources[lo:hi].tolist(), c.samples[lo:hi].tolist()
         return PlannedSequence(
@@ -179,13 +223,6 @@ class StagePlan:
             tuple(int(self.sources[k].lengths[i]) for k, i in zip(sources, samples, strict=True)),
             tuple(int(self.sources[k].tiles[i]) for k, i in zip(sources, samples, strict=True)),
         )
-
-
-def budget_spent(stage: StageConfig, position: LoaderPosition) -> bool:
-    """True once the stage's token or sample budget is reached (a stage without budget never ends)."""
-    by_tokens = stage.budget_tokens is not None and position.stage_tokens >= stage.budget_tokens
-    by_samples = stage.budget_samples is not None and position.stage_samples >= stage.budget_samples
-    return by_tokens or by_samples
 
 
 class Curriculum:
@@ -208,30 +245,40 @@ class Curriculum:
                 if key not in self._opened:
                     self._opened[key] = open_source(source, self.data)
                 sources.append(dataclasses.replace(self._opened[key], config=source))
-            self._plans[stage] = StagePlan(stage, sources, self.data)
+            self._plans[stage] = StagePlan(stage, self.data.stages[stage], sources, self.data)
         return self._plans[stage]
 
     def global_batch(self, position: LoaderPosition) -> tuple[list[PlannedSequence], LoaderPosition]:
-        """The global batch starting at `position` and the position after it (the next stage's start
-        when this batch spends the stage's budget)."""
+        """The global batch starting at `position` and the position after it. The batch that ends a
+        stage (its budget spent exactly) is filled up with padding sequences; the position after it is
+        the next stage's start, or finished."""
         if position.finished:
             raise StopIteration
         plan = self.plan(position.stage)
-        chunk, pack = position.chunk, position.pack
-        sequences = []
+        chunk, pack, before = position.chunk, position.pack, position.chunk_tokens
+        sequences: list[PlannedSequence] = []
+        ended = False
         while len(sequences) < self.data.global_batch_size:
-            if pack >= plan.chunk(chunk).num_packs:
-                chunk, pack = chunk + 1, 0
+            current = plan.chunk(chunk, before)
+            if pack >= current.num_packs:
+                if current.last:
+                    ended = True
+                    sequences += [padding_sequence(position.stage)] * (self.data.global_batch_size - len(sequences))
+                    break
+                chunk, pack, before = chunk + 1, 0, before + current.tokens
                 continue
-            sequences.append(plan.sequence(chunk, pack))
+            sequences.append(plan.sequence(chunk, pack, before))
             pack += 1
+        if not ended:  # a batch that takes the last row of the last chunk ends the stage too
+            current = plan.chunk(chunk, before)
+            ended = current.last and pack >= current.num_packs
         after = dataclasses.replace(
-            position, chunk=chunk, pack=pack, stage_batches=position.stage_batches + 1,
+            position, chunk=chunk, pack=pack, chunk_tokens=before, stage_batches=position.stage_batches + 1,
             stage_tokens=position.stage_tokens + sum(s.num_tokens for s in sequences),
             stage_samples=position.stage_samples + sum(len(s.samples) for s in sequences),
             global_batches=position.global_batches + 1,
         )
-        if budget_spent(self.data.stages[position.stage], after):
+        if ended:
             if position.stage + 1 < len(self.data.stages):
                 after = LoaderPosition(stage=position.stage + 1, global_batches=after.global_batches)
             else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from megasail.data.loader.config import DataConfig
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: chunk_tokens; epoch-clean segments, shuffled rows, exact stage budgets
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,16 @@ class LoaderPosition:
     """Where the next global batch starts.
 
     stage: index into DataConfig.stages. chunk, pack: the next packed sequence of the stage
-    (chunk of `pack_chunk_samples` blended samples, pack within it). stage_*: what the stage has
-    trained so far (its budget is checked against these). global_batches: over the whole run.
-    finished: the last stage's budget is spent.
+    (chunk of `pack_chunk_samples` blended samples, pack within it in training order).
+    chunk_tokens: the stage's sample tokens in chunks before `chunk` (where a token budget cuts
+    the stage's last chunk depends on it). stage_*: what the stage has trained so far.
+    global_batches: over the whole run. finished: the last stage's budget is spent.
     """
 
     stage: int = 0
     chunk: int = 0
     pack: int = 0
+    chunk_tokens: int = 0
     stage_batches: int = 0
     stage_tokens: int = 0
     stage_samples: int = 0
@@ -41,9 +43,9 @@ def config_fingerprint(config: DataConfig) -> dict:
     """What decides the order of sequences; a restored state must have been saved under the same.
 
     Tiling (max_tiles, min_tiles, tile_size) sets every image's tile count and so each sample's
-    token count, which decides the packing. Settings under which a saved position still points at
-    the same place (pad_token_id, micro_batch_size, DP balancing, decoding, stage budgets) are left
-    out, so they may change across a restore.
+    token count, which decides the packing; a stage's budget decides where its last chunk is cut.
+    Settings under which a saved position still points at the same place (pad_token_id,
+    micro_batch_size, DP balancing, decoding) are left out, so they may change across a restore.
     """
     return {
         "seed": config.seed,
@@ -55,7 +57,8 @@ def config_fingerprint(config: DataConfig) -> dict:
         "pack_window": config.pack_window,
         "pack_chunk_samples": config.pack_chunk_samples,
         "stages": [
-            {"name": s.name, "sources": [[src.prefix, float(src.weight)] for src in s.sources]}
+            {"name": s.name, "sources": [[src.prefix, float(src.weight)] for src in s.sources],
+             "budget_tokens": s.budget_tokens, "budget_samples": s.budget_samples}
             for s in config.stages
         ],
     }
