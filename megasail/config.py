@@ -213,8 +213,23 @@ def _merge(base: DictConfig, other: Any, source: str, schema: Any, path: str | N
         raise ConfigError(f"{where}: bad value for '{key}': {reason}") from None
 
 
+def _dotted_keys(tree: Any, prefix: str = "") -> set[str]:
+    """Every dotted key of a nested dict (lists count as leaves)."""
+    keys = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            keys.add(key)
+            keys |= _dotted_keys(v, key + ".")
+    return keys
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig) -> Any:
-    """Build a typed config: schema defaults <- YAML file <- dotted overrides (``a.b=value``)."""
+    """Build a typed config: schema defaults <- YAML file <- dotted overrides (``a.b=value``).
+
+    The result's ``explicit_keys`` (frozenset of dotted keys) names the values the file or the
+    overrides set, as opposed to schema defaults.
+    """
     default = schema()
     cfg = OmegaConf.structured(default)
     if path is not None:
@@ -227,6 +242,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tensor=2)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", default)
     obj = OmegaConf.to_object(cfg)
+    explicit = set()
+    if path is not None:
+        explicit |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(path)))
+    for item in overrides or []:
+        explicit |= _dotted_keys(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+    # which values the user chose (vs schema defaults): unset ones may be taken from the data's manifests
+    obj.explicit_keys = frozenset(explicit)
     for section in ("model", "parallel", "train", "optim", "checkpoint"):
         validate = getattr(getattr(obj, section, None), "validate", None)
         if validate is not None:

@@ -9,6 +9,7 @@ import torch
 
 from megasail.convert.hf_internvl import model_config_from_hf
 from megasail.models.config import ModelConfig
+from megasail.training.init import tp_shard
 
 TINY_IMAGE_TOKEN = 250  # inside the tiny vocabulary
 
@@ -76,8 +77,6 @@ def multimodal_batch(config: ModelConfig, tiles_per_image=(1, 3), seq_length: in
 
 # --- sharding an unsharded (TP=1, PP=1) megasail state dict -------------------------------------
 
-_COLUMN = re.compile(r"(linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$")
-_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
 
 
@@ -98,16 +97,7 @@ def stage_layer_ranges(num_layers: int, pp_size: int, vp_size: int | None = None
 
 
 def _tp_slice(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    if tp_size == 1:
-        return tensor
-    if key.startswith("language_model.") and key.endswith("mlp.linear_fc1.weight"):
-        gate, up = tensor.chunk(2, dim=0)  # SwiGLU: each rank holds [gate_r; up_r]
-        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
-    if _COLUMN.search(key):
-        return tensor.chunk(tp_size, dim=0)[tp_rank].clone()  # qkv rows are grouped, so whole groups split
-    if _ROW.search(key):
-        return tensor.chunk(tp_size, dim=1)[tp_rank].clone()
-    return tensor
+    return tp_shard(key, tensor, tp_rank, tp_size)  # the layout rule training's initialisation uses
 
 
 def shard_state_dict(full_sd: dict, model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1,

@@ -47,12 +47,15 @@ def thd_inputs(batch: dict) -> tuple[dict, PackedSeqParams]:
 
     ``batch["cu_seqlens"]`` (int32, offsets of every sample and padding run over the flattened
     b*s stream) confines attention to each sample; RoPE positions restart per segment in THD.
+    Later pipeline stages hold None for the fields they do not use (input_ids off the first stage,
+    labels and loss_mask off the last): those stay None.
     """
     cu_seqlens = batch["cu_seqlens"].to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync, before the device copy
     flat = dict(batch)
     for key in ("input_ids", "position_ids", "labels", "loss_mask"):
-        flat[key] = batch[key].reshape(1, -1)
+        if batch.get(key) is not None:
+            flat[key] = batch[key].reshape(1, -1)
     flat["attention_mask"] = None
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                              max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)

@@ -1,0 +1,388 @@
+"""The training loop: ``pretrain(cfg)`` runs every curriculum stage of a run, resumably.
+
+Per optimizer step, on every rank: fetch the step's micro-batches (``loader.next_step()``, a
+collective over the model-parallel group, so outside the pipeline schedule), run megatron-core's
+forward-backward schedule (interleaved with virtual pipeline stages), all-reduce the step's
+loss sum and loss tokens over all ranks (the logged loss is the token-weighted mean over every
+data-parallel rank), then update unless the loss or the gradient norm is not finite, and advance
+the stage's learning-rate clock by the data the step consumed. A new stage from the loader
+rebuilds what trains (``stages.start_stage``) before its first step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megasail.config import RunConfig, to_yaml
+from megasail.data.loader.model_parallel import build_data_loader
+from megasail.models.specs import use_transformer_engine
+from megasail.runtime import init_process_group, initialize
+from megasail.training.checks import check_run
+from megasail.training.costs import FlopsModel, cost_model
+from megasail.training.init import init_weights
+from megasail.training.metrics import MetricsLogger, memory_gb, peak_tflops
+from megasail.training.model_builder import build_model_chunks
+from megasail.training.stages import StageRun, apply_recompute, start_stage
+from megasail.training.step import forward_step
+
+log = logging.getLogger(__name__)
+
+
+class _Checkpoint:
+    """megasail.training.checkpoint, imported on first use (dist_checkpointing is heavy to import)."""
+
+    def __getattr__(self, name):
+        from megasail.training import checkpoint
+
+        return getattr(checkpoint, name)
+
+
+ckpt = _Checkpoint()
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def _segments(batch: dict) -> list[int]:
+    cu = batch["cu_seqlens"].tolist()
+    return [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+
+
+def _sample_tokens(batch: dict, seq_length: int) -> int:
+    """Tokens of real samples (padding excluded): each row's first num_samples segments."""
+    cu, total = batch["cu_seqlens"].tolist(), 0
+    for row, n in enumerate(batch["num_samples"].tolist()):
+        inner = [b for b in cu if row * seq_length <= b <= (row + 1) * seq_length]
+        total += inner[n] - inner[0] if n else 0
+    return total
+
+
+def _step_terms(
+    batches: list[dict], logs: list[dict], cfg: RunConfig, flops: FlopsModel, trainable: list[str]
+):
+    """This rank's share of the step's global sums: [loss sum, loss tokens, FLOPs, sample tokens,
+    samples]. The loss comes from the last pipeline stage's TP rank 0, the work counts from the
+    first stage's TP rank 0, so each is counted once per data-parallel replica."""
+    terms = torch.zeros(5, dtype=torch.float64)
+    tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
+    if tp0 and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and logs:
+        total = torch.stack([x["lm loss"].detach().double().cpu() for x in logs]).sum(0)
+        terms[0], terms[1] = total[0], total[1]
+    if tp0 and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        seq = cfg.data.seq_length
+        for b in batches:
+            tiles = int(b["pixel_values"].shape[0]) if b.get("pixel_values") is not None else 0
+            parts = flops.forward_parts(tiles, _segments(b), b["position_ids"].numel())
+            terms[2] += flops.training_flops(parts, trainable)
+            terms[3] += _sample_tokens(b, seq)
+            terms[4] += int(b["num_samples"].sum())
+    return terms
+
+
+class Trainer:
+    """State of one training run on this rank (see module docstring); ``run()`` trains."""
+
+    def __init__(self, cfg: RunConfig, forward_step_func=forward_step):
+        self.cfg = cfg
+        self.forward_step_func = forward_step_func
+        p = cfg.parallel
+        self.chunks = build_model_chunks(cfg.model, p)
+        init_weights(self.chunks, cfg.seed)
+        apply_recompute(self.chunks, cfg.train.recompute, cfg.train.recompute_num_layers)
+        self.loader = build_data_loader(cfg.data, cost_model=cost_model(cfg.model))
+        self.flops = FlopsModel.from_model_config(cfg.model)
+        self.peak = peak_tflops(cfg.model.fp8 is not None)
+        self.thd = use_transformer_engine(cfg.model.transformer_impl)
+        self.step = 0
+        self.consumed = {"tokens": 0, "samples": 0}
+        self.skipped = {"steps": 0, "samples": 0}
+        self.nan_streak = 0
+        self.losses: list[float] = []
+        self.last_saved: str | None = None
+        self.metrics = MetricsLogger(
+            dist.get_rank() == 0,
+            cfg.logging.dir,
+            cfg.logging.wandb,
+            cfg.logging.wandb_project,
+            cfg.logging.wandb_run_name,
+            config=None,
+            log_interval=cfg.train.log_interval,
+        )
+        self.run_state: StageRun | None = None
+        self._resume()
+        self._stage_timer = (time.perf_counter(), self._stage_fraction(self.loader.position))
+
+    # ---- stages and checkpoints ----
+    def _enter_stage(self, index: int, fresh: bool) -> None:
+        self.run_state = start_stage(self.cfg, self.chunks, index, self.step, previous=self.run_state)
+        stage = self.run_state.stage
+        self.metrics.print(
+            f"[megasail] stage {index} '{stage.name}': trains {stage.trainable}; "
+            + self.flops.describe(stage.trainable)
+        )
+        if fresh and stage.init_checkpoint:
+            ckpt.load_checkpoint(stage.init_checkpoint, self.run_state.model, weights_only=True)
+            self.metrics.print(
+                f"[megasail] stage '{stage.name}' starts from the weights of {stage.init_checkpoint}"
+            )
+
+    def _resume(self) -> None:
+        c = self.cfg.checkpoint
+        path = ckpt.latest_checkpoint(c.load) if c.load else None
+        if c.load and path is None:
+            if c.load != c.save:
+                raise FileNotFoundError(
+                    f"checkpoint.load={c.load}: no checkpoint there (no "
+                    f"{ckpt.MARKER} and no iter_* directory)"
+                )
+            self.metrics.print(f"[megasail] no checkpoint in {c.load} yet: starting from the initial weights")
+        if path is None or c.weights_only:
+            self._enter_stage(self.loader.position.stage, fresh=path is None)
+            if path is not None:
+                ckpt.load_checkpoint(path, self.run_state.model, weights_only=True)
+                self.metrics.print(
+                    f"[megasail] weights from {path}; fresh optimizer, schedule and data position"
+                )
+            return
+        meta = ckpt.read_meta(path)
+        self.step = int(meta["iteration"])
+        self.run_state = None
+        self.run_state = start_stage(
+            self.cfg, self.chunks, int(meta["stage"]["index"]), int(meta["stage_start_step"])
+        )
+        ckpt.load_checkpoint(path, self.run_state.model, self.run_state.optimizer, self.run_state.scheduler)
+        self.loader.load_state_dict(meta["loader_state"])
+        self.consumed = dict(meta.get("consumed", self.consumed))
+        self.skipped = dict(meta.get("skipped", self.skipped))
+        self.metrics.print(
+            f"[megasail] resumed from {path} at step {self.step} (stage "
+            f"'{self.run_state.stage.name}', loader at global batch {self.loader.position.global_batches})"
+        )
+
+    def save(self) -> str:
+        c, r = self.cfg.checkpoint, self.run_state
+        meta = {
+            "stage": {"index": r.index, "name": r.stage.name},
+            "stage_iteration": self.step - r.start_step,
+            "stage_start_step": r.start_step,
+            "loader_state": self.loader.state_dict(),
+            "config": to_yaml(self.cfg),
+            "consumed": dict(self.consumed),
+            "skipped": dict(self.skipped),
+        }
+        self.last_saved = ckpt.save_checkpoint(
+            c.save,
+            self.step,
+            r.model,
+            r.optimizer,
+            r.scheduler,
+            meta=meta,
+            keep_last=c.keep_last,
+            async_save=c.async_save,
+        )
+        self.metrics.print(f"[megasail] saved {self.last_saved}")
+        return self.last_saved
+
+    # ---- one step ----
+    def _stage_fraction(self, position) -> float | None:
+        r = self.run_state
+        if r is None or not math.isfinite(r.clock.total) or position.stage != r.index:
+            return None
+        return min(r.clock.progress(position) / r.clock.total, 1.0)
+
+    def train_step(self) -> dict | None:
+        """One optimizer step; None when the data (the last stage's budget) has ended."""
+        cfg, before = self.cfg, self.loader.position
+        if before.finished:
+            return None
+        if before.stage != self.run_state.index:
+            self._enter_stage(before.stage, fresh=True)
+            self._stage_timer = (time.perf_counter(), 0.0)
+        r = self.run_state
+        start = time.perf_counter()
+        try:
+            batches = self.loader.next_step()
+        except StopIteration:
+            return None
+        after = self.loader.position
+        for m in r.model:
+            m.zero_grad_buffer()
+        r.optimizer.zero_grad()
+        seq, mbs = cfg.data.seq_length, cfg.data.micro_batch_size
+        if self.thd:  # THD flattens each micro-batch to one row: the stages exchange [mbs * s, 1, h]
+            seq, mbs = seq * mbs, 1
+        data = iter(batches) if len(r.model) == 1 else [iter(batches) for _ in r.model]
+        logs = get_forward_backward_func()(
+            forward_step_func=self.forward_step_func,
+            data_iterator=data,
+            model=r.model if len(r.model) > 1 else r.model[0],
+            num_microbatches=len(batches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=False,
+        )
+        terms = _step_terms(batches, logs, cfg, self.flops, r.stage.trainable).to(_device())
+        dist.all_reduce(terms)
+        loss_sum, loss_tokens, flops, tokens, samples = terms.tolist()
+        loss = loss_sum / max(loss_tokens, 1.0)
+        lr = float(r.optimizer.param_groups[0]["lr"])
+        updated, grad_norm = False, float("nan")
+        if math.isfinite(loss):
+            from megasail.training.optim import optimizer_step
+
+            updated, grad_norm = optimizer_step(r.optimizer)
+        r.scheduler.step(increment=r.clock.increment(before, after))  # the data is spent either way
+        elapsed = time.perf_counter() - start
+        times = torch.tensor([elapsed, -elapsed], dtype=torch.float64, device=_device())
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        slowest, fastest = times[0].item(), -times[1].item()
+        self.step += 1
+        self.consumed["tokens"] += int(tokens)
+        self.consumed["samples"] += int(samples)
+        if updated:
+            self.nan_streak = 0
+        else:
+            self.nan_streak += 1
+            self.skipped["steps"] += 1
+            self.skipped["samples"] += int(samples)
+        world = dist.get_world_size()
+        tflops = flops / slowest / world / 1e12
+        metrics = {
+            "step": self.step,
+            "stage": r.stage.name,
+            "stage_index": r.index,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "updated": updated,
+            "tokens": int(tokens),
+            "samples": int(samples),
+            "loss_tokens": int(loss_tokens),
+            "consumed_tokens": self.consumed["tokens"],
+            "consumed_samples": self.consumed["samples"],
+            "step_time": slowest,
+            "tokens_per_s": tokens / slowest,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "mem_gb": memory_gb(),
+            "skipped_steps": self.skipped["steps"],
+            "skipped_samples": self.skipped["samples"],
+            "step_time_spread": slowest / fastest if fastest > 0 else 1.0,
+            "loader": self.loader.statistics(),
+        }
+        self.losses.append(loss)
+        fraction = self._stage_fraction(after) if after.stage == before.stage else 1.0
+        t0, f0 = self._stage_timer
+        eta = None
+        if fraction is not None and fraction > f0:
+            eta = (time.perf_counter() - t0) / (fraction - f0) * (1.0 - fraction)
+        self.metrics.log(metrics, fraction, eta)
+        if not updated:
+            self._check_divergence(loss, grad_norm)
+        return metrics
+
+    def _check_divergence(self, loss: float, grad_norm: float) -> None:
+        log.warning(
+            "step %d skipped: loss %s, gradient norm %s (%d in a row)",
+            self.step,
+            loss,
+            grad_norm,
+            self.nan_streak,
+        )
+        if self.nan_streak < self.cfg.train.max_nan_steps:
+            return
+        save = self.cfg.checkpoint.save
+        good = ckpt.latest_checkpoint(save) if save else None
+        where = (
+            f"go back to {good} (checkpoint.load={save}) and lower the learning rate or skip the data"
+            if good
+            else "no checkpoint was saved yet: restart from the initial weights with changed settings"
+        )
+        raise TrainingDiverged(
+            f"{self.nan_streak} consecutive steps with a non-finite loss or gradient norm "
+            f"(last at step {self.step}, train.max_nan_steps={self.cfg.train.max_nan_steps}); "
+            f"{where}"
+        )
+
+    # ---- the run ----
+    def run(self) -> dict:
+        cfg, c = self.cfg, self.cfg.checkpoint
+        last = None
+        while cfg.train.iters is None or self.step < cfg.train.iters:
+            stage_before = self.loader.position.stage
+            metrics = self.train_step()
+            if metrics is None:
+                break
+            last = metrics
+            ckpt.finalize_async_saves(blocking=False)
+            stage_ended = self.loader.position.stage != stage_before or self.loader.position.finished
+            if c.save and ((c.interval and self.step % c.interval == 0) or stage_ended):
+                self.save()
+        if (
+            c.save
+            and last is not None
+            and (self.last_saved is None or not self.last_saved.endswith(f"{self.step:07d}"))
+        ):
+            self.save()
+        ckpt.finalize_async_saves(blocking=True)
+        self.metrics.close()
+        return {
+            "step": self.step,
+            "losses": list(self.losses),
+            "stage": self.run_state.stage.name,
+            "stage_index": self.run_state.index,
+            "finished": self.loader.position.finished,
+            "skipped_steps": self.skipped["steps"],
+            "consumed": dict(self.consumed),
+            "checkpoint": self.last_saved,
+            "last_metrics": last,
+        }
+
+
+def pretrain(cfg: RunConfig, *, forward_step_func=forward_step) -> dict:
+    """Train ``cfg`` on this process's rank (torchrun's environment, or a single process).
+
+    Runs start-up checks (``checks.check_run``; unset tokenizer-dependent values come from the
+    dataset manifests), sets up process groups, builds and initialises the model, resumes from
+    ``checkpoint.load`` if given, trains until ``train.iters`` or the end of the last stage, saves
+    to ``checkpoint.save``. Returns a summary: final step, per-step losses, stage, checkpoint.
+    The caller tears down the process groups (``megasail.runtime.destroy``).
+    """
+    cfg = copy.deepcopy(cfg)
+    init_process_group(cfg.train.timeout_minutes)
+    check_run(cfg, dist.get_world_size())
+    p = cfg.parallel
+    initialize(
+        p.tensor,
+        p.pipeline,
+        p.virtual_pipeline,
+        p.context,
+        seed=cfg.seed,
+        timeout_minutes=cfg.train.timeout_minutes,
+    )
+    trainer = Trainer(cfg, forward_step_func)
+    if dist.get_rank() == 0:
+        print(
+            f"[megasail] world {dist.get_world_size()}: tp={p.tensor} pp={p.pipeline} "
+            f"dp={parallel_state.get_data_parallel_world_size()} vpp={p.virtual_pipeline}; "
+            f"{len(cfg.data.stages)} stage(s); train.iters={cfg.train.iters}",
+            flush=True,
+        )
+    return trainer.run()

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Train a SAIL-VL model: every curriculum stage of a run, resumable, on one CPU or many GPUs.
+
+    torchrun --nproc-per-node 8 pretrain_vlm.py --config examples/configs/sail_vl_2b.yaml \\
+        data.stages='[...]' checkpoint.save=ckpt/run1 checkpoint.load=ckpt/run1
+    python pretrain_vlm.py --config examples/configs/tiny.yaml data.path=data/synth/train train.iters=50
+
+Overrides are dotted keys (key=value); the common ones: train.iters, data.path, parallel.tensor,
+parallel.pipeline, checkpoint.save, checkpoint.load, checkpoint.interval, logging.dir,
+logging.wandb. --help-config lists every key with its doc and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=default, then its doc):\n" + _help_text(),
+    )
+    ap.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
+    ap.add_argument("--help-config", action="store_true", help="print only the config keys and exit")
+    ap.add_argument(
+        "overrides", nargs="*", help="dotted config overrides, e.g. train.iters=100 parallel.tensor=2"
+    )
+    args = ap.parse_intermixed_args(argv)
+    if args.help_config:
+        print(_help_text())
+        sys.exit(0)
+    return args
+
+
+def _help_text() -> str:
+    from megasail.config import config_help
+
+    return config_help()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megasail.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"pretrain_vlm.py: {e}", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from megasail.runtime import destroy
+    from megasail.training.checks import StartupError
+    from megasail.training.loop import TrainingDiverged, pretrain
+
+    try:
+        summary = pretrain(cfg)
+    except StartupError as e:
+        print(f"pretrain_vlm.py: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"pretrain_vlm.py: {e}", file=sys.stderr)
+        return 3
+    finally:
+        destroy()
+    print(
+        f"[megasail] done: step {summary['step']}, stage '{summary['stage']}', "
+        f"last loss {summary['losses'][-1] if summary['losses'] else float('nan'):.4f}, "
+        f"checkpoint {summary['checkpoint']}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist_checkpointing's workers re-import this module
+    sys.exit(main())
