@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -413,6 +414,90 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
     assert json.loads(report.read_text())["runtime"]["units_resumed"] == finished
     assert prefix_files(killed) == prefix_files(ref)
     assert not parts.exists()
+
+
+KILL_POINTS = [
+    "merge:2",
+    pytest.param("finish", marks=pytest.mark.slow),
+    "publish",
+    pytest.param("rejects", marks=pytest.mark.slow),
+    "manifest",
+    "random:0",
+    pytest.param("random:1", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module")
+def kill_run(tmp_path_factory, tiny_tokenizer):
+    """A 6-unit run's arguments and the bytes of its uninterrupted output."""
+    root = tmp_path_factory.mktemp("kill")
+    write_images(str(root / "imgs"), {f"{k}.jpg": image_bytes("JPEG", 40 + k, 30, k) for k in range(4)})
+    jsonl = write_jsonl(
+        str(root / "in.jsonl"), good_conversation_records(23, [f"{k}.jpg" for k in range(4)]) + [b"{broken"]
+    )
+    common = unit_run_args(jsonl, root / "imgs", tiny_tokenizer)
+    ref = root / "ref" / "ds"
+    assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
+    return common, prefix_files(ref)
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_anywhere_then_resumed_gives_identical_bytes(tmp_path, kill_run, point):
+    """SIGKILL of a --workers 2 run (main process and its unit workers) while units run and merge
+    (merge:2), just before the merge finishes, while the merged files are renamed into place (publish),
+    between the rejects and the manifest, after the manifest, and at two seeded random moments; then
+    --resume --workers 2 gives the uninterrupted run's bytes, and leaves no .tmp or .parts behind.
+    The merger renames its data files, then its indexes, within microseconds, so "publish" is the state
+    of a kill between the two: a run killed after its rejects, wound back to data files published,
+    indexes still .tmp, no rejects.
+
+    Fails if resume trusts a half-published output of the killed run (planted: resume skipping the merge
+    when PREFIX.bin exists), if a kill after the manifest leaves .parts/ behind (planted: no cleanup on
+    resuming a finished prefix), or if a prefix without its manifest looks complete."""
+    common, expected = kill_run
+    prefix = tmp_path / "ds"
+    env = tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.1")
+    delay = None
+    if point.startswith("random:"):  # seconds after the start: units, merge or the end, as it falls
+        delay = random.Random(13).sample([x / 10 for x in range(10, 40)], 2)[int(point.split(":")[1])]
+    else:
+        env["MEGASAIL_PREPROCESS_KILL_AT"] = "rejects" if point == "publish" else point
+    argv = [
+        sys.executable,
+        str(TOOLS / "preprocess_data.py"),
+        *map(str, common),
+        "--output-prefix",
+        str(prefix),
+    ]
+    proc = subprocess.Popen(
+        [*argv, "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the unit workers are killed with it
+    )
+    try:
+        proc.wait(timeout=delay or 120)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode)  # killed before it finished
+    if point != "manifest":  # an unfinished prefix never looks complete
+        assert not Path(f"{prefix}.manifest.json").exists()
+    if point == "publish":
+        os.remove(f"{prefix}.rejects.jsonl")
+        for suffix in (".idx", ".img.idx"):
+            os.replace(f"{prefix}{suffix}", f"{prefix}{suffix}.tmp")
+    resumed = run_tool("preprocess_data.py", *common, "--output-prefix", prefix, "--resume", "--workers", 2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert prefix_files(prefix) == expected
+    leftovers = [p.name for p in prefix.parent.iterdir() if p.name.endswith((".tmp", ".parts"))]
+    assert not leftovers, leftovers
 
 
 def test_stops_before_any_work(tmp_path, tiny_tokenizer):

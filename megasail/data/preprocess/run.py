@@ -253,6 +253,20 @@ def _add_to_shared_counters(records: int, nbytes: int) -> None:
 KILL_UNIT_ENV = "MEGASAIL_PREPROCESS_KILL_UNIT"
 
 
+# Test hook: the main process kills itself with SIGKILL at a named point of the run:
+#   merge:K   once K units have finished and been handed to the merge (later units still running)
+#   finish    after the last unit, before the merge is finished (copies may be in flight)
+#   rejects   after PREFIX.rejects.jsonl is in place, before the manifest
+#   manifest  after the manifest is in place, before PREFIX.parts/ is removed
+KILL_AT_ENV = "MEGASAIL_PREPROCESS_KILL_AT"
+
+
+def _kill_point(name: str, finished_units: int = 0) -> None:
+    point = os.environ.get(KILL_AT_ENV, "")
+    if point == name or (name == "merge" and point.startswith("merge:") and finished_units >= int(point[6:])):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _run_unit_in_worker(unit: WorkUnit) -> dict:
     if os.environ.get(KILL_UNIT_ENV) == str(unit.index):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -370,6 +384,7 @@ def execute(plan: RunPlan) -> dict:
                         reports[report["unit"]] = report
                     if done:
                         merge.feed(reports)
+                        _kill_point("merge", len(reports))
                     # Read without the lock: a killed worker may have died holding it.
                     now = [c.get_obj().value for c in counters]
                     show(now[0] - shown[0], now[1] - shown[1])
@@ -392,6 +407,7 @@ def execute(plan: RunPlan) -> dict:
         ordered = [reports[u.index] for u in plan.units]
         _report_internal_errors(cfg, prefix, ordered)
         merge_started = time.perf_counter()
+        _kill_point("finish")
         merge.finish()
         merge_seconds = time.perf_counter() - merge_started  # the merge's wall time after the units
     except BaseException:
@@ -404,6 +420,7 @@ def execute(plan: RunPlan) -> dict:
             with open(unit_prefix(plan.parts_dir, unit) + ".rejects.jsonl", encoding="utf-8") as f:
                 shutil.copyfileobj(f, out)
     os.replace(prefix + ".rejects.jsonl.tmp", prefix + ".rejects.jsonl")
+    _kill_point("rejects")
     manifest = build_manifest(plan, ordered)
     with open(prefix + ".manifest.json.tmp", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
@@ -411,6 +428,7 @@ def execute(plan: RunPlan) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(prefix + ".manifest.json.tmp", prefix + ".manifest.json")
+    _kill_point("manifest")
     shutil.rmtree(plan.parts_dir, ignore_errors=True)
     runtime = {
         "seconds": time.perf_counter() - started,
