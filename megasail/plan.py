@@ -16,14 +16,10 @@ Arithmetic (every number printed is one of these):
   days            = iterations * token slots / tokens/s / 86400
   pipeline bubble = (pp - 1) / (vpp * micro-batches + pp - 1)  of a 1F1B step (0 at pp = 1)
 
-Kept outside megasail.training (whose package imports torch and megatron-core) so a login node prints
-the plan in a second.
-
-Executed FLOPs follow what autograd runs for a stage's trainable set: a trained module costs
-forward + activation gradients + weight gradients (3x forward); a frozen module that a trained
-module lies before (the LLM while the projector trains) costs forward + activation gradients (2x);
-a frozen module with nothing trained before it (the ViT while only the projector trains) costs
-its forward only (1x).
+Executed FLOPs are the training loop's (megasail.training.costs.FlopsModel, the MFU numerator): a
+trained module costs 3x its forward, a frozen one that gradients flow through 2x, a frozen one with
+nothing trained before it (the ViT while only the projector trains) 1x; LLM attention is causal
+within each sample.
 """
 
 from __future__ import annotations
@@ -34,8 +30,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from megasail.models import flops
-
-MODULE_ORDER = ("vision", "projector", "language")  # the order activations flow through the model
 
 
 @dataclass
@@ -88,30 +82,17 @@ class RunPlan:
         return sum(s.iterations for s in self.stages)
 
 
-def module_flops_per_sequence(model_cfg, seq_length: int, tiles: float) -> dict[str, float]:
-    """Forward FLOPs of one sequence per module: vision (ViT), projector, language (layers + head)."""
-    vit = model_cfg.vision
-    lm_h = model_cfg.language.hidden_size
-    projector = 2 * model_cfg.tokens_per_tile * (model_cfg.projector_input_size * lm_h + lm_h * lm_h)
-    vision = (
-        flops.vision_flops_per_tile(model_cfg) - projector
-    )  # vision_flops_per_tile includes the projector
-    language = model_cfg.language.num_layers * flops.language_layer_flops(model_cfg, seq_length)
-    language += flops.language_head_flops(model_cfg, seq_length)
-    del vit
-    return {"vision": tiles * vision, "projector": tiles * projector, "language": language}
+def executed_flops_per_sequence(
+    model_cfg, seq_length: int, tiles: float, samples: float, trainable: list[str]
+) -> float:
+    """Forward + backward FLOPs of one packed sequence, counted as the training loop counts them for
+    MFU (megasail.training.costs.FlopsModel): `samples` equal causal segments filling the sequence."""
+    from megasail.training.costs import FlopsModel
 
-
-def executed_flops_per_sequence(model_cfg, seq_length: int, tiles: float, trainable: list[str]) -> float:
-    """Forward + backward FLOPs autograd runs for one sequence when only `trainable` modules learn."""
-    forward = module_flops_per_sequence(model_cfg, seq_length, tiles)
-    total, upstream_trains = 0.0, False
-    for name in MODULE_ORDER:
-        trains = name in trainable
-        factor = 3 if trains else (2 if upstream_trains else 1)
-        total += factor * forward[name]
-        upstream_trains = upstream_trains or trains
-    return total
+    model = FlopsModel.from_model_config(model_cfg)
+    whole = max(int(samples), 1)
+    segments = [seq_length // whole] * whole
+    return model.training_flops(model.forward_parts(tiles, segments, seq_length), trainable)
 
 
 def pipeline_bubble(pipeline: int, micro_batches: int, virtual_pipeline: int | None = None) -> float:
@@ -202,7 +183,7 @@ def make_plan(
                 f"stage {stage.name!r} has no budget: a plan needs budget_tokens or budget_samples"
             )
         step_flops = d.global_batch_size * executed_flops_per_sequence(
-            run.model, d.seq_length, tiles, stage.trainable
+            run.model, d.seq_length, tiles, per_seq, stage.trainable
         )
         if tokens_per_s_per_gpu is not None:
             tokens_per_s = tokens_per_s_per_gpu * gpus
