@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -67,6 +68,14 @@ class _Pieces:
     fc1: type
     row: type
     core_attention: type
+    # checkpoint keys of the unfused norms renamed to TE's fused ones (empty for TE itself)
+    sharded_keys_map: dict[str, str]
+
+
+def _te_checkpoint_keys_map() -> dict[str, str]:
+    """megatron-core's own local-spec map (input_layernorm. -> self_attention.linear_qkv.layer_norm_,
+    pre_mlp_layernorm. -> mlp.linear_fc1.layer_norm_): checkpoints carry TE's names whichever spec ran."""
+    return dict(get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map)
 
 
 def _pieces(use_te: bool) -> _Pieces:
@@ -74,9 +83,9 @@ def _pieces(use_te: bool) -> _Pieces:
     if use_te:
         fused = backend.column_parallel_layer_norm_linear()
         return _Pieces(backend.layer_norm(), IdentityOp, fused, fused, backend.row_parallel_linear(),
-                       backend.core_attention())
+                       backend.core_attention(), {})
     return _Pieces(LocalNorm, LocalNorm, backend.column_parallel_linear(), backend.column_parallel_linear(),
-                   backend.row_parallel_linear(), backend.core_attention())
+                   backend.row_parallel_linear(), backend.core_attention(), _te_checkpoint_keys_map())
 
 
 def _layer_spec(module: type, pieces: _Pieces, mask_type: AttnMaskType, bda, params: dict | None = None) -> ModuleSpec:
@@ -100,6 +109,7 @@ def _layer_spec(module: type, pieces: _Pieces, mask_type: AttnMaskType, bda, par
             pre_mlp_layernorm=pieces.pre_norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=pieces.fc1, linear_fc2=pieces.row)),
             mlp_bda=bda,
+            sharded_state_dict_keys_map=pieces.sharded_keys_map,
         ),
     )
 
