@@ -1,21 +1,11 @@
-"""The training data loader: weighted sources, curriculum stages, packing, DP balancing, background decode.
+"""MultimodalDataLoader: one data-parallel rank's micro-batches, global batch after global batch.
 
     loader = MultimodalDataLoader(config.data, dp_rank=1, dp_size=8)
-    for batch in loader:            # this rank's micro-batches, global batch after global batch
-        ...                         # batch: the dict of megasail.training.step.forward_step
-    batches = loader.next_step()    # or: the micro-batches of one optimizer step at once
-        state = loader.state_dict() # at a global-batch boundary; restores at any DP size
+    batches = loader.next_step()    # the micro-batches of one optimizer step (one global batch)
+    state = loader.state_dict()     # between global batches; restores at any DP size
 
-Per global batch (all ranks compute the same plan from the index alone): take the next
-`global_batch_size` packed sequences of the current stage (`blend.Curriculum`), estimate each one's
-cost and give every data-parallel rank the same number of sequences with an even cost
-(`balance.assign_to_ranks`), cut the rank's share into micro-batches. Worker processes of a torch
-DataLoader turn each micro-batch plan into tensors (`loader_worker.MicroBatchBuilder`); the main
-process only tracks the position and the statistics.
-
-For TP/PP ranks use `megasail.data.loader.model_parallel.build_data_loader`, which reads once per
-model-parallel group and sends each pipeline stage the fields it needs; there, fetch each step
-with `next_step` before the pipeline schedule (see that module).
+On TP/PP ranks use `build_data_loader` (model_parallel.py). How a global batch is planned,
+balanced and built: docs/loader.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The loader's resumable position: a few integers, global over data-parallel ranks.
 
-The order of packed sequences is a pure function of the config (seed, sources, weights,
-seq_length, and the tiling settings that decide each sample's token count), so the position alone
-restores the loader: no sample is replayed, and restoring
-costs one chunk of packing whatever the position. The position counts global batches, not a
-rank's micro-batches, so a state saved at one data-parallel size restores at another.
+The data order is a pure function of the config, so the position alone restores the loader in
+O(1) (no replay), at any data-parallel size (docs/loader.md, "Resume").
 """
 
 from __future__ import annotations
