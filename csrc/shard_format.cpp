@@ -15,14 +15,11 @@ namespace megasail {
 
 namespace {
 
-constexpr size_t kFileBufferBytes = 1u << 20;
 constexpr size_t kDirectWriteBytes = 64u << 10;  // writes this large bypass the buffer
 constexpr size_t kCopyChunkBytes = 8u << 20;     // read/write fallback of append_file
 constexpr size_t kPointerChunk = 1u << 16;  // pointers are computed and written in chunks, not stored
 
 std::string errno_text() { return std::strerror(errno); }
-
-size_t padding_to_8(size_t bytes) { return (8 - bytes % 8) % 8; }
 
 template <typename T>
 void write_array(OutputFile& out, const std::vector<T>& values, bool pad_to_8) {
@@ -87,15 +84,24 @@ class ByteReader {
 
 }  // namespace
 
+size_t padding_to_8(size_t bytes) { return (8 - bytes % 8) % 8; }
+
 std::string token_bin_path(const std::string& prefix) { return prefix + ".bin"; }
 std::string token_idx_path(const std::string& prefix) { return prefix + ".idx"; }
 std::string image_bin_path(const std::string& prefix) { return prefix + ".img.bin"; }
 std::string image_idx_path(const std::string& prefix) { return prefix + ".img.idx"; }
 std::string tmp_path(const std::string& path) { return path + ".tmp"; }
 
-OutputFile::OutputFile(const std::string& path) : path_(path), buffer_(kFileBufferBytes) {
-  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+OutputFile::OutputFile(const std::string& path, Kind kind, size_t buffer_bytes)
+    : path_(path), buffer_(std::max<size_t>(buffer_bytes, 4096)) {
+  const int access = kind == Kind::kSpill ? O_RDWR : O_WRONLY;  // a spill file is read back
+  fd_ = ::open(path.c_str(), access | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd_ < 0) throw IoError("cannot create " + path + ": " + errno_text());
+  if (kind == Kind::kSpill && ::unlink(path.c_str()) != 0) {
+    const std::string what = "cannot unlink scratch file " + path + ": " + errno_text();
+    close_quietly();
+    throw IoError(what);
+  }
 }
 
 OutputFile::~OutputFile() { close_quietly(); }
@@ -137,6 +143,7 @@ void OutputFile::flush() {
 void OutputFile::write(const void* data, size_t size) {
   if (fd_ < 0) throw IoError("write to closed file " + path_);
   if (size == 0) return;
+  size_ += size;
   if (size >= kDirectWriteBytes) {  // straight from the caller's memory, after what is buffered
     const size_t buffered = used_;
     used_ = 0;
@@ -159,7 +166,6 @@ void OutputFile::write_zeros(size_t size) {
 
 void OutputFile::append_file(const std::string& path, uint64_t expected_size) {
   if (fd_ < 0) throw IoError("write to closed file " + path_);
-  flush();
   const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (in < 0) throw IoError("cannot open " + path + ": " + errno_text());
   struct Closer {
@@ -170,29 +176,43 @@ void OutputFile::append_file(const std::string& path, uint64_t expected_size) {
   if (::fstat(in, &st) != 0) throw IoError("cannot stat " + path + ": " + errno_text());
   if (static_cast<uint64_t>(st.st_size) != expected_size)
     throw IoError("cannot read " + path + " (or it changed during the merge)");
-  uint64_t left = expected_size;
+  copy_from(in, path, expected_size);
+}
+
+void OutputFile::append_spill(OutputFile& spill) {
+  if (fd_ < 0) throw IoError("write to closed file " + path_);
+  if (spill.fd_ < 0) throw IoError("read of closed scratch file " + spill.path_);
+  spill.flush();
+  copy_from(spill.fd_, spill.path_, spill.size_);
+}
+
+void OutputFile::copy_from(int in, const std::string& in_path, uint64_t size) {
+  flush();
+  size_ += size;
+  uint64_t done = 0;  // explicit offsets: the source's own file position is neither used nor moved
 #ifdef __linux__
-  // In-kernel copy: no round trip of the bytes through user memory. Falls back to read/write
+  // In-kernel copy: no round trip of the bytes through user memory. Falls back to pread/write
   // where the file systems (or an old kernel) refuse it; a refused call has copied nothing.
-  while (left > 0) {
-    const ssize_t n = ::copy_file_range(in, nullptr, fd_, nullptr, std::min<uint64_t>(left, 1u << 30), 0);
+  while (done < size) {
+    auto offset = static_cast<off_t>(done);
+    const ssize_t n = ::copy_file_range(in, &offset, fd_, nullptr, std::min<uint64_t>(size - done, 1u << 30), 0);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP || errno == EBADF ||
                   errno == EPERM))
-      break;  // the read/write loop below copies the rest
-    if (n < 0) throw IoError("cannot copy " + path + " to " + path_ + ": " + errno_text());
-    if (n == 0) throw IoError("cannot read " + path + " (or it changed during the merge)");
-    left -= static_cast<uint64_t>(n);
+      break;  // the pread/write loop below copies the rest
+    if (n < 0) throw IoError("cannot copy " + in_path + " to " + path_ + ": " + errno_text());
+    if (n == 0) throw IoError("cannot read " + in_path + " (or it changed during the merge)");
+    done += static_cast<uint64_t>(n);
   }
 #endif
-  if (left == 0) return;
-  std::vector<char> chunk(std::min<uint64_t>(left, kCopyChunkBytes));
-  while (left > 0) {
-    const ssize_t n = ::read(in, chunk.data(), std::min<uint64_t>(left, chunk.size()));
+  if (done == size) return;
+  std::vector<char> chunk(std::min<uint64_t>(size - done, kCopyChunkBytes));
+  while (done < size) {
+    const ssize_t n = ::pread(in, chunk.data(), std::min<uint64_t>(size - done, chunk.size()), static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw IoError("cannot read " + path + " (or it changed during the merge)");
+    if (n <= 0) throw IoError("cannot read " + in_path + " (or it changed during the merge)");
     write_fd(chunk.data(), static_cast<size_t>(n), nullptr, 0);
-    left -= static_cast<uint64_t>(n);
+    done += static_cast<uint64_t>(n);
   }
 }
 
@@ -232,15 +252,23 @@ void OutputFile::close_quietly() noexcept {
   used_ = 0;
 }
 
-void write_token_index(const std::string& path, const ShardIndex& index, bool sync) {
-  OutputFile out(path);
+void write_token_index_header(OutputFile& out, uint64_t num_segments, uint64_t doc_index_length) {
   out.write(kTokenIndexMagic, sizeof(kTokenIndexMagic));
   out.write(&kTokenIndexVersion, 8);
   out.write(&kTokenDtypeCodeInt32, 1);
-  const uint64_t sequence_count = index.segment_lengths.size();
-  const uint64_t doc_index_length = index.doc_index.size();  // megatron-core stores D+1 here
-  out.write(&sequence_count, 8);
-  out.write(&doc_index_length, 8);
+  out.write(&num_segments, 8);
+  out.write(&doc_index_length, 8);  // megatron-core stores D+1 here
+}
+
+void write_image_index_header(OutputFile& out, uint64_t num_images, uint64_t num_samples) {
+  out.write(kImageIndexMagic, sizeof(kImageIndexMagic));
+  const uint64_t header[3] = {kImageIndexVersion, num_images, num_samples};
+  out.write(header, sizeof(header));
+}
+
+void write_token_index(const std::string& path, const ShardIndex& index, bool sync) {
+  OutputFile out(path);
+  write_token_index_header(out, index.segment_lengths.size(), index.doc_index.size());
   write_array(out, index.segment_lengths, false);
   std::vector<int64_t> pointers;
   pointers.reserve(std::min<size_t>(kPointerChunk, index.segment_lengths.size()));
@@ -261,9 +289,7 @@ void write_token_index(const std::string& path, const ShardIndex& index, bool sy
 
 void write_image_index(const std::string& path, const ShardIndex& index, bool sync) {
   OutputFile out(path);
-  out.write(kImageIndexMagic, sizeof(kImageIndexMagic));
-  const uint64_t header[3] = {kImageIndexVersion, index.num_images(), index.num_samples()};
-  out.write(header, sizeof(header));
+  write_image_index_header(out, index.num_images(), index.num_samples());
   write_array(out, index.image_offsets, true);
   write_array(out, index.image_sizes, true);
   write_array(out, index.doc_image_start, true);

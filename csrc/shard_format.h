@@ -5,8 +5,9 @@
 //   PREFIX.img.bin  encoded image bytes, back to back
 //   PREFIX.img.idx  MSIMGIDX v1 image index
 //
-// ShardIndex holds both indexes in memory; the writer fills it sample by sample, merge_shards
-// concatenates several of them, and write_* turn it into the two index files.
+// ShardIndex holds both indexes of one shard in memory; the writer fills it sample by sample and
+// write_* turn it into the two index files. The merger never holds a merged ShardIndex: it streams
+// each index array to its own unlinked file and joins them after the write_*_header functions.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +63,14 @@ std::string tmp_path(const std::string& path);          // PATH.tmp
 void write_token_index(const std::string& path, const ShardIndex& index, bool sync = true);
 void write_image_index(const std::string& path, const ShardIndex& index, bool sync = true);
 
+class OutputFile;
+// The bytes in front of the arrays of PREFIX.idx (S segments, D + 1 document index entries) and of
+// PREFIX.img.idx (M images, D samples).
+void write_token_index_header(OutputFile& out, uint64_t num_segments, uint64_t doc_index_length);
+void write_image_index_header(OutputFile& out, uint64_t num_images, uint64_t num_samples);
+// Zero bytes that pad an array of `bytes` bytes to a multiple of 8 (the image index aligns its arrays).
+size_t padding_to_8(size_t bytes);
+
 // Read both index files of a finished prefix; checks magic, version, dtype and sizes.
 ShardIndex read_shard_index(const std::string& prefix);
 
@@ -75,8 +84,14 @@ void remove_tmp_files(const std::string& prefix) noexcept;
 // straight from the caller's memory together with what is buffered (one writev, no extra copy).
 class OutputFile {
  public:
+  static constexpr size_t kDefaultBufferBytes = 1u << 20;
+  // Spill files are scratch space that no other process should ever see: the name is unlinked
+  // as soon as the file is open, so the bytes vanish with the descriptor (also when killed).
+  enum class Kind { kNamed, kSpill };
+
   OutputFile() = default;
-  explicit OutputFile(const std::string& path);
+  explicit OutputFile(const std::string& path, Kind kind = Kind::kNamed,
+                      size_t buffer_bytes = kDefaultBufferBytes);
   ~OutputFile();
   OutputFile(const OutputFile&) = delete;
   OutputFile& operator=(const OutputFile&) = delete;
@@ -92,6 +107,10 @@ class OutputFile {
   // Append the whole file at `path`, which must hold exactly `expected_size` bytes. Copies inside
   // the kernel with copy_file_range where the file systems allow it, else with a large buffer.
   void append_file(const std::string& path, uint64_t expected_size);
+  // Append everything written so far to the spill file `spill` (which stays open and unchanged).
+  void append_spill(OutputFile& spill);
+  // Bytes written so far (buffered or not).
+  uint64_t size() const { return size_; }
   // Ask the kernel to start writing what is written so far to disk, without waiting (Linux; a
   // no-op elsewhere), so that a later close(true) has less left to wait for.
   void start_writeback();
@@ -104,17 +123,21 @@ class OutputFile {
  private:
   void flush();
   void write_fd(const void* head, size_t head_size, const void* data, size_t size);
+  // Append `size` bytes of descriptor `in` from offset 0 (`in_path` names it in errors).
+  void copy_from(int in, const std::string& in_path, uint64_t size);
   void swap(OutputFile& other) noexcept {
     path_.swap(other.path_);
     std::swap(fd_, other.fd_);
     buffer_.swap(other.buffer_);
     std::swap(used_, other.used_);
+    std::swap(size_, other.size_);
   }
 
   std::string path_;
   int fd_ = -1;
   std::vector<char> buffer_;
   size_t used_ = 0;
+  uint64_t size_ = 0;
 };
 
 }  // namespace megasail

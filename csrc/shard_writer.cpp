@@ -1,4 +1,4 @@
-// ShardWriter and merge_shards (format in shard_format.h, docs/data_format.md).
+// ShardWriter, ShardMerger and merge_shards (format in shard_format.h, docs/data_format.md).
 #include "shard_writer.h"
 
 #include <algorithm>
@@ -55,13 +55,34 @@ void validate_sample(const SampleView& s, uint64_t sample) {
 }
 
 template <typename T>
-void append_rebased(std::vector<T>& dst, const std::vector<T>& src, size_t skip, T base) {
-  for (size_t i = skip; i < src.size(); ++i) dst.push_back(src[i] + base);
+void write_rebased(OutputFile& out, const std::vector<T>& src, size_t skip, T base) {
+  constexpr size_t kChunk = 4096;  // rebased in small pieces on the stack: no copy of the whole array
+  T chunk[kChunk];
+  for (size_t start = skip; start < src.size(); start += kChunk) {
+    const size_t end = std::min(src.size(), start + kChunk);
+    for (size_t i = start; i < end; ++i) chunk[i - start] = src[i] + base;
+    out.write(chunk, (end - start) * sizeof(T));
+  }
 }
 
 template <typename T>
-void append_all(std::vector<T>& dst, const std::vector<T>& src) {
-  dst.insert(dst.end(), src.begin(), src.end());
+void write_all(OutputFile& out, const std::vector<T>& src) {
+  out.write(src.data(), src.size() * sizeof(T));
+}
+
+// Byte offsets of the segments into PREFIX.bin, continuing from `pointer`; returns the next one.
+int64_t write_pointers(OutputFile& out, const std::vector<int32_t>& lengths, int64_t pointer) {
+  constexpr size_t kChunk = 4096;
+  int64_t chunk[kChunk];
+  for (size_t start = 0; start < lengths.size(); start += kChunk) {
+    const size_t end = std::min(lengths.size(), start + kChunk);
+    for (size_t s = start; s < end; ++s) {
+      chunk[s - start] = pointer;
+      pointer += int64_t{lengths[s]} * int64_t{sizeof(int32_t)};
+    }
+    out.write(chunk, (end - start) * sizeof(int64_t));
+  }
+  return pointer;
 }
 
 }  // namespace
@@ -149,13 +170,43 @@ void ShardWriter::abort_locked() noexcept {
   state_ = State::kAborted;
 }
 
+namespace {
+
+constexpr size_t kSpillBufferBytes = 256u << 10;  // 12 spill files: 3 MiB of buffers in all
+
+OutputFile spill_file(const std::string& out_prefix, const char* array) {
+  return OutputFile(tmp_path(token_idx_path(out_prefix)) + "." + array, OutputFile::Kind::kSpill, kSpillBufferBytes);
+}
+
+}  // namespace
+
+ShardMerger::Spills::Spills(const std::string& out_prefix)
+    : segment_lengths(spill_file(out_prefix, "lengths")),
+      pointers(spill_file(out_prefix, "pointers")),
+      doc_index(spill_file(out_prefix, "doc_index")),
+      segment_modes(spill_file(out_prefix, "modes")),
+      image_offsets(spill_file(out_prefix, "image_offsets")),
+      image_sizes(spill_file(out_prefix, "image_sizes")),
+      doc_image_start(spill_file(out_prefix, "doc_image_start")),
+      image_widths(spill_file(out_prefix, "image_widths")),
+      image_heights(spill_file(out_prefix, "image_heights")),
+      image_crc32(spill_file(out_prefix, "image_crc32")),
+      doc_source(spill_file(out_prefix, "doc_source")),
+      image_formats(spill_file(out_prefix, "image_formats")) {}
+
 ShardMerger::ShardMerger(std::string out_prefix) : out_prefix_(std::move(out_prefix)) {
   try {
     tokens_ = OutputFile(tmp_path(token_bin_path(out_prefix_)));
     images_ = OutputFile(tmp_path(image_bin_path(out_prefix_)));
+    spills_ = std::make_unique<Spills>(out_prefix_);
+    const int64_t first_document = 0;  // both per-sample ranges start at 0
+    const uint64_t first_image = 0;
+    spills_->doc_index.write(&first_document, sizeof(first_document));
+    spills_->doc_image_start.write(&first_image, sizeof(first_image));
   } catch (...) {
     tokens_.close_quietly();
     images_.close_quietly();
+    spills_.reset();
     remove_tmp_files(out_prefix_);
     throw;
   }
@@ -184,27 +235,50 @@ void ShardMerger::append(const std::string& shard_prefix, const ShardIndex& shar
     tokens_.append_file(token_bin_path(shard_prefix), shard.num_tokens * 4);
     images_.append_file(image_bin_path(shard_prefix), shard.image_bytes);
     images_.start_writeback();  // the disk works while later shards are copied
+    // rebase: document and image ranges move by what earlier shards hold
+    Spills& out = *spills_;
+    write_all(out.segment_lengths, shard.segment_lengths);
+    write_pointers(out.pointers, shard.segment_lengths, static_cast<int64_t>(num_tokens_ * sizeof(int32_t)));
+    write_rebased(out.doc_index, shard.doc_index, 1, static_cast<int64_t>(num_segments_));
+    write_all(out.segment_modes, shard.segment_modes);
+    write_rebased(out.image_offsets, shard.image_offsets, 0, image_bytes_);
+    write_all(out.image_sizes, shard.image_sizes);
+    write_rebased(out.doc_image_start, shard.doc_image_start, 1, num_images_);
+    write_all(out.image_widths, shard.image_widths);
+    write_all(out.image_heights, shard.image_heights);
+    write_all(out.image_crc32, shard.image_crc32);
+    write_all(out.doc_source, shard.doc_source);
+    write_all(out.image_formats, shard.image_formats);
   } catch (...) {
     abort_locked();  // a partial copy cannot be undone
     throw;
   }
-  // rebase: document and image ranges move by what earlier shards hold
-  ShardIndex& merged = merged_;
-  const auto segment_base = static_cast<int64_t>(merged.segment_lengths.size());
-  append_rebased(merged.doc_index, shard.doc_index, 1, segment_base);
-  append_rebased(merged.doc_image_start, shard.doc_image_start, 1, merged.num_images());
-  append_rebased(merged.image_offsets, shard.image_offsets, 0, merged.image_bytes);
-  append_all(merged.segment_lengths, shard.segment_lengths);
-  append_all(merged.segment_modes, shard.segment_modes);
-  append_all(merged.image_sizes, shard.image_sizes);
-  append_all(merged.image_widths, shard.image_widths);
-  append_all(merged.image_heights, shard.image_heights);
-  append_all(merged.image_crc32, shard.image_crc32);
-  append_all(merged.image_formats, shard.image_formats);
-  append_all(merged.doc_source, shard.doc_source);
-  merged.num_tokens += shard.num_tokens;
-  merged.image_bytes += shard.image_bytes;
+  num_samples_ += shard.num_samples();
+  num_segments_ += shard.segment_lengths.size();
+  num_images_ += shard.num_images();
+  num_tokens_ += shard.num_tokens;
+  image_bytes_ += shard.image_bytes;
   ++num_shards_;
+}
+
+// Headers, then each spill file in the order of the format (docs/data_format.md); fsynced.
+void ShardMerger::write_indexes() {
+  Spills& in = *spills_;
+  {
+    OutputFile out(tmp_path(token_idx_path(out_prefix_)));
+    write_token_index_header(out, num_segments_, num_samples_ + 1);
+    for (OutputFile* array : {&in.segment_lengths, &in.pointers, &in.doc_index, &in.segment_modes})
+      out.append_spill(*array);
+    out.close_synced();
+  }
+  OutputFile out(tmp_path(image_idx_path(out_prefix_)));
+  write_image_index_header(out, num_images_, num_samples_);
+  for (OutputFile* array : {&in.image_offsets, &in.image_sizes, &in.doc_image_start, &in.image_widths,
+                            &in.image_heights, &in.image_crc32, &in.doc_source, &in.image_formats}) {
+    out.append_spill(*array);
+    out.write_zeros(padding_to_8(array->size()));
+  }
+  out.close_synced();
 }
 
 uint64_t ShardMerger::finalize() {
@@ -213,15 +287,15 @@ uint64_t ShardMerger::finalize() {
   try {
     tokens_.close_synced();
     images_.close_synced();
-    write_token_index(tmp_path(token_idx_path(out_prefix_)), merged_);
-    write_image_index(tmp_path(image_idx_path(out_prefix_)), merged_);
+    write_indexes();
+    spills_.reset();  // closing the descriptors frees the spill files' disk space
     publish_prefix(out_prefix_, /*sync=*/true);
   } catch (...) {
     abort_locked();
     throw;
   }
   state_ = State::kFinalized;
-  return merged_.num_samples();
+  return num_samples_;
 }
 
 void ShardMerger::abort() {
@@ -233,6 +307,7 @@ void ShardMerger::abort_locked() noexcept {
   if (state_ != State::kOpen) return;
   tokens_.close_quietly();
   images_.close_quietly();
+  spills_.reset();
   remove_tmp_files(out_prefix_);
   state_ = State::kAborted;
 }
@@ -240,14 +315,11 @@ void ShardMerger::abort_locked() noexcept {
 uint64_t merge_shards(const std::vector<std::string>& shard_prefixes, const std::string& out_prefix) {
   if (std::find(shard_prefixes.begin(), shard_prefixes.end(), out_prefix) != shard_prefixes.end())
     throw std::invalid_argument("merge output " + out_prefix + " is also one of its inputs");
-  std::vector<ShardIndex> shards;  // every index is checked before any output file is created
-  shards.reserve(shard_prefixes.size());
-  for (const std::string& prefix : shard_prefixes) shards.push_back(read_shard_index(prefix));
+  // every index is checked before any output file is created, and read again when its turn
+  // comes: holding them all would make memory grow with the dataset
+  for (const std::string& prefix : shard_prefixes) read_shard_index(prefix);
   ShardMerger merger(out_prefix);
-  for (size_t k = 0; k < shards.size(); ++k) {
-    merger.append(shard_prefixes[k], shards[k]);
-    shards[k] = ShardIndex();  // free as we go
-  }
+  for (const std::string& prefix : shard_prefixes) merger.append(prefix);
   return merger.finalize();
 }
 

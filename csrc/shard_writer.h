@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -75,6 +76,10 @@ class ShardWriter {
 // Concatenates finished shards, appended one at a time in their final order, into out_prefix
 // (tmp files, fsync, rename at finalize()). Appending while later shards are still being written
 // lets a merge run alongside the work that produces them; the bytes are those of merge_shards.
+// Memory stays flat whatever the number of samples: each rebased index array goes to its own
+// unlinked spill file beside the output as shards are appended, and finalize() joins the spill
+// files behind the index headers (in the kernel where it can). Only one shard's index is in
+// memory at a time.
 class ShardMerger {
  public:
   explicit ShardMerger(std::string out_prefix);
@@ -92,20 +97,33 @@ class ShardMerger {
   const std::string& prefix() const { return out_prefix_; }
   // Counters lock: append may be running on a helper thread with the GIL released.
   uint64_t num_shards() const { std::lock_guard<std::mutex> lock(mutex_); return num_shards_; }
-  uint64_t num_samples() const { std::lock_guard<std::mutex> lock(mutex_); return merged_.num_samples(); }
+  uint64_t num_samples() const { std::lock_guard<std::mutex> lock(mutex_); return num_samples_; }
   bool is_open() const { std::lock_guard<std::mutex> lock(mutex_); return state_ == State::kOpen; }
 
  private:
   enum class State { kOpen, kFinalized, kAborted };
+  // The arrays of both index files in file order, each streamed to its own spill file.
+  struct Spills {
+    explicit Spills(const std::string& out_prefix);
+    OutputFile segment_lengths, pointers, doc_index, segment_modes;  // PREFIX.idx
+    OutputFile image_offsets, image_sizes, doc_image_start, image_widths, image_heights, image_crc32,
+        doc_source, image_formats;  // PREFIX.img.idx
+  };
   void require_open() const;
   void abort_locked() noexcept;
+  void write_indexes();
 
   std::string out_prefix_;
   mutable std::mutex mutex_;  // append runs without the GIL, possibly on a helper thread
   OutputFile tokens_;
   OutputFile images_;
-  ShardIndex merged_;
+  std::unique_ptr<Spills> spills_;
   uint64_t num_shards_ = 0;
+  uint64_t num_samples_ = 0;
+  uint64_t num_segments_ = 0;
+  uint64_t num_images_ = 0;
+  uint64_t num_tokens_ = 0;
+  uint64_t image_bytes_ = 0;
   State state_ = State::kOpen;
 };
 

@@ -425,3 +425,99 @@ def test_streaming_merge_takes_shards_in_unit_order_whatever_order_they_finish(t
         incomplete.finish()
     incomplete.abort()
     assert not any(name.startswith("other") for name in os.listdir(tmp_path))
+
+
+def text_arrays(n: int, seed: int = 0):
+    """A text-only dataset of n samples as whole arrays (PROMPT 0-5 tokens, TARGET 1-30) and as
+    add_sample keyword arguments."""
+    rng = np.random.default_rng(seed)
+    lengths = np.stack([rng.integers(0, 6, n), rng.integers(1, 31, n)], axis=1).reshape(-1).astype(np.int32)
+    tokens = rng.integers(0, 152_000, int(lengths.sum()), dtype=np.int32)
+    modes = np.tile(np.array([0, 1], np.int8), n)
+    doc_index = np.arange(0, 2 * n + 1, 2)
+    sources = rng.integers(0, 2**32, n, dtype=np.uint32)
+    return tokens, lengths, modes, doc_index, sources
+
+
+def test_write_text_prefix_equals_one_writer(tmp_path):
+    """Fails if the array writer's pointers, per-sample image ranges or sources differ from the
+    sample writer's (planted: doc_image_start left one entry short)."""
+    from megasail.data.format.writer import write_text_prefix
+
+    tokens, lengths, modes, doc_index, sources = text_arrays(50, seed=5)
+    assert write_text_prefix(tmp_path / "arrays", tokens, lengths, modes, doc_index, sources) == 50
+    ends = np.cumsum(lengths)
+    with ShardWriter(tmp_path / "samples") as writer:
+        for d in range(50):
+            first, last = 2 * d, 2 * d + 2
+            start = ends[first - 1] if first else 0
+            writer.add_sample(
+                tokens[start : ends[last - 1]], lengths[first:last], modes[first:last], source_id=sources[d]
+            )
+    assert read_files(tmp_path / "arrays") == read_files(tmp_path / "samples")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(segment_modes=np.full_like(a["segment_modes"], 2)), "PROMPT"),
+        (lambda a: a.update(tokens=a["tokens"][:-1]), "sum to"),
+        (lambda a: a.update(doc_index=a["doc_index"][:-1]), "doc_index"),
+        (lambda a: a.update(doc_source=a["doc_source"][:-1]), "doc_source"),
+    ],
+)
+def test_write_text_prefix_refuses_inconsistent_arrays(tmp_path, change, message):
+    """Fails if an array writer accepts image modes, lengths that miss tokens, a short document index
+    or a short source list; nothing is left on disk."""
+    from megasail.data.format.writer import write_text_prefix
+
+    tokens, lengths, modes, doc_index, sources = text_arrays(5)
+    arrays = dict(
+        tokens=tokens, segment_lengths=lengths, segment_modes=modes, doc_index=doc_index, doc_source=sources
+    )
+    change(arrays)
+    with pytest.raises(ValueError, match=message):
+        write_text_prefix(tmp_path / "x", **arrays)
+    assert os.listdir(tmp_path) == []
+
+
+def test_merge_of_many_samples_equals_one_prefix(tmp_path):
+    """300k samples in three shards: every index array outgrows the merger's spill buffers many
+    times over. Fails if a spill file is joined out of order, flushed short, or rebased wrongly."""
+    from megasail.data.format.writer import ShardMerger, write_text_prefix
+
+    tokens, lengths, modes, doc_index, sources = text_arrays(300_000, seed=6)
+    write_text_prefix(tmp_path / "whole", tokens, lengths, modes, doc_index, sources, sync=False)
+    ends = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    with ShardMerger(tmp_path / "merged") as merger:
+        for k, (a, b) in enumerate([(0, 100_000), (100_000, 100_001), (100_001, 300_000)]):
+            s0, s1 = 2 * a, 2 * b
+            write_text_prefix(
+                tmp_path / f"s{k}",
+                tokens[ends[s0] : ends[s1]],
+                lengths[s0:s1],
+                modes[s0:s1],
+                doc_index[a : b + 1] - doc_index[a],
+                sources[a:b],
+                sync=False,
+            )
+            merger.append(tmp_path / f"s{k}")
+    assert read_files(tmp_path / "merged") == read_files(tmp_path / "whole")
+    assert not any(name.startswith("merged") and name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_merge_memory_does_not_grow_with_the_dataset(tmp_path):
+    """tools/bench_preprocess.py's measurement at 100k and 800k text samples: the merging process's
+    peak RSS grows by under 8 MB. Fails with the merged index held in memory (planted: the previous
+    ShardMerger, +22 MB at these sizes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_preprocess.py"
+    spec = importlib.util.spec_from_file_location("bench_preprocess", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.bench_merge_memory([100_000, 800_000], 50_000, str(tmp_path))
+    assert [r["samples"] for r in rows] == [100_000, 800_000]
+    growth = rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
+    assert growth < 8, f"merge peak RSS grew {growth:.1f} MB from 100k to 800k samples: {rows}"

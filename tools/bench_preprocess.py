@@ -16,9 +16,17 @@ the builder costs:
   share of work  builder s / (worker s + merge busy s): its part of all the work, overlapped or not
                  (the share of wall on a machine with no core to spare for the merge thread)
 
-Part 2 times `megasail.data.format.index_helpers` (shuffle_indices, pack_samples, blend_indices) with
-backend="cpp" on --index-samples samples and backend="python" on --python-index-samples; when the
-two differ, the Python time is extrapolated linearly to --index-samples and marked "(extrapolated)".
+Part 2 times `megasail.data.format.index_helpers` (shuffle_indices, permute_indices, pack_samples,
+blend_indices) with backend="cpp" on --index-samples samples and backend="python" on
+--python-index-samples; when the two differ, the Python time is extrapolated linearly to
+--index-samples and marked "(extrapolated)".
+
+Part 3 measures the merge's memory: for each of --merge-samples (default 250k and 2M, 8x apart)
+text-only samples, shards of --merge-shard-samples are written straight from arrays and merged
+by a fresh subprocess running preprocessing's StreamingMerge (the C++ ShardMerger); its peak RSS
+(VmHWM of /proc/self/status; getrusage's ru_maxrss where /proc is missing) is reported next to the size of the merged index (what a merge that kept
+the index in memory would hold). The largest may exceed the smallest by at most
+--merge-rss-limit-mb (32); the exit status is 1 otherwise.
 
     python tools/bench_preprocess.py                  # full run (a few minutes on 2 cores)
     python tools/bench_preprocess.py --quick          # smoke run
@@ -32,6 +40,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from megasail.data.format import index_helpers
+from megasail.data.format.writer import write_text_prefix
 from megasail.data.preprocess import PreprocessConfig, run_preprocess
 from megasail.data.preprocess.run import FINAL_SUFFIXES
 
@@ -176,6 +186,9 @@ def bench_index_helpers(n: int, n_python: int, seq_length: int = 8192) -> list[d
         sizes = np.array([count, max(count // 2, 1), max(count // 4, 1)], dtype=np.int64)
         return {
             "shuffle_indices": lambda backend: index_helpers.shuffle_indices(count, 1234, backend=backend),
+            "permute_indices": lambda backend: index_helpers.permute_indices(
+                np.arange(count), count, 1234, backend=backend
+            ),
             "pack_samples": lambda backend: index_helpers.pack_samples(
                 lengths, seq_length, 1234, backend=backend
             ),
@@ -200,6 +213,107 @@ def bench_index_helpers(n: int, n_python: int, seq_length: int = 8192) -> list[d
             }
         )
     return rows
+
+
+def write_text_shards(root: str, samples: int, shard_samples: int, seed: int = 0) -> list[str]:
+    """Text-only shards of `shard_samples` samples (the last one shorter), written from arrays:
+    each sample is a PROMPT of 1-8 tokens and a TARGET of 1-24. Returns their prefixes in order."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    prefixes = []
+    for k, start in enumerate(range(0, samples, shard_samples)):
+        n = min(shard_samples, samples - start)
+        lengths = np.stack([rng.integers(1, 9, n), rng.integers(1, 25, n)], axis=1).reshape(-1)
+        prefix = os.path.join(root, f"shard_{k:05d}")
+        write_text_prefix(
+            prefix,
+            rng.integers(0, 150_000, int(lengths.sum()), dtype=np.int32),
+            lengths,
+            np.tile(np.array([0, 1], np.int8), n),
+            np.arange(0, 2 * n + 1, 2),
+            sync=False,
+        )
+        prefixes.append(prefix)
+    return prefixes
+
+
+# Runs in a fresh interpreter. Its peak RSS is VmHWM, the high-water mark of its own address space:
+# Linux carries ru_maxrss across exec from the process that spawned it (a large parent would hide
+# the merge's own peak), so getrusage is only the fallback where /proc is missing.
+_MERGE_CHILD = """
+import json, resource, sys, time
+from megasail.data.preprocess.writer import StreamingMerge
+
+def peak_rss_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+out, shards = sys.argv[1], json.load(open(sys.argv[2]))
+before = peak_rss_kb()
+t0 = time.perf_counter()
+merge = StreamingMerge(out, list(enumerate(shards)))
+merge.feed(set(range(len(shards))))
+samples = merge.finish()
+seconds = time.perf_counter() - t0
+print(json.dumps({"samples": samples, "seconds": seconds, "rss_before_kb": before, "peak_rss_kb": peak_rss_kb()}))
+"""
+
+
+def bench_merge_memory(sizes: list[int], shard_samples: int, work: str) -> list[dict]:
+    """One row per size: samples, shards, merged index MB, merge seconds, peak RSS MB of the merging process."""
+    rows = []
+    for samples in sizes:
+        root = os.path.join(work, f"merge_{samples}")
+        shards = write_text_shards(root, samples, shard_samples)
+        listing = os.path.join(root, "shards.json")
+        with open(listing, "w") as f:
+            json.dump(shards, f)
+        out = os.path.join(root, "merged")
+        proc = subprocess.run(
+            [sys.executable, "-c", _MERGE_CHILD, out, listing], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"merge of {samples} samples failed:\n{proc.stderr[-3000:]}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        if child["samples"] != samples:
+            raise RuntimeError(f"merged {child['samples']} samples, expected {samples}")
+        index_bytes = os.path.getsize(out + ".idx") + os.path.getsize(out + ".img.idx")
+        rows.append(
+            {
+                "samples": samples,
+                "shards": len(shards),
+                "index_mb": index_bytes / 2**20,
+                "merge_s": child["seconds"],
+                "rss_before_mb": child["rss_before_kb"] / 1024,
+                "peak_rss_mb": child["peak_rss_kb"] / 1024,
+            }
+        )
+        for name in os.listdir(root):  # free the disk before the next size
+            os.remove(os.path.join(root, name))
+    return rows
+
+
+def format_merge_table(rows: list[dict], limit_mb: float) -> tuple[str, bool]:
+    out = [
+        "| samples | shards | merged index MB | merge s | peak RSS after imports MB | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['samples']:,} | {r['shards']} | {r['index_mb']:.1f} | {r['merge_s']:.2f} "
+            f"| {r['rss_before_mb']:.1f} | {r['peak_rss_mb']:.1f} |"
+        )
+    growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
+    ok = growth <= limit_mb
+    ratio = rows[-1]["samples"] / max(rows[0]["samples"], 1)
+    out.append(
+        f"\nmerge peak RSS growth from {rows[0]['samples']:,} to {rows[-1]['samples']:,} samples "
+        f"({ratio:.0f}x): {growth:+.1f} MB (limit {limit_mb:.0f} MB: {'ok' if ok else 'EXCEEDED'})"
+    )
+    return "\n".join(out), ok
 
 
 def format_tables(pre_rows: list[dict], identical: bool, index_rows: list[dict]) -> str:
@@ -259,6 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=200_000,
         help="samples for the Python reference helpers (time extrapolated to --index-samples)",
     )
+    p.add_argument(
+        "--merge-samples",
+        type=int,
+        nargs="+",
+        default=[250_000, 2_000_000],
+        help="text-only dataset sizes whose merge's peak RSS is measured (smallest and largest compared)",
+    )
+    p.add_argument(
+        "--merge-shard-samples", type=int, default=50_000, help="samples per shard in the merge measurement"
+    )
+    p.add_argument(
+        "--merge-rss-limit-mb",
+        type=float,
+        default=32.0,
+        help="allowed peak RSS growth of the merge from the smallest to the largest size",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write all rows as JSON")
     return p
 
@@ -271,22 +401,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.samples, args.images, args.width, args.height, args.lines_per_unit = 40, 4, 160, 120, 10
         args.index_samples = args.python_index_samples = 20_000
+        args.merge_samples, args.merge_shard_samples = [20_000, 160_000], 10_000
     args.workers_list = args.workers_list or ([1] if args.quick else [1, 2])
     args.python_index_samples = min(args.python_index_samples, args.index_samples)
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as work:
         pre_rows, identical = bench_preprocess(args, work)
+        merge_rows = bench_merge_memory(sorted(args.merge_samples), args.merge_shard_samples, work)
     index_rows = bench_index_helpers(args.index_samples, args.python_index_samples)
     print(
         f"cpu cores: {os.cpu_count()}; tokenizer: {args.tokenizer}; {args.samples} samples, "
         f"{args.images} images {args.width}x{args.height}\n"
     )
     print(format_tables(pre_rows, identical, index_rows))
+    merge_table, merge_ok = format_merge_table(merge_rows, args.merge_rss_limit_mb)
+    print("\n" + merge_table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"preprocess": pre_rows, "identical": identical, "index_helpers": index_rows}, f, indent=2
+                {
+                    "preprocess": pre_rows,
+                    "identical": identical,
+                    "index_helpers": index_rows,
+                    "merge_memory": merge_rows,
+                },
+                f,
+                indent=2,
             )
-    return 0 if identical else 1
+    return 0 if identical and merge_ok else 1
 
 
 if __name__ == "__main__":
