@@ -1,0 +1,115 @@
+"""Curriculum stages in one run: what each stage trains, its optimizer state and its own LR schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dist_utils import run_distributed_test
+from train_utils import make_datasets, tiny_run_config, two_stages
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    return make_datasets(str(tmp_path_factory.mktemp("stage_data")))
+
+
+def _weights(chunks, prefix):
+    return {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if n.startswith(prefix)}
+
+
+def _changed(before, after):
+    return sorted(n for n in before if not torch.equal(before[n], after[n]))
+
+
+def _optimizer_state_numel(optimizer) -> int:
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            total += state["exp_avg"].numel() if "exp_avg" in state else 0
+    return total
+
+
+def _numel(weights) -> int:
+    return sum(t.numel() for t in weights.values())
+
+
+def _stage_switch(rank, world_size, prefixes, out):
+    from megasail.runtime import init_process_group, initialize
+    from megasail.training.checks import check_run
+    from megasail.training.loop import Trainer
+
+    cfg = tiny_run_config(["optim.lr=1e-3", "optim.min_lr=1e-5", "optim.warmup_steps=0"])
+    cfg.data.stages = two_stages(prefixes, budget_samples=1)  # alignment: exactly one global batch
+    cfg.data.stages[1].lr = 3e-3  # the advance stage's own peak learning rate
+    init_process_group()
+    check_run(cfg, 1)
+    initialize(1, 1, seed=cfg.seed)
+    trainer = Trainer(cfg)
+    chunks = trainer.chunks
+    start = {p: _weights(chunks, p) for p in ("vision_model.", "projector.", "language_model.")}
+    m1 = trainer.train_step()
+    after1 = {p: _weights(chunks, p) for p in start}
+    report = {
+        "stage1": m1["stage"],
+        "lr1": m1["lr"],
+        "vision_changed_1": _changed(start["vision_model."], after1["vision_model."]),
+        "language_changed_1": _changed(start["language_model."], after1["language_model."]),
+        "projector_changed_1": len(_changed(start["projector."], after1["projector."])),
+        "state_numel_1": _optimizer_state_numel(trainer.run_state.optimizer),
+        "projector_numel": _numel(start["projector."]),
+        "vision_numel": _numel(start["vision_model."]),
+        "frozen_with_grad_buffer_1": sorted(
+            n
+            for c in chunks
+            for n, p in c.named_parameters()
+            if not n.startswith("projector.") and hasattr(p, "main_grad")
+        ),
+        # the stage's schedule has run out exactly with its budget: the next lr would be min_lr
+        "lr_after_stage_1": trainer.run_state.optimizer.param_groups[0]["lr"],
+    }
+    m2 = trainer.train_step()
+    after2 = {p: _weights(chunks, p) for p in start}
+    report.update(
+        {
+            "stage2": m2["stage"],
+            "lr2": m2["lr"],
+            "vision_changed_2": len(_changed(after1["vision_model."], after2["vision_model."])),
+            "language_changed_2": _changed(after1["language_model."], after2["language_model."]),
+            "state_numel_2": _optimizer_state_numel(trainer.run_state.optimizer),
+            "language_with_grad_buffer_2": sorted(
+                n
+                for c in chunks
+                for n, p in c.named_parameters()
+                if n.startswith("language_model.") and hasattr(p, "main_grad")
+            ),
+        }
+    )
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def test_stage_switch_changes_what_trains_and_restarts_the_schedule(datasets, tmp_path):
+    """After an alignment-stage step the ViT and LLM are bitwise unchanged and hold no gradient
+    buffer or optimizer state (Adam state covers the projector only); the stage's LR reached min_lr
+    with its budget. After the switch the ViT changes, the LLM still does not, the optimizer holds
+    vision + projector state, and the advance stage starts at its own peak LR.
+
+    Fails if freezing is skipped (ViT/LLM change in alignment), if the switch does not rebuild DDP
+    and optimizer (the ViT stays unchanged in advance), or if the schedule ignores the budget."""
+    out = tmp_path / "report.json"
+    run_distributed_test(_stage_switch, 1, datasets, str(out))
+    r = json.loads(out.read_text())
+    assert r["stage1"] == "align" and r["stage2"] == "advance"
+    assert r["vision_changed_1"] == [] and r["language_changed_1"] == []
+    assert r["projector_changed_1"] > 0
+    assert r["state_numel_1"] == r["projector_numel"]
+    assert r["frozen_with_grad_buffer_1"] == []
+    assert r["lr1"] == pytest.approx(1e-3) and r["lr_after_stage_1"] == pytest.approx(1e-5)
+    assert r["vision_changed_2"] > 0 and r["language_changed_2"] == []
+    assert r["state_numel_2"] == r["projector_numel"] + r["vision_numel"]
+    assert r["language_with_grad_buffer_2"] == []
+    assert r["lr2"] == pytest.approx(3e-3)
