@@ -14,7 +14,7 @@ from megasail.data.preprocess.samples import EncodedSample
 def open_shard_writer(prefix: str, backend: str = "auto", sync: bool = True):
     """A ShardWriter for `prefix`: the native one ("cpp"), the pure-Python one ("python"), or the
     native one when it is built ("auto"). Both write byte-identical files; `sync=False` skips the
-    fsyncs at finalize (see dataset_writer.ShardWriter)."""
+    fsyncs at finalize (see format.writer.ShardWriter)."""
     from megasail.data.format import writer as dataset_writer
 
     if backend == "python":
@@ -41,17 +41,12 @@ def write_sample(writer, sample: EncodedSample, source_id: int) -> None:
     )
 
 
-def merge_shards(shard_prefixes: list[str], out_prefix: str) -> None:
-    from megasail.data.format import writer as dataset_writer
-
-    dataset_writer.merge_shards(shard_prefixes, out_prefix)
-
-
 class StreamingMerge:
     """Merges unit shards into the output prefix in unit order, each as soon as it and every unit
     before it are finished, on a helper thread (the C++ merger copies without the GIL), so the
     merge runs alongside the units still being processed and little of it is left at the end.
-    The bytes are those of merge_shards over all units in order.
+    The bytes are those of format.writer.merge_shards over all units in order; memory stays flat
+    whatever the number of samples (the merger spills its index to disk).
 
         merge = StreamingMerge(prefix, [(unit.index, shard_prefix), ...])   # in unit order
         merge.feed(finished)   # whenever units finish: finished holds their indexes
