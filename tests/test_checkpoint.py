@@ -9,6 +9,10 @@ parity tests verify against single-process runs), or an uninterrupted run of the
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -59,6 +63,7 @@ def _setup(seed: int, **parallel_kwargs):
         OptimizerConfig(
             optimizer="adam",
             lr=1e-2,
+            min_lr=1e-3,
             clip_grad=1.0,
             weight_decay=0.01,
             use_distributed_optimizer=parallel.distributed_optimizer,
@@ -181,3 +186,188 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
                 checked += 1
         assert dump["note"] == "tp2" and dump["lr"] == tp1[0]["lr"] > 0
     assert checked > 0
+
+
+# --- optimizer resume ----------------------------------------------------------------------------
+
+
+def _resume_optimizer(rank, world_size, root, out_dir):
+    """DP=2: step 1, save, step 2 (uninterrupted); then fresh models load the checkpoint and run step 2
+    at the same layout (DP=2), at TP=2 x DP=1 (both ranks' micro-batches in one step), and weights only."""
+    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, chunks, wrapped, opt, sched = _setup(seed=1)
+    step1 = [_batch(cfg, 1 + rank, (1, 2))]
+    step2 = [_batch(cfg, 3, (2, 0)), _batch(cfg, 4, (0, 1))]  # rank r takes step2[r] at DP=2
+    _train_step(wrapped, opt, sched, step1)
+    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0})
+    _train_step(wrapped, opt, sched, [step2[rank]])
+    _dump(out_dir, "straight", chunks)
+
+    _, chunks, wrapped, opt, sched = _setup(seed=99)
+    load_checkpoint(root, wrapped, opt, sched)
+    _train_step(wrapped, opt, sched, [step2[rank]])
+    _dump(out_dir, "same_layout", chunks)
+
+    _, chunks, wrapped, opt, sched = _setup(seed=99, tensor=2)
+    load_checkpoint(root, wrapped, opt, sched)
+    _train_step(wrapped, opt, sched, step2)
+    _dump(out_dir, "tp2_dp1", chunks)
+
+    _, chunks, wrapped, opt, sched = _setup(seed=99)
+    load_checkpoint(root, wrapped, opt, sched, weights_only=True)
+    adam_state = sum(len(sub.optimizer.state) for sub in opt.chained_optimizers)
+    _dump(out_dir, "weights_only", chunks, lr=opt.param_groups[0]["lr"], adam_state=adam_state)
+    _dump(out_dir, "after_step1", _setup(seed=1)[1])  # what the step-1 checkpoint holds, re-derived
+
+
+@pytest.mark.distributed
+def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
+    """A checkpoint after step 1 at DP=2 (distributed optimizer) continues to step 2:
+    at DP=2 bit-identically to the uninterrupted run; at TP=2 x DP=1 (the optimizer resharded over TP and
+    DP) to rounding (Adam divides near-zero gradients by their own size: 1e-4, a hundredth of the lr);
+    a weights-only load leaves the optimizer and schedule fresh.
+
+    Fails if: the optimizer state is not saved or not loaded (Adam's first step from zero moments moves
+    every weight by ~lr); the Adam step count is lost (bias correction differs); the scheduler is not
+    restored (step 2 runs at another lr); weights_only still loads the optimizer or the schedule.
+    """
+    root, out = str(tmp_path / "ckpt"), str(tmp_path)
+    run_distributed_test(_resume_optimizer, 2, root, out)
+    cfg = _tiny()
+    straight = _load_dumps(out, "straight", 2)
+    for same in _load_dumps(out, "same_layout", 2):
+        for key, value in straight[0]["chunks"][0].items():
+            assert torch.equal(same["chunks"][0][key], value), f"{key}: resumed step 2 is not bit-identical"
+    full = straight[0]["chunks"][0]
+    moved = 0
+    for dump in _load_dumps(out, "tp2_dp1", 2):
+        expected = shard_state_dict(full, cfg, dump["tp_rank"], 2)
+        for key, value in expected.items():
+            torch.testing.assert_close(
+                dump["chunks"][0][key], value, rtol=0, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
+            )
+    before = _load_dumps(out, "after_step1", 2)[0]["chunks"][0]
+    for key in full:
+        moved += int(not torch.equal(full[key], before[key]))
+    assert moved > 0  # step 2 really changed the weights
+    weights_only = _load_dumps(out, "weights_only", 2)[0]
+    assert weights_only["adam_state"] == 0 and weights_only["lr"] == 0.0  # fresh: init_lr=0 before warmup
+    for key, value in before.items():
+        assert torch.equal(weights_only["chunks"][0][key], value), f"{key}: weights-only load differs"
+
+
+# --- kill -9 during a save, keep_last --------------------------------------------------------------
+
+
+def _run_role(role: str, root: str, out_dir: str) -> None:
+    """One process (world size 1), started by the kill -9 test as ``python tests/test_checkpoint.py``.
+
+    save: step, save iteration 1, then step and save iteration 2 pausing before it is published (the
+    test kills it there). resume: load the latest, dump its weights, save iterations 3 and 4 (keep_last=2).
+    """
+    from megasail.runtime import destroy
+    from megasail.training.checkpoint import PAUSE_ENV, load_checkpoint, save_checkpoint
+
+    cfg, chunks, wrapped, opt, sched = _setup(seed=1 if role == "save" else 99)
+    if role == "save":
+        _train_step(wrapped, opt, sched, [_batch(cfg, 1)])
+        save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0})
+        _dump(out_dir, "iter1", chunks)
+        _train_step(wrapped, opt, sched, [_batch(cfg, 2)])
+        os.environ[PAUSE_ENV] = "600"
+        print("saving iteration 2", flush=True)
+        save_checkpoint(root, 2, wrapped, opt, sched, meta={"stage": 0})
+        raise AssertionError("the save of iteration 2 should have been killed")
+    meta = load_checkpoint(root, wrapped, opt, sched)
+    _dump(out_dir, "resumed", chunks, iteration=meta["iteration"])
+    for iteration in (3, 4):
+        _train_step(wrapped, opt, sched, [_batch(cfg, iteration)])
+        save_checkpoint(root, iteration, wrapped, opt, sched, meta={"stage": 0}, keep_last=2)
+    destroy()
+
+
+def _role_command(role: str, root, out) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), role, str(root), str(out)]
+
+
+def _role_env() -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")
+    }
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(TESTS)}
+
+
+@pytest.mark.distributed
+def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
+    """kill -9 while iteration 2 is being saved (shards written, not yet published): the marker still
+    names iteration 1, which loads with the weights it was saved with; the next save removes the stale
+    .tmp dir and keep_last=2 prunes iteration 1.
+
+    Fails if: the step dir is written in place instead of under .tmp + rename (iteration 2 would look
+    published, half-written); the marker is written before the rename; stale .tmp dirs are kept;
+    keep_last does not prune.
+    """
+    from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
+
+    root = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        _role_command("save", root, tmp_path),
+        env=_role_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    tmp2 = step_dir(str(root), 2) + ".tmp"
+    deadline = time.monotonic() + 240
+    try:
+        # dist_checkpointing writes metadata.json last: from then on the save sleeps before publishing
+        while not os.path.exists(os.path.join(tmp2, "metadata.json")):
+            assert proc.poll() is None, f"save process exited early:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "iteration 2 was never written"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(str(root)) == step_dir(str(root), 1)
+    assert (root / MARKER).read_text().strip() == "1"
+    assert os.path.isdir(tmp2) and not os.path.exists(os.path.join(tmp2, META))
+
+    done = subprocess.run(
+        _role_command("resume", root, tmp_path), env=_role_env(), capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed, saved = _load_dumps(tmp_path, "resumed", 1)[0], _load_dumps(tmp_path, "iter1", 1)[0]
+    assert resumed["iteration"] == 1
+    for key, value in saved["chunks"][0].items():
+        assert torch.equal(resumed["chunks"][0][key], value), f"{key} differs from the iteration-1 save"
+    assert sorted(os.listdir(root)) == sorted([MARKER, "iter_0000003", "iter_0000004"])
+    assert (root / MARKER).read_text().strip() == "4"
+
+
+def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
+    """keep_last counts published step dirs only (a .tmp or a dir without megasail.json is not one) and
+    never deletes the one the marker names. Fails if: prune sorts by name length or mtime instead of
+    iteration; it deletes the marked step; it counts unpublished dirs."""
+    from megasail.training.checkpoint import MARKER, META, prune
+
+    for it in (5, 40, 300, 1000):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+        (tmp_path / f"iter_{it:07d}" / META).write_text("{}")
+    (tmp_path / "iter_0002000.tmp").mkdir()
+    (tmp_path / "iter_0003000").mkdir()  # no megasail.json: not published
+    (tmp_path / MARKER).write_text("40\n")
+    removed = prune(str(tmp_path), keep_last=2)
+    assert sorted(os.path.basename(p) for p in removed) == ["iter_0000005"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [MARKER, "iter_0000040", "iter_0000300", "iter_0001000", "iter_0002000.tmp", "iter_0003000"]
+    )
+    assert prune(str(tmp_path), keep_last=0) == []
+
+
+if __name__ == "__main__":  # the kill -9 test's child process (dist_checkpointing needs this guard)
+    _run_role(*sys.argv[1:4])

@@ -198,10 +198,7 @@ def _materialize_adam_state(optimizer) -> None:
     the torch fallback (no TE/apex fused Adam: CPU runs) that state exists only after a first step.
     Equal to torch's lazy initialisation, so the next step is unchanged; parameters are not touched.
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
+    for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if len(inner.state[p]) == 0:
@@ -210,18 +207,27 @@ def _materialize_adam_state(optimizer) -> None:
                     )
 
 
-@contextlib.contextmanager
-def _keep_torch_adam_step(optimizer):
-    """Work around megatron-core 0.16.1 on the torch Adam fallback (no TE/apex: CPU runs): loading
-    ``fully_reshardable`` copies every key of a parameter's Adam state from the checkpoint, "step"
-    included, which the checkpoint keeps in param_groups instead (KeyError 'step'). The step that
-    load_state_dict already restored from param_groups is handed back to that copy unchanged."""
-    patched = []
+def _torch_adams(optimizer):
+    """(megatron sub-optimizer, its torch Adam) pairs: the torch fallback used without TE/apex (CPU)."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not hasattr(
-            sub, "_set_main_param_and_optimizer_states"
-        ):
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield sub, inner
+
+
+@contextlib.contextmanager
+def _torch_adam_load_fixes(optimizer):
+    """Work around two megatron-core 0.16.1 bugs of the distributed optimizer on the torch Adam fallback.
+
+    1. ``fully_reshardable`` loading copies every key of a parameter's Adam state from the checkpoint,
+       "step" included, which the checkpoint keeps in param_groups instead (KeyError 'step'): the step
+       load_state_dict already restored is handed to that copy unchanged.
+    2. load_state_dict gives every parameter the same "step" tensor; torch Adam increments it in place
+       once per parameter, so the bias correction would run ahead: each parameter gets its own copy.
+    """
+    patched = []
+    for sub, inner in _torch_adams(optimizer):
+        if not hasattr(sub, "_set_main_param_and_optimizer_states"):
             continue
         original = sub._set_main_param_and_optimizer_states
 
@@ -239,6 +245,10 @@ def _keep_torch_adam_step(optimizer):
     finally:
         for sub in patched:
             del sub._set_main_param_and_optimizer_states
+    for _, inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -506,7 +516,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     loaded = dist_checkpointing.load(request, step, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     _load_chunks(model_chunks, per_chunk, loaded["model"], step)
     if want_optimizer:
-        with _keep_torch_adam_step(optimizer):
+        with _torch_adam_load_fixes(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
     if not weights_only:
         if scheduler is not None:
