@@ -129,13 +129,14 @@ def hf_to_megasail(args) -> None:
     missing = sorted(set(shapes) - set(by_name))
     if missing:
         raise SystemExit(f"error: no HF source for megasail tensors {missing[:5]}")
+    source.check_shapes(shapes)
     yaml = _run_config_yaml(config)
     if os.path.exists(os.path.join(args.output, "latest_checkpointed_iteration.txt")):
         raise SystemExit(f"error: {args.output} already holds a checkpoint")
     os.makedirs(args.output, exist_ok=True)
     with _bar(len(shapes) + sum(r.kind == "gate_up" for r in by_name.values()), "hf -> megasail") as bar:
         step = write_weights_checkpoint(
-            args.output, model, lambda n: source.tensor(by_name[n], shapes[n]), config_yaml=yaml, progress=bar
+            args.output, model, lambda n: source.tensor(by_name[n]), config_yaml=yaml, progress=bar
         )
     with open(os.path.join(args.output, "config.yaml"), "w") as f:
         f.write(f"# derived from {os.path.abspath(args.input)}/config.json ({source.layout} layout)\n{yaml}")
@@ -219,9 +220,10 @@ def to_hf(args) -> None:
         from megasail.convert.dist import checkpoint_names, meta_model
 
         _, shapes, _ = checkpoint_names(meta_model(config))
+        hf.check_shapes(shapes)
 
         def produce(name):
-            return hf.tensor(by_recipe[name], shapes[name])
+            return hf.tensor(by_recipe[name])
 
     dtype = getattr(torch, _DTYPES[config.precision])
     tokenizer = _tokenizer_for(args, run_config)

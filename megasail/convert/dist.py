@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -126,9 +127,16 @@ def write_weights_checkpoint(
     tmp = final + ".tmp"
     os.makedirs(tmp, exist_ok=False)
     content = {k: v for k, v in ckpt.sharding_metadata().items() if k != "dp_cp_group"}
-    dist_checkpointing.save(
-        {"model": merged}, tmp, sharded_strategy=_StreamingStrategy(make, progress), content_metadata=content
-    )
+    try:
+        dist_checkpointing.save(
+            {"model": merged},
+            tmp,
+            sharded_strategy=_StreamingStrategy(make, progress),
+            content_metadata=content,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written step dir left behind
+        raise
     meta = {
         "iteration": 0,
         "format_version": ckpt.FORMAT_VERSION,

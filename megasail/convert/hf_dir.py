@@ -115,23 +115,29 @@ class HFSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape if self.entries else tuple(self.pickled[key].shape)
 
-    def tensor(self, recipe: Recipe, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
-        """The megasail tensor of ``recipe``; with ``shape``, every part is checked against the
-        shape the model expects of it (ValueError naming the HF tensor and both shapes)."""
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Compare every HF tensor's header shape with what the model (``shapes``: megasail TP=1
+        name -> shape) needs of it, before anything is read or written."""
+        for recipe in self.recipes:
+            for name, want in zip(recipe.hf, recipe.part_shapes(shapes[recipe.megasail]), strict=True):
+                key, block = file_key(name, self.layout)
+                have = self.shape(key)
+                if block is not None:
+                    have = (have[0] // 3, *have[1:])
+                if tuple(have) != tuple(want):
+                    where = "" if block is None else f" (row block {block} of 3)"
+                    raise ValueError(
+                        f"{self.directory}: tensor '{key}'{where} has shape {tuple(have)} in the checkpoint but "
+                        f"the config needs {tuple(want)} (megasail '{recipe.megasail}')"
+                    )
+
+    def tensor(self, recipe: Recipe, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The megasail tensor of ``recipe`` (call ``check_shapes`` once first)."""
         parts = []
-        expected = recipe.part_shapes(shape) if shape is not None else [None] * len(recipe.hf)
-        for name, want in zip(recipe.hf, expected, strict=True):
+        for name in recipe.hf:
             key, block = file_key(name, self.layout)
             tensor = self._read(key)
-            if block is not None:
-                tensor = tensor.chunk(3, dim=0)[block]
-            if want is not None and tuple(tensor.shape) != tuple(want):
-                raise ValueError(
-                    f"{self.directory}: tensor '{key}'{'' if block is None else f' (block {block})'} has "
-                    f"shape {tuple(tensor.shape)} in the checkpoint but the config needs {tuple(want)} "
-                    f"(megasail '{recipe.megasail}')"
-                )
-            parts.append(tensor)
+            parts.append(tensor.chunk(3, dim=0)[block] if block is not None else tensor)
         out = recipe.fuse(parts)
         return out.to(dtype) if dtype is not None else out
 
