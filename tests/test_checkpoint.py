@@ -369,5 +369,204 @@ def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
     assert prune(str(tmp_path), keep_last=0) == []
 
 
+# --- TE key names on the local spec, and load errors ------------------------------------------------
+
+
+def _keys_and_errors(rank, world_size, root, out_path):
+    """World size 1: the local model's state-dict and checkpoint keys; the errors of bad loads."""
+    from megasail.models.sail_vl import SailVLModel
+    from megasail.training.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
+
+    cfg, chunks, wrapped, opt, _ = _setup(seed=1)
+    merged, _ = model_sharded_state_dict(chunks)
+    result = {"state_dict": sorted(_local_weights(chunks[0])), "sharded": sorted(merged)}
+    save_checkpoint(root, 0, chunks, meta={"stage": 0})  # weights only (no optimizer)
+    errors = {}
+
+    def error_of(name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            errors[name] = f"{type(e).__name__}: {e}"
+
+    error_of("optimizer_from_weights_only", lambda: load_checkpoint(root, wrapped, opt))
+    for name, change in (
+        ("fewer_layers", {"num_layers": LM_LAYERS - 1}),
+        ("bigger_vocab", {"vocab_size": 320}),
+    ):
+        other = _tiny()
+        for field, value in change.items():
+            setattr(other.language, field, value)
+        error_of(name, lambda other=other: load_checkpoint(root, [SailVLModel(other)], weights_only=True))
+    error_of("empty_root", lambda: load_checkpoint(os.path.join(root, "nothing"), chunks, weights_only=True))
+    result["errors"] = errors
+    torch.save(result, out_path)
+
+
+@pytest.fixture(scope="module")
+def keys_and_errors(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keys")
+    run_distributed_test(_keys_and_errors, 1, str(tmp / "ckpt"), str(tmp / "result.pt"))
+    return torch.load(tmp / "result.pt", weights_only=True)
+
+
+class _StandInTE:
+    """The backend megatron-core's TESpecProvider is, with empty stand-in classes carrying the names of
+    megatron-core's TE modules: it yields the layer spec specs.py builds on a machine with TE."""
+
+    classes = {
+        name: type(name, (), {})
+        for name in (
+            "TENorm",
+            "TELayerNormColumnParallelLinear",
+            "TEColumnParallelLinear",
+            "TERowParallelLinear",
+            "TEDotProductAttention",
+        )
+    }
+
+    def layer_norm(self, *args, **kwargs):
+        return self.classes["TENorm"]
+
+    def column_parallel_layer_norm_linear(self):
+        return self.classes["TELayerNormColumnParallelLinear"]
+
+    def column_parallel_linear(self):
+        return self.classes["TEColumnParallelLinear"]
+
+    def row_parallel_linear(self):
+        return self.classes["TERowParallelLinear"]
+
+    def core_attention(self):
+        return self.classes["TEDotProductAttention"]
+
+
+# TE's LayerNormLinear names the parameters of the norm it fuses layer_norm_weight / layer_norm_bias
+TE_FUSED_NORM_PARAMS = {"weight": "layer_norm_weight", "bias": "layer_norm_bias"}
+
+
+def _te_layer_key(name: str, te_layer_spec) -> str:
+    """A layer-local parameter name of the local spec -> its name in the TE-spec layer.
+
+    A pre-norm that the TE spec replaces by IdentityOp lives in the linear that consumes its output
+    (TransformerLayer: input_layernorm -> self_attention.linear_qkv, pre_mlp_layernorm -> mlp.linear_fc1)
+    when that linear is TE's LayerNormColumnParallelLinear; every other name is the same in both specs.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    sub = te_layer_spec.submodules
+    consumers = {
+        "input_layernorm": ("self_attention.linear_qkv", sub.self_attention.submodules.linear_qkv),
+        "pre_mlp_layernorm": ("mlp.linear_fc1", sub.mlp.submodules.linear_fc1),
+    }
+    module, _, param = name.rpartition(".")
+    if module in consumers and getattr(sub, module) is IdentityOp:
+        path, consumer = consumers[module]
+        assert consumer.__name__ == "TELayerNormColumnParallelLinear", (
+            f"{module} vanished without a fused norm"
+        )
+        return f"{path}.{TE_FUSED_NORM_PARAMS[param]}"
+    return name
+
+
+def test_local_spec_saves_te_key_names(keys_and_errors, monkeypatch):
+    """The local model's checkpoint keys equal the TE-spec model's parameter names, for the LLM (RMSNorm)
+    and the ViT (LayerNorm, with bias) layers.
+
+    Transformer Engine cannot be imported here, so the TE names are derived without it: specs.py builds
+    its TE layer specs with a stand-in TE backend (classes named as megatron-core's TE modules), and each
+    local parameter is renamed by that spec's structure (which norm became IdentityOp, which linear fuses
+    it) and TE LayerNormLinear's parameter names. Two outside checks pin that oracle: megatron-core's own
+    TRT-LLM export table lists the fused names as TE's layer-norm weights, and the HF converter's
+    to_te_layout (which tests/test_gpu.py loads into a real TE model) gives the same names.
+    ``_extra_state`` entries are left out: TE has one more (core_attention), and loads tolerate them.
+
+    Fails if: the local spec has no sharded_state_dict_keys_map (keys stay input_layernorm.weight); the map
+    is applied to the LLM layers only (ViT keys differ); it maps to "layer_norm." instead of "layer_norm_".
+    """
+    import re
+
+    from megatron.core.export.trtllm.model_to_trllm_mapping.default_conversion_dict import (
+        DEFAULT_CONVERSION_DICT,
+    )
+
+    from megasail.convert.hf_internvl import to_te_layout
+    from megasail.models import specs
+
+    monkeypatch.setattr(
+        specs, "_backend", lambda use_te: _StandInTE() if use_te else specs.LocalSpecProvider()
+    )
+    te_specs = {
+        "vision_model": specs.vision_layer_spec(True, 1.0),
+        "language_model": specs.language_layer_spec(True, False),
+    }
+    expected = set()
+    for key in keys_and_errors["state_dict"]:
+        m = re.match(r"^(vision_model|language_model)(\.decoder\.layers\.\d+\.)(.+)$", key)
+        if m:
+            te_name = _te_layer_key(m[3], te_specs[m[1]])
+            if te_name != m[3]:
+                assert f"decoder.layers.{te_name}" in DEFAULT_CONVERSION_DICT, (
+                    te_name
+                )  # megatron-core's TE names
+            key = m[1] + m[2] + te_name
+        expected.add(key)
+    saved = {k for k in keys_and_errors["sharded"] if not k.endswith("_extra_state")}
+    assert saved == expected, (
+        f"saved but not TE: {sorted(saved - expected)[:8]}; TE but not saved: {sorted(expected - saved)[:8]}"
+    )
+    assert any(
+        ".decoder.layers.0.self_attention.linear_qkv.layer_norm_bias" in k for k in saved
+    )  # ViT LayerNorm
+    assert set(to_te_layout(dict.fromkeys(keys_and_errors["state_dict"]))) == expected
+
+
+def test_bad_loads_name_what_is_wrong(keys_and_errors):
+    """Loading the optimizer from a weights-only checkpoint, a model with fewer layers or another
+    vocabulary, or an empty root fails with a message naming the keys, shapes or paths involved.
+
+    Fails if: the key check is skipped (dist_checkpointing's own error names neither side, or the
+    extra layer is silently ignored); a weights-only checkpoint is loaded with a fresh optimizer as if
+    complete."""
+    errors = keys_and_errors["errors"]
+    assert "weights_only=True" in errors["optimizer_from_weights_only"]
+    assert "language_model.decoder.layers.3.self_attention.linear_qkv.weight" in errors["fewer_layers"]
+    assert "match no parameter of this model" in errors["fewer_layers"]
+    assert (
+        "language_model.embedding.word_embeddings.weight: checkpoint shape (256, 64), model shape (320, 64)"
+        in (errors["bigger_vocab"])
+    )
+    assert errors["empty_root"].startswith("FileNotFoundError") and "nothing" in errors["empty_root"]
+
+
+def _te_and_local_keys(rank, world_size, out_path):
+    from megasail.models.sail_vl import SailVLModel
+    from megasail.runtime import initialize
+    from megasail.training.checkpoint import model_sharded_state_dict
+
+    initialize(1, 1, seed=0)
+    keys = {}
+    for impl in ("te", "local"):
+        merged, _ = model_sharded_state_dict(
+            [SailVLModel(tiny_model_config(-1, transformer_impl=impl)).cuda()]
+        )
+        keys[impl] = sorted(k for k in merged if not k.endswith("_extra_state"))
+    torch.save(keys, out_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+def test_te_and_local_models_have_the_same_checkpoint_keys(tmp_path):
+    """On a machine with Transformer Engine: the TE and the local model write the same keys.
+    Fails if the local spec's keys map is missing or differs from TE's fused-norm names."""
+    from megasail.models.specs import HAVE_TE
+
+    if not HAVE_TE:
+        pytest.skip("transformer_engine does not import here")
+    run_distributed_test(_te_and_local_keys, 1, str(tmp_path / "keys.pt"))
+    keys = torch.load(tmp_path / "keys.pt", weights_only=True)
+    assert keys["te"] == keys["local"], set(keys["te"]) ^ set(keys["local"])
+
+
 if __name__ == "__main__":  # the kill -9 test's child process (dist_checkpointing needs this guard)
     _run_role(*sys.argv[1:4])

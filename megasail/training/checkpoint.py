@@ -52,6 +52,14 @@ _STEP_DIR = re.compile(r"^iter_(\d{7,})$")
 _NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 _MAX_LISTED = 20
 
+
+class CheckpointMismatchError(KeyError):
+    """The checkpoint's keys or shapes differ from the model's (the message lists them, one per line)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would print the repr, newlines escaped
+
+
 _async_queue = None  # megatron-core AsyncCallsQueue, created on the first async save
 
 
@@ -458,7 +466,9 @@ def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
     dist.all_gather_object(gathered, problems)
     messages = sorted({m for rank_problems in gathered for m in rank_problems})
     if messages:
-        raise KeyError(f"checkpoint {step} does not match the model:\n  " + "\n  ".join(messages))
+        raise CheckpointMismatchError(
+            f"checkpoint {step} does not match the model:\n  " + "\n  ".join(messages)
+        )
 
 
 def _load_chunks(model_chunks, per_chunk: list[dict], loaded: dict, step: str) -> None:
@@ -467,7 +477,7 @@ def _load_chunks(model_chunks, per_chunk: list[dict], loaded: dict, step: str) -
         missing, unexpected = _unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise KeyError(
+            raise CheckpointMismatchError(
                 f"{step}: model chunk {i} missing {_listed(missing)}; unexpected {_listed(unexpected)}"
             )
 
@@ -478,7 +488,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     path: a step dir, or a root whose marker names one. The checkpoint may come from any TP/PP/DP/VPP
     layout. weights_only: load only "model" (any checkpoint, e.g. one converted from HuggingFace);
     optimizer, scheduler and RNG are left as they are. RNG states are restored only at the saved layout.
-    Raises KeyError naming missing/unexpected keys or mismatched shapes, on every rank.
+    Raises CheckpointMismatchError (a KeyError) naming missing/unexpected keys or mismatched shapes,
+    on every rank.
     """
     step = latest_checkpoint(path)
     if step is None:
