@@ -237,38 +237,53 @@ def format_plan(plan: RunPlan) -> str:
     return "\n".join(lines)
 
 
-def compose_run_config(
+def compose_config_yaml(
     config: str,
     stage_files: list[str],
     overrides: list[str],
     *,
     all_sources: str | None = None,
     budget_samples: int | None = None,
-):
-    """A RunConfig from a model/run YAML, stage YAMLs (replacing data.stages, in order) and overrides.
+    init_checkpoint: str | None = None,
+) -> str:
+    """YAML of a run: the config file, the overrides, and data.stages from stage YAMLs (in order).
 
+    Only keys the file, the overrides or the stages state are written, so values left unset stay
+    unset and pretrain_vlm.py's start-up checks still take them from the dataset manifests.
     all_sources replaces every stage's sources with that one prefix, and budget_samples every stage's
-    budget (samples, no token budget): smoke runs of a real curriculum on synthetic data."""
-    from megasail.config import load_config
-    from megasail.data.loader.config import SourceConfig, load_stages
+    budget (samples, no token budget): smoke runs of a real curriculum on synthetic data.
+    init_checkpoint starts the first stage from another run's weights (fresh optimizer and schedule)."""
+    from omegaconf import OmegaConf
 
-    run = load_config(config, overrides)
-    if stage_files:
-        run.data.stages = load_stages(stage_files)
-    for stage in run.data.stages:
+    raw = OmegaConf.load(config)
+    for item in overrides:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item]))
+    stages = [OmegaConf.to_container(OmegaConf.load(f)) for f in stage_files]
+    if not stages:
+        stages = OmegaConf.to_container(raw).get("data", {}).get("stages", [])
+    for stage in stages:
         if all_sources is not None:
-            stage.sources = [SourceConfig(prefix=all_sources, weight=1.0, name=stage.name)]
+            stage["sources"] = [{"prefix": all_sources, "weight": 1.0, "name": stage.get("name")}]
         if budget_samples is not None:
-            stage.budget_tokens, stage.budget_samples = None, budget_samples
-    return run
+            stage["budget_tokens"], stage["budget_samples"] = None, budget_samples
+    if init_checkpoint is not None and stages:
+        stages[0]["init_checkpoint"] = init_checkpoint
+    if stages:
+        raw = OmegaConf.merge(raw, OmegaConf.create({"data": {"stages": []}}))
+        raw.data.stages = stages
+    return OmegaConf.to_yaml(raw)
 
 
-def write_run_config(run, path: str) -> None:
-    """The resolved config as YAML, loadable by `pretrain_vlm.py --config`."""
-    from megasail.config import to_yaml
+def compose_run_config(config: str, stage_files: list[str], overrides: list[str], **kwargs):
+    """The RunConfig that `compose_config_yaml` describes (checked against the schema)."""
+    import tempfile
 
-    with open(path, "w") as f:
-        f.write(to_yaml(run))
+    from megasail.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(compose_config_yaml(config, stage_files, overrides, **kwargs))
+        f.flush()
+        return load_config(f.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-plan", action="store_true", help="with --write-config: skip the plan (one-node runs)"
     )
+    ap.add_argument("--init-checkpoint", default=None, help="the first stage starts from these weights only")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON object after the table")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.global_batch_size=512")
     args = ap.parse_intermixed_args(argv)
@@ -325,15 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     from megasail.config import ConfigError
 
     try:
-        run = compose_run_config(
-            args.config,
-            args.stage,
-            args.overrides,
+        composed = dict(
             all_sources=args.all_sources,
             budget_samples=args.budget_samples,
+            init_checkpoint=args.init_checkpoint,
         )
+        run = compose_run_config(args.config, args.stage, args.overrides, **composed)
         if args.write_config:
-            write_run_config(run, args.write_config)
+            with open(args.write_config, "w") as f:
+                f.write(compose_config_yaml(args.config, args.stage, args.overrides, **composed))
         if args.no_plan:
             return 0
         plan = make_plan(

@@ -149,3 +149,75 @@ def test_plan_pipeline_layout_bubble_and_sample_budgets():
     run.data.global_batch_size = 63
     with pytest.raises(ValueError, match="global_batch_size 63"):
         make_plan(run, nodes=2, gpus_per_node=8)
+
+
+@pytest.mark.distributed
+def test_sft_curriculum_runs_three_stages_on_cpu(tmp_path):
+    """Fails if the SFT recipe does not run knowledge, instruction and preference in that order in one run,
+    each to its budget with its own schedule restarting from warmup, or if the loss does not fall across them."""
+    import json
+
+    proc = _run(
+        [
+            "bash",
+            "examples/sft_curriculum.sh",
+            "--model",
+            "tiny",
+            "--nproc",
+            "1",
+            "--synthetic",
+            str(tmp_path / "data"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--budget-samples",
+            "24",
+        ],
+        timeout=600,
+        env_extra={"MEGASAIL_NO_INSTALL": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "checkpoints" / "metrics.jsonl")]
+    assert [r["stage"] for r in rows] == ["sft_knowledge"] * 2 + ["sft_instruction"] * 2 + [
+        "sft_preference"
+    ] * 2
+    assert [r["lr"] for r in rows][::2] == [0.0, 0.0, 0.0]  # every stage starts its own warmup
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000006").is_dir()
+
+
+def test_sft_chained_stages_start_from_the_previous_stages_weights(tmp_path):
+    """Fails if a chained stage does not name the previous stage's checkpoint (or --init for the first) as its
+    init_checkpoint, or if a composed config states keys the recipe did not set (so start-up checks could
+    no longer take the tokenizer's ids from the dataset manifest)."""
+    from megasail.config import load_config
+
+    run = tmp_path / "chain"
+    proc = _run(
+        [
+            "bash",
+            "examples/sft_curriculum.sh",
+            "--model",
+            "tiny",
+            "--nproc",
+            "1",
+            "--chained",
+            "--dry-run",
+            "--init",
+            "/ckpt/pretrain",
+            "--run-dir",
+            str(run),
+            "--",
+            "train.iters=5",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    previous = "/ckpt/pretrain"
+    for name in ("sft_knowledge", "sft_instruction", "sft_preference"):
+        cfg = load_config(run / f"{name}.yaml")
+        assert [s.name for s in cfg.data.stages] == [name]
+        assert cfg.data.stages[0].init_checkpoint == previous and cfg.train.iters == 5
+        assert (
+            "model.image_token_id" not in cfg.explicit_keys and "data.pad_token_id" not in cfg.explicit_keys
+        )
+        assert f"checkpoint.save={run / name}" in proc.stdout
+        previous = str(run / name)
