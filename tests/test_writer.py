@@ -521,3 +521,31 @@ def test_merge_memory_does_not_grow_with_the_dataset(tmp_path):
     assert [r["samples"] for r in rows] == [100_000, 800_000]
     growth = rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
     assert growth < 8, f"merge peak RSS grew {growth:.1f} MB from 100k to 800k samples: {rows}"
+
+
+def test_bench_loader_synthetic_prefix_equals_write_text_prefix(tmp_path):
+    """tools/bench_loader.py writes its 100M-entry prefix section by section in chunks; its bytes equal
+    write_text_prefix's for the same lengths (zero tokens). Fails if a chunk boundary repeats or
+    drops a pointer, or the image index's 8-byte padding after doc_source is left out (odd n)."""
+    import importlib.util
+    from pathlib import Path
+
+    from megasail.data.format.writer import write_text_prefix
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for n, chunk in [(1, 4), (9, 4), (12, 3), (1001, 128)]:
+        tokens = bench.write_synthetic_text_prefix(str(tmp_path / "streamed"), n, seed=3, chunk=chunk)
+        lengths = np.concatenate(
+            [
+                np.random.default_rng([3, start]).integers(16, 1025, min(chunk, n - start)).astype(np.int32)
+                for start in range(0, n, chunk)
+            ]
+        )
+        assert tokens == int(lengths.sum())
+        write_text_prefix(
+            tmp_path / "arrays", np.zeros(tokens, np.int32), lengths, np.ones(n, np.int8), np.arange(n + 1)
+        )
+        assert read_files(tmp_path / "streamed") == read_files(tmp_path / "arrays"), (n, chunk)

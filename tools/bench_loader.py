@@ -12,6 +12,13 @@ Tables (markdown):
    difference is the loader's own overhead.
 3. DP cost imbalance at DP 8: slowest rank's estimated cost / mean, per global batch, with
    contiguous assignment and with LPT balancing (SAIL-VL-2B FLOPs).
+4. Loader start-up on one text-only source of --startup-entries index entries (1M; --large adds
+   100M): each in a fresh process, the time to build MultimodalDataLoader and to its first
+   micro-batch, and the peak RSS (VmHWM) with what stays resident (anonymous memory vs mapped
+   index pages); beside it the same for the curriculum's open_source alone (it reads whole
+   per-sample arrays: token and tile counts of every sample). The prefix is written array by array
+   (`write_synthetic_text_prefix`, bounded memory) with a sparse token file, since start-up reads
+   only the index.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from itertools import islice
@@ -39,7 +48,9 @@ LENGTH_MIX = {
 }
 
 
-def realistic_length_mix(n: int, seed: int = 0, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def realistic_length_mix(
+    n: int, seed: int = 0, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64[n], tiles int64[n]) of samples drawn from LENGTH_MIX (text log-uniform).
 
     Samples longer than max_length are redrawn (preprocessing caps sample length the same way).
@@ -49,7 +60,9 @@ def realistic_length_mix(n: int, seed: int = 0, max_length: int | None = None) -
     shares = np.array([k[0] for k in kinds])
     tokens, tiles = [], []
     while len(tokens) < n:
-        share, (t_lo, t_hi), (i_lo, i_hi), (tile_lo, tile_hi) = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
+        share, (t_lo, t_hi), (i_lo, i_hi), (tile_lo, tile_hi) = kinds[
+            rng.choice(len(kinds), p=shares / shares.sum())
+        ]
         text = int(np.exp(rng.uniform(np.log(t_lo), np.log(t_hi))))
         per_image = rng.integers(tile_lo, tile_hi + 1, size=int(rng.integers(i_lo, i_hi + 1)))
         length = text + int(np.sum(per_image * TOKENS_PER_TILE + IMAGE_WRAPPER_TOKENS))
@@ -63,8 +76,11 @@ def realistic_length_mix(n: int, seed: int = 0, max_length: int | None = None) -
 def packing_table(num_samples: int, chunk_samples: int) -> list[str]:
     from megasail.data.loader.packing import pack_samples, packing_efficiency
 
-    rows = [f"| seq_length | samples | sequences | efficiency (whole) | efficiency (chunks of {chunk_samples}) "
-            "| pack time (s) |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        f"| seq_length | samples | sequences | efficiency (whole) | efficiency (chunks of {chunk_samples}) "
+        "| pack time (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for seq_length in (4096, 8192):
         lengths, _ = realistic_length_mix(num_samples, seed=1, max_length=seq_length)
         started = time.perf_counter()
@@ -74,8 +90,10 @@ def packing_table(num_samples: int, chunk_samples: int) -> list[str]:
         for start in range(0, num_samples, chunk_samples):
             part = pack_samples(lengths[start : start + chunk_samples], seq_length, seed=start)
             chunk_groups += part
-        rows.append(f"| {seq_length} | {num_samples} | {len(groups)} | {packing_efficiency(lengths, groups, seq_length):.4f} "
-                    f"| {packing_efficiency(lengths, chunk_groups, seq_length):.4f} | {seconds:.3f} |")
+        rows.append(
+            f"| {seq_length} | {num_samples} | {len(groups)} | {packing_efficiency(lengths, groups, seq_length):.4f} "
+            f"| {packing_efficiency(lengths, chunk_groups, seq_length):.4f} | {seconds:.3f} |"
+        )
     return rows
 
 
@@ -85,8 +103,18 @@ def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> li
     seq_length = 8192
     lengths, tiles = realistic_length_mix(num_samples, seed=2, max_length=seq_length)
     groups = pack_samples(lengths, seq_length, seed=5)
-    sequences = [PlannedSequence(0, 0, p, tuple([0] * len(g)), tuple(g.tolist()), tuple(lengths[g].tolist()),
-                                 tuple(tiles[g].tolist())) for p, g in enumerate(groups)]
+    sequences = [
+        PlannedSequence(
+            0,
+            0,
+            p,
+            tuple([0] * len(g)),
+            tuple(g.tolist()),
+            tuple(lengths[g].tolist()),
+            tuple(tiles[g].tolist()),
+        )
+        for p, g in enumerate(groups)
+    ]
     cost_model = SequenceCostModel.from_preset("sail_vl_2b")
     results = {False: [], True: []}
     tile_results = {False: [], True: []}  # the ViT's share alone: tiles per rank, max / mean
@@ -98,13 +126,17 @@ def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> li
             ranks = assign_to_ranks(costs, dp_size, balance=balance)
             results[balance].append(imbalance(costs, ranks))
             tile_results[balance].append(imbalance(batch_tiles, ranks))
-    rows = [f"| assignment (DP {dp_size}, global batch {global_batch} x {seq_length}) | global batches "
-            "| cost max/mean (mean) | cost max/mean (worst) | ViT tiles max/mean (mean) |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [
+        f"| assignment (DP {dp_size}, global batch {global_batch} x {seq_length}) | global batches "
+        "| cost max/mean (mean) | cost max/mean (worst) | ViT tiles max/mean (mean) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for balance, name in ((False, "contiguous (megatron default)"), (True, "LPT by estimated FLOPs")):
         values = np.array(results[balance])
-        rows.append(f"| {name} | {len(values)} | {values.mean():.4f} | {values.max():.4f} "
-                    f"| {np.mean(tile_results[balance]):.4f} |")
+        rows.append(
+            f"| {name} | {len(values)} | {values.mean():.4f} | {values.max():.4f} "
+            f"| {np.mean(tile_results[balance]):.4f} |"
+        )
     return rows
 
 
@@ -132,12 +164,18 @@ def write_bench_prefix(prefix: str, num_samples: int, seed: int = 0) -> None:
             Image.fromarray(pixels).save(out, format="JPEG", quality=85)
             writer.add_sample([0] + text, [1, len(text)], [2, 1], [out.getvalue()], [width], [height])
     with open(f"{prefix}.manifest.json", "w") as f:
-        json.dump({"format_version": 1,
-                   "image_token_ids": {"img_start": 151665, "img_end": 151666, "img_context": 151667}}, f)
+        json.dump(
+            {
+                "format_version": 1,
+                "image_token_ids": {"img_start": 151665, "img_end": 151666, "img_context": 151667},
+            },
+            f,
+        )
 
 
-def throughput_table(num_samples: int, global_batches: int, workers: list[int], backend: str,
-                     repeats: int) -> list[str]:
+def throughput_table(
+    num_samples: int, global_batches: int, workers: list[int], backend: str, repeats: int
+) -> list[str]:
     """Median over `repeats` alternating runs: decode alone, then the loader at each worker count.
 
     Wall seconds for all; for the in-process runs (decode alone, workers=0) also process CPU
@@ -148,23 +186,38 @@ def throughput_table(num_samples: int, global_batches: int, workers: list[int], 
     from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
     from megasail.data.loader.data_loader import MultimodalDataLoader, micro_batch_plans
 
-    rows = ["| pipeline | decode backend | workers | samples | images | wall s | samples/s | CPU s "
-            "| overhead vs decode alone (wall / CPU) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| pipeline | decode backend | workers | samples | images | wall s | samples/s | CPU s "
+        "| overhead vs decode alone (wall / CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     with tempfile.TemporaryDirectory() as root:
         prefix = os.path.join(root, "bench")
         write_bench_prefix(prefix, num_samples)
 
         def config(num_workers):
-            return DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192,
-                              global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=num_workers,
-                              decode_backend=backend, build_attention_mask=False, pack_chunk_samples=4096)
+            return DataConfig(
+                stages=[StageConfig("bench", [SourceConfig(prefix)])],
+                seq_length=8192,
+                global_batch_size=2,
+                micro_batch_size=1,
+                max_tiles=6,
+                num_workers=num_workers,
+                decode_backend=backend,
+                build_attention_mask=False,
+                pack_chunk_samples=4096,
+            )
 
         # what the loader will read: the planned samples of the first global batches, in order
         probe = MultimodalDataLoader(config(0))
         micro_batches = global_batches * 2
         plans = micro_batch_plans(probe.curriculum, probe.position, 0, 1, probe.cost_model)
-        planned = [(k, i) for plan in islice(plans, micro_batches) for s in plan.sequences
-                   for k, i in zip(s.sources, s.samples, strict=True)]
+        planned = [
+            (k, i)
+            for plan in islice(plans, micro_batches)
+            for s in plan.sequences
+            for k, i in zip(s.sources, s.samples, strict=True)
+        ]
         ds = IndexedMultimodalDataset(prefix)
         images = [bytes(im.data) for _, i in planned for im in ds[i].images]
         timings = {"decode": [], **{w: [] for w in workers}}
@@ -182,40 +235,214 @@ def throughput_table(num_samples: int, global_batches: int, workers: list[int], 
                 loader.close()
                 assert stats["samples"] == len(planned) and len(batches) == micro_batches
         decode_wall, decode_cpu = (float(np.median(x)) for x in zip(*timings["decode"], strict=True))
-        rows.append(f"| decode_tiles alone | {backend} | 0 | {len(planned)} | {len(images)} | {decode_wall:.2f} "
-                    f"| {len(planned) / decode_wall:.1f} | {decode_cpu:.2f} | - |")
+        rows.append(
+            f"| decode_tiles alone | {backend} | 0 | {len(planned)} | {len(images)} | {decode_wall:.2f} "
+            f"| {len(planned) / decode_wall:.1f} | {decode_cpu:.2f} | - |"
+        )
         for num_workers in workers:
             wall, cpu = (float(np.median(x)) for x in zip(*timings[num_workers], strict=True))
             cpu_cell = f"{cpu:.2f}" if num_workers == 0 else "(in workers)"
             cpu_overhead = f" / {cpu / decode_cpu - 1:+.1%}" if num_workers == 0 else ""
-            rows.append(f"| whole loader | {backend} | {num_workers} | {len(planned)} | {len(images)} | {wall:.2f} "
-                        f"| {len(planned) / wall:.1f} | {cpu_cell} | {wall / decode_wall - 1:+.1%}{cpu_overhead} |")
+            rows.append(
+                f"| whole loader | {backend} | {num_workers} | {len(planned)} | {len(images)} | {wall:.2f} "
+                f"| {len(planned) / wall:.1f} | {cpu_cell} | {wall / decode_wall - 1:+.1%}{cpu_overhead} |"
+            )
+    return rows
+
+
+def write_synthetic_text_prefix(prefix: str, num_samples: int, seed: int = 0, chunk: int = 1 << 22) -> int:
+    """A text-only prefix of `num_samples` samples, each one TARGET segment of 16..1024 tokens,
+    written section by section in chunks of `chunk` samples (memory bounded whatever num_samples).
+    PREFIX.bin is a sparse file of zero tokens (nothing on disk): only the index is real. Returns
+    the token count. The bytes equal `write_text_prefix` given the same lengths and zero tokens."""
+    from megasail.data.format.reader import (
+        IMAGE_INDEX_MAGIC,
+        IMAGE_INDEX_VERSION,
+        SEGMENT_TARGET,
+        TOKEN_DTYPE_CODE,
+        TOKEN_INDEX_MAGIC,
+        TOKEN_INDEX_VERSION,
+    )
+
+    starts = range(0, num_samples, chunk)
+
+    def lengths(start: int) -> np.ndarray:  # the same chunk every time it is asked for
+        rng = np.random.default_rng([seed, start])
+        return rng.integers(16, 1025, min(chunk, num_samples - start)).astype(np.int32)
+
+    with open(prefix + ".idx", "wb") as f:
+        f.write(
+            TOKEN_INDEX_MAGIC + np.array([TOKEN_INDEX_VERSION], "<u8").tobytes() + bytes([TOKEN_DTYPE_CODE])
+        )
+        f.write(np.array([num_samples, num_samples + 1], "<u8").tobytes())  # S segments, D + 1 entries
+        for start in starts:
+            f.write(lengths(start).tobytes())
+        pointer = 0
+        for start in starts:
+            sizes = lengths(start).astype(np.int64) * 4
+            f.write((pointer + np.cumsum(sizes) - sizes).tobytes())
+            pointer += int(sizes.sum())
+        f.write(np.zeros(1, np.int64).tobytes())
+        for start in starts:  # one segment per sample: document d ends at segment d + 1
+            f.write(
+                np.arange(start + 1, start + 1 + min(chunk, num_samples - start), dtype=np.int64).tobytes()
+            )
+        for start in starts:
+            f.write(np.full(min(chunk, num_samples - start), SEGMENT_TARGET, np.int8).tobytes())
+    with open(prefix + ".img.idx", "wb") as f:  # no images: only per-sample ranges (all 0) and sources
+        f.write(IMAGE_INDEX_MAGIC + np.array([IMAGE_INDEX_VERSION, 0, num_samples], "<u8").tobytes())
+        zeros = bytes(8 * min(chunk, num_samples + 1))
+        for start in range(0, num_samples + 1, chunk):  # u64 doc_image_start[D + 1]
+            f.write(zeros[: 8 * min(chunk, num_samples + 1 - start)])
+        for start in starts:  # u32 doc_source[D]
+            f.write(zeros[: 4 * min(chunk, num_samples - start)])
+        f.write(bytes((8 - num_samples * 4 % 8) % 8))  # every array of the image index is 8-byte aligned
+    with open(prefix + ".bin", "wb") as f:
+        f.truncate(pointer)  # sparse: the loader reads only the tokens of the batches it builds
+    open(prefix + ".img.bin", "wb").close()
+    with open(prefix + ".manifest.json", "w") as f:
+        json.dump(
+            {
+                "format_version": 1,
+                "image_token_ids": {"img_start": 151665, "img_end": 151666, "img_context": 151667},
+            },
+            f,
+        )
+    return pointer // 4
+
+
+# Each measurement runs in a fresh interpreter: VmHWM is then the high-water mark of that start-up
+# alone (ru_maxrss would carry the spawning process's peak across exec).
+_STARTUP_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+from megasail.data.loader.curriculum import open_source
+from megasail.data.loader.data_loader import MultimodalDataLoader
+
+def status():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}
+
+prefix, what = sys.argv[1], sys.argv[2]
+config = DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192, global_batch_size=8,
+                    micro_batch_size=1, max_tiles=6, num_workers=0, decode_backend="pil",
+                    build_attention_mask=False)
+before = status()
+t1 = time.perf_counter()
+out = {"import_s": t1 - t0, "hwm_before_mb": before["VmHWM"]}
+if what == "loader":
+    loader = MultimodalDataLoader(config)
+    t2 = time.perf_counter()
+    batch = next(loader)
+    t3 = time.perf_counter()
+    out.update(construct_s=t2 - t1, first_batch_s=t3 - t2)
+else:
+    source = open_source(config.stages[0].sources[0], config)
+    out.update(open_source_s=time.perf_counter() - t1)
+after = status()
+out.update(peak_rss_mb=after["VmHWM"], rss_anon_mb=after["RssAnon"], rss_file_mb=after["RssFile"])
+print(json.dumps(out))
+"""
+
+
+def _startup_child(prefix: str, what: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _STARTUP_CHILD, prefix, what], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"start-up measurement ({what}) on {prefix} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def startup_table(sizes: list[int], root: str | None = None, attribute: bool = True) -> list[str]:
+    """One row per size: write the prefix, then measure the whole loader and (attribute) open_source alone."""
+    rows = [
+        "| index entries | prefix write s | loader built s | first micro-batch s | peak RSS MB (after imports) "
+        "| resident anon / mapped MB | open_source s | open_source peak above imports MB (B per entry) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        for n in sizes:
+            prefix = os.path.join(work, f"text_{n}")
+            started = time.perf_counter()
+            write_synthetic_text_prefix(prefix, n)
+            written = time.perf_counter() - started
+            loader = _startup_child(prefix, "loader")
+            alone_cells = "- | -"
+            if attribute:
+                alone = _startup_child(prefix, "open_source")
+                above = alone["peak_rss_mb"] - alone["hwm_before_mb"]
+                alone_cells = f"{alone['open_source_s']:.2f} | {above:.0f} ({above * 2**20 / n:.0f})"
+            rows.append(
+                f"| {n:,} | {written:.1f} | {loader['construct_s']:.2f} | {loader['first_batch_s']:.2f} "
+                f"| {loader['peak_rss_mb']:.0f} ({loader['hwm_before_mb']:.0f}) "
+                f"| {loader['rss_anon_mb']:.0f} / {loader['rss_file_mb']:.0f} | {alone_cells} |"
+            )
+            for suffix in (".bin", ".idx", ".img.bin", ".img.idx", ".manifest.json"):
+                os.remove(prefix + suffix)
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one worker setting")
-    parser.add_argument("--packing-samples", type=int, default=200_000, help="samples in the packing benchmark")
-    parser.add_argument("--chunk-samples", type=int, default=65536, help="loader chunk (DataConfig.pack_chunk_samples)")
-    parser.add_argument("--global-batch", type=int, default=256, help="sequences per global batch (DP balance)")
-    parser.add_argument("--loader-samples", type=int, default=400, help="samples in the loader throughput prefix")
-    parser.add_argument("--global-batches", type=int, default=8, help="global batches (2 x 8192) the loader runs")
+    parser.add_argument(
+        "--packing-samples", type=int, default=200_000, help="samples in the packing benchmark"
+    )
+    parser.add_argument(
+        "--chunk-samples", type=int, default=65536, help="loader chunk (DataConfig.pack_chunk_samples)"
+    )
+    parser.add_argument(
+        "--global-batch", type=int, default=256, help="sequences per global batch (DP balance)"
+    )
+    parser.add_argument(
+        "--loader-samples", type=int, default=400, help="samples in the loader throughput prefix"
+    )
+    parser.add_argument(
+        "--global-batches", type=int, default=8, help="global batches (2 x 8192) the loader runs"
+    )
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts to time")
-    parser.add_argument("--backend", default="pil", choices=("pil", "dali", "auto"), help="image decode backend")
+    parser.add_argument(
+        "--backend", default="pil", choices=("pil", "dali", "auto"), help="image decode backend"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs (medians reported)")
+    parser.add_argument(
+        "--startup-entries",
+        type=int,
+        nargs="+",
+        default=[1_000_000],
+        help="index entries (text-only samples) of the sources whose loader start-up is measured",
+    )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also measure start-up on 100M index entries (about 3.3 GB of index on disk, minutes)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="directory for the start-up prefixes (default: the temp dir)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.packing_samples, args.chunk_samples, args.global_batch = 20_000, 8192, 64
         args.loader_samples, args.global_batches, args.workers, args.repeats = 40, 1, "0", 1
+        args.startup_entries = [100_000]
+    if args.large:
+        args.startup_entries = [*args.startup_entries, 100_000_000]
     workers = [int(w) for w in args.workers.split(",")]
     print("## Packing efficiency\n")
     print("\n".join(packing_table(args.packing_samples, args.chunk_samples)))
     print("\n## DP cost imbalance\n")
     print("\n".join(imbalance_table(args.packing_samples, args.global_batch)))
     print("\n## Loader vs decode alone\n")
-    print("\n".join(throughput_table(args.loader_samples, args.global_batches, workers, args.backend,
-                                     args.repeats)))
+    print(
+        "\n".join(
+            throughput_table(args.loader_samples, args.global_batches, workers, args.backend, args.repeats)
+        )
+    )
+    print("\n## Loader start-up\n")
+    print("\n".join(startup_table(args.startup_entries, args.workdir, attribute=not args.quick)))
 
 
 if __name__ == "__main__":
