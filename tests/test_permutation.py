@@ -127,3 +127,32 @@ def test_shape_and_slices(backend):
     grid = np.arange(12).reshape(3, 4)
     assert permute_indices(grid, n, seed, backend=backend).shape == (3, 4)
     assert permute_indices(np.array([], dtype=np.int64), 0, seed, backend=backend).shape == (0,)
+
+
+def test_cpp_releases_the_gil():
+    """While one thread permutes 4M positions in C++, another thread keeps running Python code.
+    Fails if the binding holds the GIL through the loop (the other thread then stalls for the
+    whole call)."""
+    import threading
+    import time
+
+    positions = np.arange(4_000_000, dtype=np.int64)
+    done = threading.Event()
+    ticks = 0
+
+    def count():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    time.sleep(0.05)  # the counter is running before the call starts
+    started, before = time.perf_counter(), ticks
+    permute_indices(positions, 2**40, 5)
+    seconds, during = time.perf_counter() - started, ticks - before
+    done.set()
+    counter.join()
+    # a free counter ticks about once per 1-2 ms; a blocked one at most once or twice
+    assert during >= max(5, seconds * 100), f"{during} ticks in {seconds:.2f} s: the GIL was held"
