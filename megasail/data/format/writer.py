@@ -470,6 +470,8 @@ class ShardMerger(_FinalizeOnExit):
     The bytes equal merge_shards' (and so one writer's). `append` and `finalize` release the GIL,
     so a helper thread can merge while the caller's thread goes on. As a context manager it
     finalizes on a clean exit and aborts (removes the .tmp files) when the block raises.
+    Its memory does not grow with the samples merged: each rebased index array is streamed to an
+    unlinked scratch file beside the output and joined behind the index headers at finalize().
     """
 
     def __init__(self, out_prefix: str | os.PathLike):
