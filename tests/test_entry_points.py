@@ -112,3 +112,46 @@ def test_bench_model_prints_overhead_table(repo_root, tmp_path):
     data = json.loads(path.read_text())
     assert {r["row"] for r in data["rows"]} >= {"gpt", "sailvl_text", "sailvl_images", "vision"}
     assert all(r["ms"] > 0 for r in data["rows"])
+
+
+@pytest.mark.distributed
+def test_bench_train_table_beside_gpt_with_vit_aware_split(repo_root, tmp_path):
+    """Fails if bench_train does not time whole loop steps of SailVL and GPTModel side by side, if its PP=2 row
+    does not use the ViT-aware first-stage split, or if the bubble and throughput columns are computed wrongly."""
+    from megasail.config import load_config
+    from megasail.models.flops import suggest_first_stage_layers
+
+    path = tmp_path / "bench.json"
+    out = _run(
+        [
+            sys.executable,
+            "tools/bench_train.py",
+            "--layouts",
+            "pp=2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(path),
+        ],
+        repo_root,
+        timeout=600,
+    )
+    assert re.search(r"^\| sailvl \| TP=1 PP=2 \|", out, re.M) and re.search(
+        r"^\| gpt \| TP=1 PP=2 \|", out, re.M
+    )
+    rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]}
+    cfg = load_config(f"{repo_root}/examples/configs/tiny.yaml")
+    slots = cfg.data.global_batch_size * cfg.data.seq_length
+    micro_batches = cfg.data.global_batch_size // cfg.data.micro_batch_size
+    for r in rows.values():
+        assert r["bubble"] == pytest.approx(1 / (micro_batches + 1))
+        assert r["slots_per_s"] == pytest.approx(slots / r["step_s"])
+        assert r["tflops_per_device"] > 0 and r["mfu"] is None  # no peak on CPU
+    sail = rows["sailvl"]
+    assert 0 < sail["tokens_per_s"] < sail["slots_per_s"]  # padding is not counted as tokens
+    # the split for the synthetic captions: one 256-token tile per ~275-token sample
+    assert sail["split"] in {
+        suggest_first_stage_layers(cfg.model, 2, cfg.data.seq_length, t) for t in (3.0, 3.5, 3.7)
+    }
