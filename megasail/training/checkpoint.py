@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensorFactory
 from megatron.core.dist_checkpointing.serialization import (
     get_default_save_sharded_strategy,
     load_sharded_metadata,
@@ -196,7 +197,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _has_optimizer(optimizer) -> bool:
-    return optimizer is not None and not getattr(optimizer, "is_stub_optimizer", False)
+    """Whether this rank's optimizer holds parameters (a pipeline stage whose layers are all frozen has
+    a stub, or on the torch fallback an Adam with empty parameter groups: nothing to save or load)."""
+    if optimizer is None or getattr(optimizer, "is_stub_optimizer", False):
+        return False
+    return any(len(group["params"]) > 0 for group in optimizer.param_groups)
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], dtype=torch.int32, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -344,7 +355,8 @@ def save_checkpoint(
     """Save a checkpoint of every rank's state to ROOT/iter_NNNNNNN (collective: call on all ranks).
 
     model_chunks: this rank's model chunks (megatron DDP-wrapped or not), one per virtual stage.
-    optimizer: megatron optimizer (None: a weights-only checkpoint); scheduler: OptimizerParamScheduler.
+    optimizer: megatron optimizer (None on every rank: a weights-only checkpoint, "model" alone);
+    scheduler: OptimizerParamScheduler.
     meta: JSON-serialisable run state for megasail.json (stage, loader_state, config, consumed ...);
     iteration, layout, format_version and weights_only are added here.
     async_save: on GPU, write the shards in the background (call ``finalize_async_saves`` every step
@@ -353,6 +365,7 @@ def save_checkpoint(
     """
     finalize_async_saves(blocking=True)  # one save in flight at a time; its .tmp dir must not be swept
     rank = dist.get_rank()
+    weights_only = not _any_rank(_has_optimizer(optimizer))
     final = step_dir(root, iteration)
     tmp = final + ".tmp"
     full_meta = {
@@ -360,8 +373,8 @@ def save_checkpoint(
         "iteration": int(iteration),
         "format_version": FORMAT_VERSION,
         "layout": _layout(),
-        "weights_only": not _has_optimizer(optimizer),
-        "optimizer_sharding": OPTIMIZER_SHARDING if _has_optimizer(optimizer) else None,
+        "weights_only": weights_only,
+        "optimizer_sharding": None if weights_only else OPTIMIZER_SHARDING,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -375,12 +388,14 @@ def save_checkpoint(
     dist.barrier()
 
     metadata = sharding_metadata()
-    state = {"model": model_sharded_state_dict(model_chunks, metadata)[0], "rng_state": rng_sharded_object()}
-    if _has_optimizer(optimizer):
-        _materialize_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
+    state = {"model": model_sharded_state_dict(model_chunks, metadata)[0]}
+    if not weights_only:  # a weights-only checkpoint holds "model" alone
+        state["rng_state"] = rng_sharded_object()
+        if _has_optimizer(optimizer):
+            _materialize_adam_state(optimizer)
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
     content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
     use_async = async_save and torch.cuda.is_available()
     if async_save and not use_async:
@@ -471,6 +486,22 @@ def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
         )
 
 
+def _check_optimizer_keys(step: str, optimizer_sharded: dict, ckpt: dict) -> None:
+    """Raise on every rank when the checkpoint lacks optimizer state this run needs (parameters that
+    were frozen when it was saved train now: start them with weights_only=True)."""
+    lacking = sorted(
+        {v.key for v in nested_values(optimizer_sharded) if isinstance(v, ShardedBase)} - set(ckpt)
+    )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lacking[:_MAX_LISTED])
+    lacking = sorted({k for keys in gathered for k in keys})
+    if lacking:
+        raise CheckpointMismatchError(
+            f"checkpoint {step} has no optimizer state for parameters this run trains (frozen when it was "
+            f"saved?): {_listed(lacking)}. Load it with weights_only=True for a fresh optimizer."
+        )
+
+
 def _load_chunks(model_chunks, per_chunk: list[dict], loaded: dict, step: str) -> None:
     for i, (chunk, sharded) in enumerate(zip(model_chunks, per_chunk, strict=True)):
         state = {name: loaded[value.key] for name, value in sharded.items() if value.key in loaded}
@@ -500,7 +531,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
             f"{step}: format_version {meta['format_version']} is newer than this code's {FORMAT_VERSION}"
         )
     want_optimizer = _has_optimizer(optimizer) and not weights_only
-    if want_optimizer and meta.get("weights_only"):
+    if not weights_only and meta.get("weights_only") and _any_rank(want_optimizer or scheduler is not None):
         raise ValueError(
             f"{step} has model weights only (no optimizer state): load it with weights_only=True "
             "(checkpoint.weights_only=true) to start a fresh optimizer and schedule"
@@ -511,19 +542,20 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     ckpt_keys = _checkpoint_keys(step)
     _check_model_keys(step, merged, ckpt_keys)
     request = {"model": {k: v for k, v in merged.items() if k in ckpt_keys}}
-    same_layout = meta.get("layout") == _layout()
-    if not weights_only and same_layout:
-        request["rng_state"] = rng_sharded_object()
-    elif not weights_only:
-        log.info(
-            "%s was saved at layout %s, this run is %s: RNG states start from the seed",
-            step,
-            meta.get("layout"),
-            _layout(),
-        )
+    if not weights_only and not meta.get("weights_only"):
+        if meta.get("layout") == _layout():
+            request["rng_state"] = rng_sharded_object()
+        else:
+            log.info(
+                "%s was saved at layout %s, this run is %s: RNG states start from the seed",
+                step,
+                meta.get("layout"),
+                _layout(),
+            )
     if want_optimizer:
         _materialize_adam_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
+    _check_optimizer_keys(step, request.get("optimizer", {}), ckpt_keys)
     loaded = dist_checkpointing.load(request, step, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     _load_chunks(model_chunks, per_chunk, loaded["model"], step)
     if want_optimizer:
