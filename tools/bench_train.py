@@ -285,7 +285,7 @@ def format_table(rows: list[dict]) -> str:
         )
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         bubble = f"{r['bubble']:.1%}" if r["pp"] > 1 else "-"
-        split = str(r["split"]) if r["pp"] > 1 and r["model"] == "sailvl" else "-"
+        split = (str(r["split"] or "even")) if r["pp"] > 1 and r["model"] == "sailvl" else "-"
         lines.append(
             f"| {r['model']} | {layout} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {bubble} | {split} |"
