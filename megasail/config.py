@@ -37,7 +37,10 @@ class ParallelConfig:
         "LLM layers on pipeline stage 0 (which also runs the ViT); null = split evenly", None
     )
     distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks (ZeRO-1)", True)
-    overlap_grad_reduce: bool = doc("overlap the data-parallel gradient reduce with backward", False)
+    overlap_grad_reduce: bool = doc(
+        "overlap the data-parallel gradient reduce with backward (and, with the distributed optimizer on a "
+        "GPU, the parameter all-gather with the next forward)", False
+    )
 
     def validate(self) -> None:
         for name in ("tensor", "pipeline", "context"):

@@ -187,6 +187,9 @@ class Trainer:
             "consumed": dict(self.consumed),
             "skipped": dict(self.skipped),
         }
+        hooked = [m for m in r.model if getattr(m, "use_forward_hook", False)]
+        for m in hooked:  # overlapped param gather: the optimizer's last update is not in the params yet
+            m.disable_forward_pre_hook(param_sync=True)
         self.last_saved = ckpt.save_checkpoint(
             c.save,
             self.step,
@@ -197,6 +200,8 @@ class Trainer:
             keep_last=c.keep_last,
             async_save=c.async_save,
         )
+        for m in hooked:
+            m.enable_forward_pre_hook()
         self.metrics.print(f"[megasail] saved {self.last_saved}")
         return self.last_saved
 

@@ -62,6 +62,9 @@ def wrap_ddp(chunks: list[SailVLModel], parallel: ParallelConfig, *, bucket_size
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
+        # the parameter all-gather of the distributed optimizer overlaps the next forward (GPU streams only)
+        overlap_param_gather=parallel.overlap_grad_reduce and parallel.distributed_optimizer
+        and torch.cuda.is_available(),
         use_distributed_optimizer=parallel.distributed_optimizer,
         bucket_size=bucket_size,
     )

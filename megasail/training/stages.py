@@ -45,7 +45,7 @@ def _release(previous: StageRun, chunks) -> None:
     """
     for wrapped in previous.model:
         if getattr(wrapped, "use_forward_hook", False):
-            wrapped.disable_forward_pre_hook(param_sync=False)
+            wrapped.disable_forward_pre_hook(param_sync=True)  # the last update reaches the params first
     for chunk in chunks:
         for param in chunk.parameters():
             param.data = param.data.clone()
