@@ -45,19 +45,22 @@ def _batch(cfg, seed: int, tiles: tuple[int, ...] = (1, 0)) -> dict:
     }
 
 
-def _setup(seed: int, **parallel_kwargs):
-    """This rank's (cfg, chunks, wrapped, optimizer, scheduler) for a layout, from megatron-core's builders."""
+def _setup(seed: int, trainable=None, **parallel_kwargs):
+    """This rank's (cfg, chunks, wrapped, optimizer, scheduler) for a layout, from megatron-core's builders;
+    ``trainable`` freezes all other parts (as a curriculum stage does)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megasail.config import ParallelConfig
     from megasail.runtime import initialize
-    from megasail.training import build_model_chunks, wrap_ddp
+    from megasail.training import build_model_chunks, freeze, wrap_ddp
 
     parallel = ParallelConfig(**parallel_kwargs)
     initialize(parallel.tensor, parallel.pipeline, parallel.virtual_pipeline, seed=seed)
     cfg = _tiny()
     chunks = build_model_chunks(cfg, parallel)
+    if trainable is not None:
+        freeze(chunks, trainable)
     wrapped = wrap_ddp(chunks, parallel)
     opt = get_megatron_optimizer(
         OptimizerConfig(
@@ -220,6 +223,18 @@ def _resume_optimizer(rank, world_size, root, out_dir):
     _dump(out_dir, "weights_only", chunks, lr=opt.param_groups[0]["lr"], adam_state=adam_state)
     _dump(out_dir, "after_step1", _setup(seed=1)[1])  # what the step-1 checkpoint holds, re-derived
 
+    # an alignment stage at PP=2: only the projector trains, the last stage has no optimizer state
+    frozen_root = os.path.join(root, "frozen")
+    cfg, chunks, wrapped, opt, sched = _setup(seed=1, trainable=["projector"], pipeline=2)
+    _train_step(wrapped, opt, sched, step2)
+    save_checkpoint(frozen_root, 1, wrapped, opt, sched, meta={"stage": 0})
+    _train_step(wrapped, opt, sched, step2[::-1])
+    _dump(out_dir, "frozen_straight", chunks)
+    _, chunks, wrapped, opt, sched = _setup(seed=99, trainable=["projector"], pipeline=2)
+    load_checkpoint(frozen_root, wrapped, opt, sched)
+    _train_step(wrapped, opt, sched, step2[::-1])
+    _dump(out_dir, "frozen_resumed", chunks)
+
 
 @pytest.mark.distributed
 def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
@@ -230,7 +245,9 @@ def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
 
     Fails if: the optimizer state is not saved or not loaded (Adam's first step from zero moments moves
     every weight by ~lr); the Adam step count is lost (bias correction differs); the scheduler is not
-    restored (step 2 runs at another lr); weights_only still loads the optimizer or the schedule.
+    restored (step 2 runs at another lr); weights_only still loads the optimizer or the schedule; a
+    pipeline stage whose layers are all frozen (alignment stage, PP=2) tries to save optimizer state it
+    does not have (megatron-core asserts) or the frozen-stage resume is not exact.
     """
     root, out = str(tmp_path / "ckpt"), str(tmp_path)
     run_distributed_test(_resume_optimizer, 2, root, out)
@@ -255,6 +272,11 @@ def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     assert weights_only["adam_state"] == 0 and weights_only["lr"] == 0.0  # fresh: init_lr=0 before warmup
     for key, value in before.items():
         assert torch.equal(weights_only["chunks"][0][key], value), f"{key}: weights-only load differs"
+    for straight, resumed in zip(
+        _load_dumps(out, "frozen_straight", 2), _load_dumps(out, "frozen_resumed", 2), strict=True
+    ):
+        for key, value in straight["chunks"][0].items():
+            assert torch.equal(resumed["chunks"][0][key], value), f"{key}: frozen-stage resume differs"
 
 
 # --- kill -9 during a save, keep_last --------------------------------------------------------------
