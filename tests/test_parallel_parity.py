@@ -96,6 +96,8 @@ def _reference(rank, world_size, out_path):
     full_sd = {k: v.detach().clone() for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor)
                and not k.endswith("_extra_state")}
     result = {"state_dict": full_sd, "loss": _loss_terms(losses), "grads": _grads(chunks)[0]}
+    grad_norm, updated = _clipped_step(chunks, wrapped, distributed=False)
+    result.update(step_grad_norm=torch.tensor(grad_norm), step_state_dict=updated)
     # the two micro-batches of the data-parallel test, each alone
     image_batch, text_batch = _batch(cfg, 3, (2, 1)), _batch(cfg, 4, (0, 0))
     for name, batch in (("grads_image", image_batch), ("grads_text", text_batch)):
@@ -104,6 +106,23 @@ def _reference(rank, world_size, out_path):
         chunks2, _, _ = _step(parallel, [batch], full_sd)
         result[name] = _grads(chunks2)[0]
     torch.save(result, out_path)
+
+
+def _clipped_step(chunks, wrapped, distributed: bool) -> tuple[float, dict]:
+    """One clipped Adam step of megatron's optimizer on the accumulated grads: (grad norm, new weights).
+
+    adam_eps (1.0) far above every clipped grad makes Adam's first update nearly -lr x grad (as SGD,
+    which the distributed optimizer does not take), not -lr x sign(grad); the clip (far below the
+    norm) makes every update depend on the global grad norm over all TP and DP ranks."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(optimizer="adam", lr=1.0, adam_eps=1.0, weight_decay=0.0, clip_grad=1e-3,
+                             use_distributed_optimizer=distributed)
+    ok, grad_norm, _ = get_megatron_optimizer(config, wrapped).step()
+    assert ok and grad_norm > 1e-3
+    updated = {k: v.detach().clone() for k, v in chunks[0].state_dict().items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return float(grad_norm), updated
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +251,46 @@ def _optimizer_step(rank, world_size, ref_path, out_dir, distributed):
         sd = {k: v.detach().clone() for k, v in chunks[0].state_dict().items()
               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
         torch.save(sd, f"{out_dir}/{distributed}.pt")
+
+
+def _check_dp2_tp2_distributed_optimizer(rank, world_size, ref_path):
+    from megatron.core import parallel_state
+
+    from megasail.config import ParallelConfig
+    from megasail.runtime import initialize
+
+    parallel = ParallelConfig(tensor=2)  # distributed_optimizer on: the default
+    assert parallel.distributed_optimizer
+    initialize(parallel.tensor, parallel.pipeline, seed=7)
+    assert parallel_state.get_data_parallel_world_size() == 2
+    ref = torch.load(ref_path, weights_only=True)
+    cfg = _tiny()
+    dp_rank, tp_rank = parallel_state.get_data_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    # the reference's two micro-batches of one step, one per data-parallel rank
+    chunks, wrapped, losses = _step(parallel, [_parity_batches(cfg)[dp_rank]], ref["state_dict"])
+    torch.testing.assert_close(_loss_terms(losses)[0], ref["loss"][dp_rank], rtol=1e-5, atol=0)
+    grad_norm, updated = _clipped_step(chunks, wrapped, distributed=True)
+    torch.testing.assert_close(torch.tensor(grad_norm), ref["step_grad_norm"], rtol=1e-5, atol=0)
+    expected = shard_state_dict(ref["step_state_dict"], cfg, tp_rank, 2, 0, 1)
+    before = shard_state_dict(ref["state_dict"], cfg, tp_rank, 2, 0, 1)
+    assert set(updated) == set(expected), set(updated) ^ set(expected)
+    moved = 0
+    for name, value in updated.items():
+        step = (expected[name] - before[name]).abs().max()
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-3 * float(step) + 1e-9,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+        moved += int(float(step) > 0)
+    assert moved > len(updated) // 2  # the step moved most tensors (vision included)
+
+
+def test_dp2_tp2_distributed_optimizer_matches_single_process(reference, tmp_path):
+    """DP=2 x TP=2 with the distributed optimizer (the default): each DP rank runs one of the reference's
+    two micro-batches; the loss, the clipped grad norm and every weight after one clipped optimizer step equal the
+    single-process step's (its TP slice), each weight within 1e-3 of its own update.
+
+    Fails if both DP ranks read the same micro-batch (planted), if grads are not reduced over DP before
+    the optimizer's shard update (planted: finalize_model_grads skipped), or if the grad norm misses a
+    TP or DP shard (the clip then scales every update differently)."""
+    path = tmp_path / "reference.pt"
+    torch.save(reference, path)
+    run_distributed_test(_check_dp2_tp2_distributed_optimizer, 4, str(path))
