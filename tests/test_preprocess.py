@@ -310,6 +310,7 @@ def test_truncate_cuts_text_never_an_image(tmp_path, tiny_tokenizer):
         "read": 2,
         "written": 1,
         "rejected": 1,
+        "internal_errors": 0,
         "truncated": 1,
         "reencoded_images": 0,
     }
@@ -601,11 +602,12 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["WEBP", "GIF", "TIFF", "BMP"])
 def test_convertible_formats_become_lossless_png(fmt):
-    from megasail.data.preprocess.images import FORMAT_PNG, validate_image
+    from megasail.data.format.codes import ImageFormat
+    from megasail.data.preprocess.images import validate_image
 
     raw = image_bytes(fmt, 33, 17, 5)
     out = validate_image(raw, "x", 10**6)
-    assert (out.format, out.width, out.height, out.source_format) == (FORMAT_PNG, 33, 17, fmt)
+    assert (out.format, out.width, out.height, out.source_format) == (ImageFormat.PNG, 33, 17, fmt)
     decoded = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"))
     assert np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
     assert validate_image(raw, "x", 10**6).data == out.data  # deterministic re-encode

@@ -97,7 +97,9 @@ def main(argv=None) -> list[dict]:
     cfg = load_config(args.config, args.overrides)
     initialize(1, 1, seed=cfg.seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.precision]
+    from megasail.models.mcore_config import PRECISION_DTYPES
+
+    dtype = PRECISION_DTYPES[cfg.model.precision]
     vlm, gpt = build(cfg.model, device, dtype)
 
     b, s, tiles = args.micro_batch, args.seq_length, args.tiles

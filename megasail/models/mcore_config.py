@@ -19,7 +19,7 @@ from megasail.models.specs import use_transformer_engine
 if TYPE_CHECKING:
     from megasail.config import ParallelConfig
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # model.precision
 
 
 def _fused_softmax_kernels() -> bool:
@@ -33,7 +33,7 @@ def _common(model: ModelConfig, parallel: ParallelConfig | None) -> dict:
     """Settings shared by all parts: precision, TP size, fusions that need CUDA or TE."""
     use_te = use_transformer_engine(model.transformer_impl)
     on_gpu = torch.cuda.is_available()
-    dtype = _DTYPES[model.precision]
+    dtype = PRECISION_DTYPES[model.precision]
     common = dict(
         tensor_model_parallel_size=parallel.tensor if parallel else 1,
         params_dtype=dtype,

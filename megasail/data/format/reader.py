@@ -19,19 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megasail.data.images.tiling import TOKENS_PER_TILE, num_image_tokens, num_tiles
+from megasail.data.format.codes import IMAGE_FORMAT_NAMES, TOKEN_DTYPE_CODE, ImageFormat, SegmentMode  # noqa: F401
+from megasail.data.images.tiling import TILE_SIZE, TOKENS_PER_TILE, num_image_tokens, num_tiles
 
 TOKEN_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 TOKEN_INDEX_VERSION = 1
-TOKEN_DTYPE_CODE = 4  # megatron-core DType.int32
 TOKEN_INDEX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + sequence count 8 + document-index length 8
 IMAGE_INDEX_MAGIC = b"MSIMGIDX"
 IMAGE_INDEX_VERSION = 1
 IMAGE_INDEX_HEADER_BYTES = 32  # magic 8 + version 8 + image count 8 + sample count 8
 
-SEGMENT_PROMPT, SEGMENT_TARGET, SEGMENT_IMAGE = 0, 1, 2  # int8 modes of PREFIX.idx
-IMAGE_FORMAT_JPEG, IMAGE_FORMAT_PNG, IMAGE_FORMAT_OTHER = 1, 2, 3  # u8 formats of PREFIX.img.idx
-IMAGE_FORMAT_NAMES = {IMAGE_FORMAT_JPEG: "jpeg", IMAGE_FORMAT_PNG: "png", IMAGE_FORMAT_OTHER: "other"}
+# The enums' members under the names the writer and inspect_dataset use (defined in format/codes.py).
+SEGMENT_PROMPT, SEGMENT_TARGET, SEGMENT_IMAGE = SegmentMode.PROMPT, SegmentMode.TARGET, SegmentMode.IMAGE
+IMAGE_FORMAT_JPEG, IMAGE_FORMAT_PNG, IMAGE_FORMAT_OTHER = ImageFormat.JPEG, ImageFormat.PNG, ImageFormat.OTHER
 
 
 class IncompleteDatasetError(FileNotFoundError):
@@ -326,7 +326,7 @@ class IndexedMultimodalDataset:
         return self._text_counts
 
     def token_counts(
-        self, max_tiles: int, min_tiles: int = 1, tile_size: int = 448, use_thumbnail: bool = True
+        self, max_tiles: int, min_tiles: int = 1, tile_size: int = TILE_SIZE, use_thumbnail: bool = True
     ) -> np.ndarray:
         """int64[N] tokens of every sample after expansion: text + num_image_tokens of each image.
 
@@ -371,7 +371,7 @@ class IndexedMultimodalDataset:
         img_context_id: int | None = None,
         img_end_id: int | None = None,
         min_tiles: int = 1,
-        tile_size: int = 448,
+        tile_size: int = TILE_SIZE,
         use_thumbnail: bool = True,
     ) -> TokenizedSample:
         """Sample i as model input: each IMAGE slot k becomes <img> + 256*tiles_k <IMG_CONTEXT> + </img>.

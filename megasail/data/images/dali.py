@@ -1,11 +1,7 @@
-"""DALI backend of `megasail.data.images.decode`: decode, resize to the tile grid, thumbnail, normalise.
+"""DALI backend of `decode`: one pipeline decodes, resizes to the tile grid, thumbnails and normalises.
 
-One DALI pipeline decodes a batch of encoded images (`fn.external_source`), resizes each to its
-own grid size (cubic with antialias, sizes fed per sample), makes a tile_size x tile_size
-thumbnail and normalises to float32 CHW. Cutting the grid into tiles is a reshape in torch.
-With a GPU that DALI can see, decoding is `mixed` (nvJPEG) and the rest runs on the GPU;
-otherwise it is a CPU pipeline (`device_id=None`). DALI is optional: import this module only
-through `load_dali_tiler()`, which raises a clear error when DALI is missing.
+`mixed` (nvJPEG + GPU) where DALI sees a GPU this process may use, else a CPU pipeline. DALI is
+optional: `DaliTiler` raises a clear error when it is not installed. Design: docs/loader.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """Encoded images -> InternVL tiles: decode, dynamic tiling, ImageNet normalisation.
 
-`decode_tiles` turns a batch of encoded images (JPEG, PNG, ...) into one float32
-`[n, 3, tile_size, tile_size]` tensor per image: the grid's tiles row by row, then a thumbnail
-when the grid has more than one tile (InternVL's `load_image`; `tiling.num_tiles` gives n).
-
-Backends:
-  pil   readable reference: PIL decode, BICUBIC resize, crops, numpy-exact normalisation.
-  dali  NVIDIA DALI: `mixed` nvJPEG decode + GPU resize when a GPU is visible to DALI, else a
-        CPU pipeline (see `dali`).
-  auto  with a GPU, DALI mixed; on CPU, per image by its header (size and format): PIL for
-        photo-sized images, DALI for large JPEG scans (AUTO_DALI_MIN_PIXELS, measured with
-        tools/bench_images.py --sweep-sizes).
-The `backend` argument picks one; when it is "auto", the MEGASAIL_DECODE_BACKEND environment
-variable may override it.
-
-Untrusted inputs: every image's header is read first (no pixel decoded) and images above
-`max_image_pixels` are refused, as are corrupt or non-image bytes. A bad image never fails the
-batch: with on_error="skip" its slot is None and `DecodeStats` counts why; with
-on_error="raise", `ImageDecodeError` names the first bad image's index and the reason.
+`decode_tiles` turns a batch of encoded images into one float32 [n, 3, T, T] tensor per image (the
+grid's tiles row by row, then a thumbnail when the grid has more than one tile). Backends pil, dali
+and auto, the GPU/CPU routing and the bad-image policy: docs/loader.md ("Image decoding").
 """
 
 from __future__ import annotations
@@ -35,16 +20,15 @@ import torch
 from PIL import Image
 
 from megasail.data.images import dali
-from megasail.data.images.tiling import tile_grid
+from megasail.data.images.formats import DEFAULT_MAX_IMAGE_PIXELS, PIL_FORMATS
+from megasail.data.images.tiling import TILE_SIZE, tile_grid
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "pil", "dali")
 BACKEND_ENV_VAR = "MEGASAIL_DECODE_BACKEND"
-# 8192 x 8192: above any real photo or 600-dpi A4 scan (4960 x 7016), far below a decoded bomb's RAM.
-# This limit decides whatever PIL's global MAX_IMAGE_PIXELS is; PIL's Image.open still refuses
-# headers above 2x that global (179 MP by default), so a larger limit needs that raised too.
-DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
+# DEFAULT_MAX_IMAGE_PIXELS decides whatever PIL's global MAX_IMAGE_PIXELS is; PIL's Image.open still
+# refuses headers above 2x that global (179 MP by default), so a larger limit needs that raised too.
 # auto on CPU: per format, the size (pixels) from which DALI's CPU pipeline beats PIL per core
 # (tools/bench_images.py --sweep-sizes); formats not listed always go to PIL.
 AUTO_DALI_MIN_PIXELS = {"JPEG": 6_000_000}
@@ -83,9 +67,6 @@ class ImageHeader:
     width: int
     height: int
     format: str  # PIL's name: "JPEG", "PNG", ...
-
-
-PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG's opener also yields MPO
 
 
 def read_header(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageHeader:
@@ -127,7 +108,7 @@ def normalized_tiles_from_uint8(grid_hwc: np.ndarray, cols: int, rows: int, tile
     return out.copy_(tiles_u8).mul_(_SCALE_C11).add_(_SHIFT_C11)
 
 
-def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = 448,
+def decode_tiles_pil(data: bytes, cols: int, rows: int, tile_size: int = TILE_SIZE,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """One image with PIL, exactly as InternVL's load_image: float32 [cols*rows (+1), 3, T, T].
 
@@ -252,7 +233,7 @@ def _out_slots(out: torch.Tensor, out_tiles: Sequence[int] | None, grids: dict[i
     return slots
 
 
-def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "auto", tile_size: int = 448,
+def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "auto", tile_size: int = TILE_SIZE,
                  min_tiles: int = 1, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: str = "skip",
                  stats: DecodeStats | None = None, dali_threads: int = 1, out: torch.Tensor | None = None,
                  out_tiles: Sequence[int] | None = None) -> list[torch.Tensor | None]:

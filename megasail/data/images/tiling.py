@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-TOKENS_PER_TILE = 256  # 448px tile, patch 14 -> 32x32 patches, pixel shuffle 0.5 -> 16x16 tokens
+from megasail.models.config import ModelConfig
+
+# From the model config's defaults (InternViT-300M-448px + pixel-shuffle projector): a 448px tile,
+# patch 14 -> 32x32 patches, pixel shuffle 0.5 -> 16x16 = 256 tokens. Datasets store images as one
+# slot that the reader expands with TOKENS_PER_TILE context tokens per tile.
+TILE_SIZE = ModelConfig().vision.image_size
+TOKENS_PER_TILE = ModelConfig().tokens_per_tile
 IMAGE_WRAPPER_TOKENS = 2  # <img> ... </img> around each image's context tokens
 
 
@@ -31,7 +37,7 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
-def tile_grid(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = 448) -> tuple[int, int]:
+def tile_grid(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = TILE_SIZE) -> tuple[int, int]:
     """(cols, rows) of the tile grid InternVL picks for a width x height image.
 
     The grid whose aspect ratio is closest to the image's wins; on a tie the later grid in area
@@ -53,7 +59,7 @@ def tile_grid(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_
     return best
 
 
-def num_tiles(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = 448,
+def num_tiles(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = TILE_SIZE,
               use_thumbnail: bool = True) -> int:
     """Tiles the decoder emits for this image: the grid, plus a thumbnail when the grid has more than one."""
     cols, rows = tile_grid(width, height, max_tiles, min_tiles, tile_size)
@@ -61,7 +67,7 @@ def num_tiles(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_
     return n + 1 if (use_thumbnail and n > 1) else n
 
 
-def num_image_tokens(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = 448,
+def num_image_tokens(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile_size: int = TILE_SIZE,
                      use_thumbnail: bool = True, tokens_per_tile: int = TOKENS_PER_TILE,
                      include_wrapper: bool = True) -> int:
     """LLM tokens one image occupies: 256 <IMG_CONTEXT> per tile, plus <img> and </img> by default."""

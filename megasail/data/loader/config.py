@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megasail.data.images.formats import DEFAULT_MAX_IMAGE_PIXELS
+from megasail.data.images.tiling import TILE_SIZE
 from megasail.fields import doc
 
 TRAINABLE_MODULES = ("vision", "projector", "language")  # what a stage may train
@@ -98,7 +100,7 @@ class DataConfig:
     seed: int = doc("data order seed: blend, per-epoch shuffles and packing derive from it", 1234)
     max_tiles: int = doc("most 448px tiles per image (InternVL dynamic tiling)", 10)
     min_tiles: int = doc("fewest tiles per image", 1)
-    tile_size: int = doc("tile side in pixels", 448)
+    tile_size: int = doc("tile side in pixels (model.vision.image_size)", TILE_SIZE)
     pad_token_id: int = doc("id used for padding and for labels without loss (Qwen2.5 <|endoftext|>)", 151643)
     pack_window: int = doc("samples sorted together before best-fit packing (larger fills better)", 1024)
     pack_chunk_samples: int = doc(
@@ -113,7 +115,9 @@ class DataConfig:
     num_workers: int = doc("background processes that read, decode and collate micro-batches (0 = in-process)", 2)
     prefetch_factor: int = doc("micro-batches each worker prepares ahead", 2)
     decode_backend: str = doc("image decoder: auto (per image by size), pil or dali", "auto")
-    max_image_pixels: int = doc("images whose header declares more pixels are refused (decompression bombs)", 1 << 26)
+    max_image_pixels: int = doc(
+        "images whose header declares more pixels are refused (decompression bombs)", DEFAULT_MAX_IMAGE_PIXELS
+    )
     replacement_tries: int = doc(
         "samples after a bad one (same source) tried as its replacement before the space becomes padding", 32
     )

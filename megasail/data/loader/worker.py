@@ -1,18 +1,7 @@
 """What a loader worker does with one micro-batch plan: read, expand, decode, replace bad samples, collate.
 
-Bad data rule: a sample with an image that fails to decode (corrupt bytes, a decompression bomb,
-anything `decode.decode_tiles` refuses) is dropped from its row and replaced by the first of the
-next `replacement_tries` samples of the same source, in index order (i+1, i+2, ... wrapping),
-that fits the room left in the row and whose images all decode. Failing candidates are counted
-too. When none fits, the space becomes padding. The rule depends on the data only, so a run
-is still deterministic, and no bad image can stop or stall it. Every bad sample is logged with its
-source and index.
-
-Pixels: the index gives every planned image's tile count before anything is decoded, so the
-micro-batch's `pixel_values` is allocated once (in shared memory in a DataLoader worker) and
-every image is decoded straight into its slice (`decode_tiles(out=...)`); no pixel is copied
-afterwards. Only a micro-batch in which a sample was dropped (whose replacement may have another
-tile count) is laid out again: its kept and replacement tiles are concatenated into a new tensor.
+Also how the workers start (fork, or spawn where a GPU decodes). The bad-sample rule and the
+zero-copy pixel layout: docs/loader.md ("Bad images at training time", "Batch fields").
 """
 
 from __future__ import annotations

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-DEFAULT_MAX_IMAGE_PIXELS = (
-    64_000_000  # about 8000x8000; larger crawled images are almost always bombs or scans
-)
-DEFAULT_MAX_IMAGE_BYTES = 64 << 20
+from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass

@@ -14,19 +14,13 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from megasail.data.format.codes import ImageFormat
+from megasail.data.images.formats import PIL_FORMATS
 from megasail.data.preprocess.rejects import RecordRejected
 
-FORMAT_JPEG = 1
-FORMAT_PNG = 2
-_KEPT_FORMATS = {
-    "JPEG": FORMAT_JPEG,
-    "MPO": FORMAT_JPEG,
-    "PNG": FORMAT_PNG,
-}  # MPO: multi-picture JPEG, still a JPEG stream
-# The only formats Pillow may open: no EPS (Ghostscript), PSD, ... plugins run on crawled bytes.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# What Image.open is given: MPO has no opener of its own (the JPEG opener returns MPO images).
-_OPEN_FORMATS = tuple(f for f in ALLOWED_FORMATS if f != "MPO")
+# Stored byte for byte; MPO (multi-picture JPEG, from the JPEG opener) is still a JPEG stream.
+_KEPT_FORMATS = {"JPEG": ImageFormat.JPEG, "MPO": ImageFormat.JPEG, "PNG": ImageFormat.PNG}
+ALLOWED_FORMATS = (*PIL_FORMATS, "MPO")  # what Image.open may return
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
@@ -37,7 +31,7 @@ class ValidatedImage:
     data: bytes
     width: int
     height: int
-    format: int  # FORMAT_JPEG or FORMAT_PNG
+    format: int  # ImageFormat.JPEG or ImageFormat.PNG
     source_format: str  # what the bytes were (e.g. "WEBP" when re-encoded)
 
 
@@ -52,7 +46,7 @@ def validate_image(data: bytes, name: str, max_pixels: int) -> ValidatedImage:
         # The project's own --max-image-pixels limit applies; silence Pillow's generic bomb warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         except Image.DecompressionBombError as e:
             raise RecordRejected("image_too_large", f"image {name!r}: {e}") from None
         except UnidentifiedImageError:
@@ -85,7 +79,7 @@ def validate_image(data: bytes, name: str, max_pixels: int) -> ValidatedImage:
             if fmt in _KEPT_FORMATS:
                 return ValidatedImage(data, width, height, _KEPT_FORMATS[fmt], fmt)
             try:
-                return ValidatedImage(_reencode_png(img), width, height, FORMAT_PNG, fmt)
+                return ValidatedImage(_reencode_png(img), width, height, ImageFormat.PNG, fmt)
             except Exception as e:
                 raise RecordRejected(
                     "image_unsupported", f"image {name!r} ({fmt}) cannot be converted to PNG: {e}"

@@ -17,6 +17,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES
 from megasail.data.preprocess.images import ValidatedImage, validate_image
 from megasail.data.preprocess.rejects import RecordRejected
 from megasail.data.preprocess.sources import RawRecord
@@ -165,7 +166,7 @@ def parse_record(
     input_format: str,
     image_root: str | None,
     max_pixels: int,
-    max_image_bytes: int = 64 << 20,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> ParsedRecord:
     """The record as a Conversation with validated images; RecordRejected (message without location) if bad."""
     fields = record.fields

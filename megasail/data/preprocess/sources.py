@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES
 from megasail.data.preprocess.rejects import RecordRejected
 
 INPUT_FORMATS = ("auto", "conversation", "caption", "text", "webdataset")
@@ -124,7 +125,7 @@ def _jsonl_spans(path: str, size: int, lines_per_unit: int) -> list[tuple[int, i
 class UnitReader:
     """The raw records of one unit, streamed; `bytes_read` tells how far into the unit it is (progress)."""
 
-    def __init__(self, unit: WorkUnit, max_line_bytes: int, max_image_bytes: int = 64 << 20):
+    def __init__(self, unit: WorkUnit, max_line_bytes: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.unit = unit
         self.max_line_bytes = max_line_bytes
         self.max_image_bytes = max_image_bytes
@@ -221,7 +222,7 @@ def _wds_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def _iter_tar(path: str, fileobj, max_image_bytes: int = 64 << 20) -> Iterator[RawRecord]:
+def _iter_tar(path: str, fileobj, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[RawRecord]:
     """Only image, .json and .txt members are read (others are skipped unread), each under its cap."""
 
     def group_record(key: str, members: dict[str, tuple[str, bytes | None]]) -> RawRecord:

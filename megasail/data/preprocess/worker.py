@@ -1,19 +1,8 @@
-"""One work unit -> one finished shard plus its report; the same bytes in any process, any run.
+"""One work unit -> one finished shard, its rejects and its report; the same bytes in any process, any run.
 
-A record is written, rejected (bad input, `rejects.RecordRejected`) or, when megasail itself raises
-on it, kept in the report's "internal_errors" with its traceback (a bug; such a unit is redone on
-`--resume`).
-
-A unit is done iff its report file exists: it is renamed into place after the shard's files and the
-unit's rejects, so a unit killed at any point is simply redone by `--resume`.
-
-Unit shards are temporary (the merge copies them into the output, which it fsyncs), so by default
-they are not fsynced. What `--resume` may trust then: after the process is killed (kill -9, OOM,
-Ctrl-C) every finished unit is intact, since its bytes sit in the kernel's page cache, which
-outlives the process. After a power loss or kernel crash an un-synced shard may be torn even though
-its report exists; so the report records the kernel's boot id, and `load_report` treats a report
-from another boot as missing (the unit is redone). `--fsync-units` (or a system without a boot id)
-fsyncs each shard instead, and such units are kept across reboots.
+A unit is done iff its report exists (renamed into place last). Each record is written, rejected
+(bad input) or, when megasail itself raises on it, kept in the report's "internal_errors" with its
+traceback. Why shards are not fsynced and when --resume trusts them: docs/preprocessing.md.
 """
 
 from __future__ import annotations

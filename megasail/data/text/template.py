@@ -1,33 +1,17 @@
 """Prompt templates: a conversation becomes typed segments (prompt text, target text, image slots).
 
-Stages, each testable alone:
+    Conversation --template.render--> [Piece] --tokenize_pieces--> [TokenizedSegment]
 
-    Conversation --template.render--> [Piece]  --tokenize_pieces--> [TokenizedSegment]
-
-A `Piece` is plain text, one special token, or an image slot; its mode says whether it carries loss.
-`TokenizedSegment`s are what a dataset stores: one sequence per segment, mode 0 = prompt (no loss),
-1 = target (loss), 2 = image slot (a single token, the sample-local image ordinal, which the reader
-expands to `<img>` + 256 * tiles `<IMG_CONTEXT>` + `</img>`).
-
-Templates (exact strings; `{system}`, `{question}`, `{answer}` are the conversation's texts):
-
-- ``sailvl-chat``: ``<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{question}<|im_end|>``
-  ``<|im_start|>assistant\\n{answer}<|im_end|>`` ... (no newline after ``<|im_end|>``).
-- ``internvl2_5``: the same with ``\\n`` after every ``<|im_end|>``.
-- ``caption``: the images, then ``{caption}<|im_end|>``; loss on the caption and its end token.
-- ``text``: ``{text}<|im_end|>`` with loss on all of it (text-only pretraining documents).
-
-Loss is on each assistant answer and its ``<|im_end|>``, never on the ``\\n`` separator after it,
-as in InternVL's `preprocess_internvl2_5`. Each ``<image>`` in a user turn becomes an image slot; a
-conversation with images and no tag gets ``<image>\\n`` per image prepended to its first user turn.
+A `Piece` is text, one special token or an image slot; its `SegmentMode` says whether it carries
+loss. The templates' exact strings and where the loss falls: docs/preprocessing.md ("Templates").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 
+from megasail.data.format.codes import SegmentMode
 from megasail.data.text.tokenizer import (
     IM_END,
     IM_START,
@@ -40,14 +24,6 @@ from megasail.data.text.tokenizer import (
 IMAGE_TAG = "<image>"
 ROLES = ("system", "user", "assistant")
 INTERNVL_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-
-
-class SegmentMode(IntEnum):
-    """What a stored segment is; the values are the int8 modes of the dataset's .idx."""
-
-    PROMPT = 0
-    TARGET = 1
-    IMAGE = 2
 
 
 class TemplateError(ValueError):
