@@ -220,3 +220,34 @@ def test_parallel_generation_equals_transformers(chat_dir, chat, tp, pp):
         request = chat.request(q, [(directory / p).read_bytes() for p in images])
         expected[(q, images)] = _hf_greedy(hf, request, chat.params.stop_token_ids)
     run_distributed_test(_parallel_generation, tp * pp, str(directory), tp, pp, expected)
+
+
+def test_chat_loads_a_megasail_checkpoint(chat_dir, chat, tmp_path):
+    """A checkpoint written by tools/convert_checkpoint.py answers exactly as transformers does. Fails if
+    chat.py builds the model from the wrong config or loads the weights at the wrong keys."""
+    from megasail.inference.loading import is_hf_directory
+
+    directory, hf = chat_dir
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")
+    }
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "convert_checkpoint.py"), "--from", "hf", "--to", "megasail",
+         "--input", str(directory), "--output", str(ckpt)],
+        capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not is_hf_directory(str(ckpt))
+    sys.path.insert(0, os.path.join(repo, "tools"))
+    import chat as chat_tool
+
+    args = ["--load", str(ckpt), "--tokenizer", str(directory), "--max-tiles", "4", "--prompt", "x"]
+    from_checkpoint = chat_tool.Chat(chat_tool.parse_args(args + ["--max-new-tokens", str(NEW)]))
+    request = from_checkpoint.request("Describe it.", [(directory / "wide.png").read_bytes()])
+    assert (
+        request.input_ids == chat.request("Describe it.", [(directory / "wide.png").read_bytes()]).input_ids
+    )
+    expected = _hf_greedy(hf, request, chat.params.stop_token_ids)
+    assert from_checkpoint.answer([request])[0].token_ids == expected

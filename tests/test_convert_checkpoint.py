@@ -190,34 +190,32 @@ def test_export_is_bitwise_and_loads_in_transformers(dirs, hf_model):
     assert json.loads((export / "generation_config.json").read_text())["do_sample"] is False
 
 
-def test_remote_code_layout_round_trips(dirs, tmp_path):
-    """megasail -> remote-code HF -> megasail gives the same tensors bit for bit. Fails if the ViT's
-    fused attn.qkv is not [q; k; v], or mlp1's indices (0, 1, 3) are shifted."""
+def test_remote_code_layout_round_trips(dirs, hf_model, tmp_path):
+    """megasail -> remote-code HF equals transformers' tensors renamed by the parity tests' own table,
+    and -> megasail again gives the same tensors bit for bit. Fails if the ViT's fused attn.qkv is not
+    [q; k; v], or mlp1's indices (0, 1, 3) are shifted."""
+    from test_hf_parity import _transformers_to_remote_code  # the test-side renaming: an independent oracle
+
     from megasail.convert.dist import DistSource
+    from megasail.convert.safetensors_io import index_directory, read_tensor
     from megasail.training.checkpoint import latest_checkpoint
 
-    remote = tmp_path / "remote"
+    remote, back = tmp_path / "remote", tmp_path / "back"
     convert_here(
-        "--from",
-        "megasail",
-        "--to",
-        "hf",
-        "--layout",
-        "remote-code",
-        "--input",
+        *"--from megasail --to hf --layout remote-code --input".split(),
         str(dirs / "ms"),
         "--output",
         str(remote),
     )
     cfg = json.loads((remote / "config.json").read_text())
     assert cfg["model_type"] == "internvl_chat" and "auto_map" not in cfg
-    keys = json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"]
-    assert "vision_model.encoder.layers.0.attn.qkv.weight" in keys and "mlp1.3.bias" in keys
-    convert_here(
-        "--from", "hf", "--to", "megasail", "--input", str(remote), "--output", str(tmp_path / "back")
-    )
+    expected = _transformers_to_remote_code(_kept(hf_model.state_dict()))
+    written = {k: read_tensor(e) for k, e in index_directory(str(remote)).items()}
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    convert_here(*"--from hf --to megasail --input".split(), str(remote), "--output", str(back))
     a = DistSource(latest_checkpoint(str(dirs / "ms")))
-    b = DistSource(latest_checkpoint(str(tmp_path / "back")))
+    b = DistSource(latest_checkpoint(str(back)))
     assert set(a.tensors) == set(b.tensors)
     for key in a.tensors:
         assert torch.equal(a.read(key), b.read(key)), key
@@ -363,3 +361,52 @@ def test_bad_inputs_stop_with_the_tensor_name(dirs, tmp_path):
         "--allow-pickle",
     )
     assert (tmp_path / "o4" / "iter_0000000" / "megasail.json").is_file()
+
+
+def _train(rank, world_size, overrides):
+    from train_utils import tiny_run_config
+
+    from megasail.training.loop import pretrain
+
+    pretrain(tiny_run_config(overrides))
+
+
+@pytest.mark.distributed
+def test_checkpoint_trained_at_tp2_exports_to_transformers(tmp_path):
+    """pretrain_vlm's own checkpoint (TP=2, after optimizer steps, optimizer state included) exports to
+    a directory transformers loads, whose logits equal megasail's on the same batch. Fails if a
+    tensor saved in TP chunks is assembled in the wrong order, or optimizer keys leak into the export."""
+    from train_utils import make_dataset
+    from transformers import AutoModelForImageTextToText
+
+    from megasail import runtime
+    from megasail.config import load_config
+    from megasail.models.sail_vl import SailVLModel
+    from megasail.training.checkpoint import load_checkpoint, read_meta
+
+    prefix = make_dataset(str(tmp_path / "data"), "a", 16, seed=3)
+    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
+    run_distributed_test(
+        _train, 2, ["train.iters=2", f"data.path={prefix}", "parallel.tensor=2", f"checkpoint.save={ckpt}"]
+    )
+    meta = read_meta(str(ckpt))
+    assert meta["layout"]["tp"] == 2 and not meta["weights_only"]
+    convert_here(*"--from megasail --to hf --input".split(), str(ckpt), "--output", str(export))
+    assert (export / "tokenizer.json").is_file()  # from the dataset manifest
+    (yaml := tmp_path / "run.yaml").write_text(meta["config"])
+    cfg = load_config(str(yaml), ["model.transformer_impl=local"]).model
+    ids, positions, pixels = multimodal_batch(
+        cfg, tiles_per_image=(1,), seq_length=cfg.tokens_per_tile + 40, batch=1
+    )
+    runtime.initialize(1, 1)
+    try:
+        model = SailVLModel(cfg).eval()
+        load_checkpoint(str(ckpt), [model], weights_only=True)
+        with torch.no_grad():
+            expected = model(ids, positions, pixels)
+    finally:
+        runtime.destroy()
+    hf = AutoModelForImageTextToText.from_pretrained(str(export)).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=ids, pixel_values=pixels).logits
+    assert (logits - expected).abs().max() < 1e-4

@@ -222,6 +222,19 @@ def run_bench(chat: Chat, request) -> str:
     )
 
 
+def _stdin_lines(is_main: bool):
+    """Lines of rank 0's stdin, on every rank (all ranks of a model-parallel group generate together)."""
+    import torch.distributed as dist
+
+    while True:
+        box = [sys.stdin.readline() if is_main else None]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if not box[0]:
+            return
+        yield box[0]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -247,7 +260,7 @@ def main(argv=None) -> int:
                 print(text, flush=True)
             return 0
         history: list[tuple[str, str]] = []
-        for line in sys.stdin:
+        for line in _stdin_lines(is_main):
             question = line.rstrip("\n")
             if question.strip() == "/reset":
                 history = []

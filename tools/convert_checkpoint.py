@@ -257,6 +257,11 @@ def to_hf(args) -> None:
     )
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -267,6 +272,12 @@ def main(argv=None) -> int:
     from megasail import runtime
 
     runtime.initialize(1, 1)  # one process: sharded state dicts read megatron's parallel state
+    import transformers.models.internvl.configuration_internvl  # noqa: F401  (code, before the baseline)
+
+    import megasail.convert.dist  # noqa: F401
+    import megasail.inference.loading  # noqa: F401
+
+    start_mb = _rss_mb()
     try:
         if args.target == "megasail":
             hf_to_megasail(args)
@@ -275,7 +286,12 @@ def main(argv=None) -> int:
     finally:
         runtime.destroy()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log.info("peak RSS %.0f MB", peak_mb)
+    log.info(
+        "peak RSS %.0f MB: %.0f MB above the %.0f MB held before the first tensor (libraries)",
+        peak_mb,
+        peak_mb - start_mb,
+        start_mb,
+    )
     return 0
 
 

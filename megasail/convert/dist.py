@@ -15,6 +15,7 @@ Reading: torch DCP loads one key at a time into a tensor of its global shape, wh
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -68,12 +69,19 @@ class _StreamingPlanner(MCoreSavePlanner):
         super().__init__(**kwargs)
         self.make = make
         self.progress = progress
+        self._written: torch.Tensor | None = None
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
+        if self._written is not None and self._written.untyped_storage().resizable():
+            # DCP's writer keeps a reference to every tensor it wrote (for its safetensors format);
+            # the previous one is in the file by now, so its memory is released here (tensors
+            # that cannot be resized are file mappings of pickled inputs, not process memory)
+            self._written.untyped_storage().resize_(0)
         chunk = write_item.tensor_data.chunk
         tensor = self.make(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+        self._written = tensor
         if self.progress is not None:
             self.progress.update(1)
         return tensor
@@ -120,8 +128,11 @@ def write_weights_checkpoint(
                 )
             last[name] = tensor.to(dtypes[name])
         full = last[name]
+        if tuple(full.shape) == tuple(sizes):
+            del last[name]  # written once: the writer releases it
+            return full
         index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
-        return full[index].contiguous() if full.shape != tuple(sizes) else full
+        return full[index].clone()  # own storage (a view would make the writer copy it)
 
     final = ckpt.step_dir(root, 0)
     tmp = final + ".tmp"
@@ -159,8 +170,42 @@ def write_weights_checkpoint(
     return final
 
 
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable file of its own."""
+
+    def __init__(self, f, start: int, length: int):
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buffer)[:n])
+        self.pos += got
+        return got
+
+
 class DistSource:
-    """Tensors of a torch_dist checkpoint by key, each read whole (any saved layout)."""
+    """Tensors of a torch_dist checkpoint by key, each read whole (any saved layout).
+
+    Each saved chunk is a ``torch.save`` blob inside a ``.distcp`` file (the DCP metadata says
+    where); it is unpickled straight from the file with the restricted unpickler, and a tensor
+    saved in several chunks (TP/PP shards) is assembled in one buffer of its global shape. DCP's
+    own reader would hold three copies of each chunk on the way (bytes, loaded tensor, target).
+    """
 
     def __init__(self, step: str):
         self.step = step
@@ -170,9 +215,27 @@ class DistSource:
             for k, v in self.metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata) and not k.startswith(_NON_MODEL)
         }
+        self.where = {
+            (i.fqn, tuple(i.offset)): info
+            for i, info in self.metadata.storage_data.items()
+            if i.offset is not None
+        }
+
+    def _chunk(self, key: str, offsets: tuple[int, ...]) -> torch.Tensor:
+        info = self.where[(key, offsets)]
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError(f"{self.step}: '{key}' is stored with transforms {info.transform_descriptors}")
+        with open(os.path.join(self.step, info.relative_path), "rb") as f:
+            return torch.load(io.BufferedReader(_FileSlice(f, info.offset, info.length)), weights_only=True)
 
     def read(self, key: str) -> torch.Tensor:
-        info = self.tensors[key]
-        out = {key: torch.empty(tuple(info.size), dtype=info.properties.dtype)}
-        dcp.load(out, storage_reader=dcp.FileSystemReader(self.step), no_dist=True)
-        return out[key]
+        meta = self.tensors[key]
+        size = tuple(meta.size)
+        if len(meta.chunks) == 1 and tuple(meta.chunks[0].sizes) == size:
+            return self._chunk(key, tuple(meta.chunks[0].offsets))
+        out = torch.empty(size, dtype=meta.properties.dtype)
+        for chunk in meta.chunks:
+            part = self._chunk(key, tuple(chunk.offsets))
+            out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = part
+            del part
+        return out

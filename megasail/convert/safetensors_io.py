@@ -9,6 +9,7 @@ dtypes first, then streams each tensor's bytes in order.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -69,7 +70,8 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
             f"the header gives {nbytes}"
         )
     if nbytes:
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        # a buffer over the tensor's own memory (.numpy() would pin the storage's size for good)
+        view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
         with open(entry.file, "rb", buffering=0) as f:
             f.seek(entry.start)
             got = f.readinto(view)
