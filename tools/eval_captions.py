@@ -165,7 +165,7 @@ def main(argv=None) -> list[dict]:
             rows.append(
                 {"row": "trained, images swapped", **score(model, batches, content_ids, swap_images=True)}
             )
-    samples = sum(int(b.get("num_samples", 0)) for b in batches) or args.samples
+    samples = sum(int(b["num_samples"].sum()) for b in batches if "num_samples" in b) or args.samples
     print(
         f"caption token accuracy on {samples} held-out samples of {args.data} "
         f"({rows[0]['tokens']} caption tokens, {rows[0]['content_tokens']} of them content words)"
