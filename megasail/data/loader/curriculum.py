@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megasail.data.format import index_helpers
+from megasail.data.format.counts import SampleCounter
 from megasail.data.format.reader import IndexedMultimodalDataset
-from megasail.data.images.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
 from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
 from megasail.data.loader.packing import pack_samples
 from megasail.data.loader.state import LoaderPosition
@@ -32,35 +32,42 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class SourceIndex:
-    """One source's per-sample counts, read from its index without decoding anything."""
+    """One source of a stage: its dataset and the counter of its samples' tokens and tiles (computed
+    per chunk from the index, so nothing per-sample is held for the whole dataset)."""
 
     config: SourceConfig
     dataset: IndexedMultimodalDataset
-    lengths: np.ndarray  # int64[N] tokens after image expansion
-    tiles: np.ndarray  # int64[N] image tiles (thumbnails included)
+    counter: SampleCounter
 
     @property
     def name(self) -> str:
         return self.config.display_name
 
+    @property
+    def size(self) -> int:
+        return len(self.dataset)
 
-def open_source(source: SourceConfig, data: DataConfig) -> SourceIndex:
-    """Open a prefix and compute its lengths and tiles; refuses samples that cannot be packed."""
+
+def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20) -> SourceIndex:
+    """Open a prefix and check that every sample packs (1..seq_length tokens at the run's tiling),
+    reading the index in blocks so memory stays flat whatever its size."""
     dataset = IndexedMultimodalDataset(source.prefix)
-    lengths = dataset.token_counts(data.max_tiles, data.min_tiles, data.tile_size)
-    text = dataset.text_token_counts()
-    # with max_tiles=1 every image is 1 tile, so its expansion (258 tokens) counts the images
-    images = (dataset.token_counts(1, 1, data.tile_size) - text) // (TOKENS_PER_TILE + IMAGE_WRAPPER_TOKENS)
-    tiles = (lengths - text - IMAGE_WRAPPER_TOKENS * images) // TOKENS_PER_TILE
-    bad = np.flatnonzero((lengths > data.seq_length) | (lengths < 1))
-    if bad.size:
-        i = int(bad[0])
+    counter = SampleCounter(dataset, data.max_tiles, data.min_tiles, data.tile_size)
+    bad_count, first_bad = 0, None
+    for lo in range(0, len(dataset), block):
+        lengths, _ = counter.counts(np.arange(lo, min(lo + block, len(dataset))))
+        bad = np.flatnonzero((lengths > data.seq_length) | (lengths < 1))
+        if bad.size and first_bad is None:
+            first_bad = (lo + int(bad[0]), int(lengths[bad[0]]))
+        bad_count += bad.size
+    if first_bad is not None:
+        i, n = first_bad
         raise ValueError(
-            f"{source.prefix}: sample {i} has {int(lengths[i])} tokens at max_tiles={data.max_tiles}, "
-            f"outside 1..seq_length={data.seq_length} ({bad.size} such samples); lower data.max_tiles, "
+            f"{source.prefix}: sample {i} has {n} tokens at max_tiles={data.max_tiles}, "
+            f"outside 1..seq_length={data.seq_length} ({bad_count} such samples); lower data.max_tiles, "
             "raise data.seq_length, or re-run preprocessing with a smaller max_seq_length"
         )
-    return SourceIndex(source, dataset, lengths.astype(np.int64), tiles.astype(np.int64))
+    return SourceIndex(source, dataset, counter)
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class Chunk:
 
     sources: np.ndarray  # int32[n] source of each member, in pack order
     samples: np.ndarray  # int64[n] sample index within its source
+    lengths: np.ndarray  # int64[n] tokens of each member after image expansion
+    tiles: np.ndarray  # int64[n] image tiles of each member
     offsets: np.ndarray  # int64[P+1]
     tokens: int
     last: bool
@@ -121,7 +130,7 @@ class StagePlan:
         self.data = data
         self.chunk_samples = data.pack_chunk_samples
         weights = np.array([s.config.weight for s in sources], dtype=np.float64)
-        self.sizes = np.array([len(s.lengths) for s in sources], dtype=np.int64)
+        self.sizes = np.array([s.size for s in sources], dtype=np.int64)
         blend_source, _ = index_helpers.blend_indices(weights, self.chunk_samples, np.maximum(self.sizes, 1))
         self.blend_source = blend_source.astype(np.int32)  # int32[C] source of each slot of every chunk
         self.picks_per_chunk = np.bincount(self.blend_source, minlength=len(sources)).astype(np.int64)
@@ -191,9 +200,10 @@ class StagePlan:
         if chunk not in self._chunks:
             sources, samples = self.chunk_members(chunk)
             lengths = np.empty(len(samples), dtype=np.int64)
+            tiles = np.empty(len(samples), dtype=np.int64)
             for k, source in enumerate(self.sources):
                 sel = sources == k
-                lengths[sel] = source.lengths[samples[sel]]
+                lengths[sel], tiles[sel] = source.counter.counts(samples[sel])
             end, last = self.chunk_end(chunk, lengths, tokens_before)
             starts = self.segment_starts(chunk, end).tolist() + [end]
             orders, sizes = [], []
@@ -209,7 +219,8 @@ class StagePlan:
                     sizes.append(len(groups[r]))
             order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-            self._chunks[chunk] = Chunk(sources[order], samples[order], offsets, int(lengths[:end].sum()), last)
+            self._chunks[chunk] = Chunk(sources[order], samples[order], lengths[order], tiles[order], offsets,
+                                        int(lengths[:end].sum()), last)
             while len(self._chunks) > self._cache_size:
                 self._chunks.popitem(last=False)
         return self._chunks[chunk]
@@ -217,12 +228,9 @@ class StagePlan:
     def sequence(self, chunk: int, pack: int, tokens_before: int = 0) -> PlannedSequence:
         c = self.chunk(chunk, tokens_before)
         lo, hi = int(c.offsets[pack]), int(c.offsets[pack + 1])
-        sources, samples = c.sources[lo:hi].tolist(), c.samples[lo:hi].tolist()
-        return PlannedSequence(
-            self.stage_index, chunk, pack, tuple(sources), tuple(samples),
-            tuple(int(self.sources[k].lengths[i]) for k, i in zip(sources, samples, strict=True)),
-            tuple(int(self.sources[k].tiles[i]) for k, i in zip(sources, samples, strict=True)),
-        )
+        return PlannedSequence(self.stage_index, chunk, pack, tuple(c.sources[lo:hi].tolist()),
+                               tuple(c.samples[lo:hi].tolist()), tuple(c.lengths[lo:hi].tolist()),
+                               tuple(c.tiles[lo:hi].tolist()))
 
 
 class Curriculum:
