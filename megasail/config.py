@@ -61,8 +61,10 @@ WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 class TrainConfig:
     """How long to train and how each step runs. Batch sizes are data.micro_batch_size / data.global_batch_size."""
 
-    iters: int | None = doc("cap on optimizer steps for this invocation's run; null = every stage's budget to its end",
-                            None)
+    iters: int | None = doc(
+        "stop once the run has made this many optimizer steps in all (steps before a resume count); "
+        "null = train every stage's budget to its end", None
+    )
     log_interval: int = doc("optimizer steps between console lines (metrics.jsonl gets every step)", 1)
     max_nan_steps: int = doc("consecutive steps with a non-finite loss or gradient before the run stops", 3)
     recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")

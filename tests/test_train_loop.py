@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -20,78 +19,89 @@ def datasets(tmp_path_factory):
     return make_datasets(str(tmp_path_factory.mktemp("train_data")))
 
 
-def _run(rank, world_size, overrides, out, inject):
+def _nan_forward(inject: tuple[int, ...], per_step: int):
+    """forward_step whose loss is NaN on the listed (1-based) optimizer steps."""
+    from megasail.training import step as step_module
+
+    calls = {"n": 0}
+
+    def forward(data_iterator, model):
+        losses, loss_func = step_module.forward_step(data_iterator, model)
+        calls["n"] += 1
+        step = (calls["n"] - 1) // per_step + 1
+        return (losses * float("nan") if step in inject else losses), loss_func
+
+    return forward
+
+
+def _runs(rank, world_size, runs, out):
+    """Several pretrain() runs one after the other in this process group: [(overrides, inject), ...]."""
     from megasail.training import step as step_module
     from megasail.training.loop import TrainingDiverged, pretrain
 
-    forward = step_module.forward_step
-    if inject:  # loss of every micro-batch of the listed (1-based) steps times NaN
-        calls = {"n": 0}
-        per_step = None
-
-        def forward(data_iterator, model):
-            nonlocal per_step
-            losses, loss_func = step_module.forward_step(data_iterator, model)
-            calls["n"] += 1
-            step = (calls["n"] - 1) // per_step + 1
-            return (losses * float("nan") if step in inject else losses), loss_func
-
-        per_step = 4  # global batch 4, micro-batch 1, DP 1: four forward steps per optimizer step
-    result = {}
-    try:
-        summary = pretrain(tiny_run_config(overrides), forward_step_func=forward)
-        result = {"losses": summary["losses"], "skipped": summary["skipped_steps"], "step": summary["step"]}
-    except TrainingDiverged as e:
-        result = {"diverged": str(e)}
+    results = []
+    for overrides, inject in runs:
+        forward = _nan_forward(tuple(inject), per_step=4) if inject else step_module.forward_step
+        try:
+            summary = pretrain(tiny_run_config(overrides), forward_step_func=forward)
+            results.append({"losses": summary["losses"], "skipped": summary["skipped_steps"]})
+        except TrainingDiverged as e:
+            results.append({"diverged": str(e)})
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(result, f)
+            json.dump(results, f)
 
 
-def train(world, overrides, out, inject=()):
-    run_distributed_test(_run, world, overrides, str(out), tuple(inject))
+def train(world, runs, out):
+    """Results of ``runs`` ([(overrides, inject steps)]) in one group of ``world`` processes."""
+    run_distributed_test(_runs, world, [(list(o), list(i)) for o, i in runs], str(out))
     with open(out) as f:
         return json.load(f)
 
 
-def test_tp_and_pp_layouts_log_the_same_losses(datasets, tmp_path):
+@pytest.fixture(scope="module")
+def layouts(datasets, tmp_path_factory):
+    """Runs from seed 11 on prefix 'a': TP=1 (3 steps, logging metrics) and DP=1 (2 steps, seed 5) in
+    one process; TP=2, PP=2 and DP=2 in a group of two."""
+    root = tmp_path_factory.mktemp("layouts")
+    three = ["train.iters=3", f"data.path={datasets['a']}", "seed=11"]
+    two = ["train.iters=2", f"data.path={datasets['a']}", "seed=5"]
+    one = train(1, [(three + [f"logging.dir={root}"], []), (two, [])], root / "one.json")
+    pair = train(
+        2,
+        [(three + ["parallel.tensor=2"], []), (three + ["parallel.pipeline=2"], []), (two, [])],
+        root / "two.json",
+    )
+    return {"tp1": one[0], "dp1": one[1], "tp2": pair[0], "pp2": pair[1], "dp2": pair[2], "logdir": root}
+
+
+def test_tp_and_pp_layouts_log_the_same_losses(layouts):
     """TP=1, TP=2 and PP=2 from one seed: the same three losses (rtol 1e-4), on the real loader.
 
     Fails if the initial weights depend on the layout (init_weights skipped: TP=2 differs at step 1),
     or if the logged loss is one rank's share instead of the token-weighted global mean."""
-    common = ["train.iters=3", f"data.path={datasets['a']}", "seed=11"]
-    runs = {
-        "tp1": train(1, common, tmp_path / "tp1.json"),
-        "tp2": train(2, common + ["parallel.tensor=2"], tmp_path / "tp2.json"),
-        "pp2": train(2, common + ["parallel.pipeline=2"], tmp_path / "pp2.json"),
-    }
-    reference = runs["tp1"]["losses"]
+    reference = layouts["tp1"]["losses"]
     assert len(reference) == 3 and all(math.isfinite(x) for x in reference)
     assert reference[2] < reference[0]  # it trains
     for name in ("tp2", "pp2"):
-        torch.testing.assert_close(runs[name]["losses"], reference, rtol=1e-4, atol=0, msg=name)
+        torch.testing.assert_close(layouts[name]["losses"], reference, rtol=1e-4, atol=0, msg=name)
 
 
-def test_data_parallel_loss_is_the_token_weighted_mean_over_ranks(datasets, tmp_path):
-    """DP=2 logs the loss of the whole global batch: equal to the DP=1 run's (same samples, same order).
+def test_data_parallel_loss_is_the_token_weighted_mean_over_ranks(layouts):
+    """DP=2 logs the loss of the whole global batch: equal to the DP=1 run's (same samples).
 
     Fails if only rank 0's micro-batches enter the logged loss."""
-    common = ["train.iters=2", f"data.path={datasets['a']}", "seed=5", "data.balance_dp=false"]
-    dp1 = train(1, common, tmp_path / "dp1.json")["losses"]
-    dp2 = train(2, common, tmp_path / "dp2.json")["losses"]
-    torch.testing.assert_close(dp2, dp1, rtol=1e-4, atol=0)
+    torch.testing.assert_close(layouts["dp2"]["losses"], layouts["dp1"]["losses"], rtol=1e-4, atol=0)
 
 
-def test_metrics_file_has_every_key_each_step(datasets, tmp_path):
+def test_metrics_file_has_every_key_each_step(layouts):
     """metrics.jsonl: one object per step with the documented keys and the loader statistics.
 
     Fails if a key is dropped or a step is not written."""
     from megasail.training.metrics import REQUIRED_KEYS
 
-    logdir = tmp_path / "logs"
-    train(1, ["train.iters=2", f"data.path={datasets['a']}", f"logging.dir={logdir}"], tmp_path / "m.json")
-    lines = [json.loads(x) for x in (logdir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2]
+    lines = [json.loads(x) for x in (layouts["logdir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
     for m in lines:
         missing = [k for k in REQUIRED_KEYS if k not in m]
         assert not missing, missing
@@ -99,6 +109,7 @@ def test_metrics_file_has_every_key_each_step(datasets, tmp_path):
         assert m["step_time_spread"] >= 1.0 and m["mem_gb"] > 0 and m["skipped_samples"] == 0
         assert {"padding_fraction", "samples", "dp_imbalance_max"} <= set(m["loader"])
         assert m["stage"] == "main" and m["lr"] > 0 and math.isfinite(m["grad_norm"])
+    assert [m["loss"] for m in lines] == layouts["tp1"]["losses"]
 
 
 def test_nan_loss_is_skipped_counted_and_stops_the_run_when_repeated(datasets, tmp_path):
@@ -108,19 +119,13 @@ def test_nan_loss_is_skipped_counted_and_stops_the_run_when_repeated(datasets, t
     Fails if the skip check is removed (the NaN reaches the weights: every later loss is NaN) or the
     streak limit is not enforced (the run ends normally)."""
     common = [f"data.path={datasets['a']}", "seed=3"]
-    once = train(1, common + ["train.iters=4"], tmp_path / "once.json", inject=[2])
+    ckpt = tmp_path / "ckpt"
+    stop = ["train.iters=8", "train.max_nan_steps=2", f"checkpoint.save={ckpt}", "checkpoint.interval=1"]
+    once, stopped = train(
+        1, [(common + ["train.iters=4"], [2]), (common + stop, [2, 3, 4, 5, 6, 7, 8])], tmp_path / "nan.json"
+    )
     losses = once["losses"]
     assert math.isnan(losses[1]) and once["skipped"] == 1
     assert all(math.isfinite(x) for x in (losses[0], losses[2], losses[3]))
-    ckpt = tmp_path / "ckpt"
-    stopped = train(
-        1,
-        common
-        + ["train.iters=8", "train.max_nan_steps=2", f"checkpoint.save={ckpt}", "checkpoint.interval=1"],
-        tmp_path / "stop.json",
-        inject=[2, 3, 4, 5, 6, 7, 8],
-    )
     assert "2 consecutive steps" in stopped["diverged"]
-    assert (
-        os.path.join(str(ckpt), "iter_0000001") in stopped["diverged"] or "iter_000000" in stopped["diverged"]
-    )
+    assert f"go back to {ckpt}/iter_000000" in stopped["diverged"]

@@ -19,50 +19,43 @@ def datasets(tmp_path_factory):
     return make_datasets(str(tmp_path_factory.mktemp("resume_data")))
 
 
-def _run(rank, world_size, prefixes, overrides, out):
+def _runs(rank, world_size, prefixes, root):
+    """In one group of two processes: the uninterrupted 6-step TP=2 run, then for k = the first
+    stage's last step (from the run's metrics) and k + 1: steps 1..k with a save, and a second
+    pretrain() that loads it and runs to step 6."""
     from megasail.training.loop import pretrain
 
-    cfg = tiny_run_config(["parallel.tensor=2", "seed=21", "optim.warmup_steps=1", *overrides])
-    cfg.data.stages = two_stages(prefixes, budget_samples=20)
-    summary = pretrain(cfg)
+    def run(*overrides):
+        cfg = tiny_run_config(["parallel.tensor=2", "seed=21", "optim.warmup_steps=1", *overrides])
+        cfg.data.stages = two_stages(prefixes, budget_samples=20)
+        return pretrain(cfg)["losses"]
+
+    report = {"whole": run(f"train.iters={STEPS}", f"logging.dir={root}")}
+    with open(f"{root}/metrics.jsonl") as f:
+        report["stages"] = [json.loads(line)["stage"] for line in f]
+    k = report["stages"].count("align")
+    for name, split in (("stage_boundary", k), ("mid_stage", k + 1)):
+        ckpt = f"{root}/{name}"
+        first = run(f"train.iters={split}", f"checkpoint.save={ckpt}")
+        second = run(f"train.iters={STEPS}", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}")
+        report[name] = first + second
     if rank == 0:
-        with open(out, "w") as f:
-            json.dump(summary["losses"], f)
+        with open(f"{root}/report.json", "w") as f:
+            json.dump(report, f)
 
 
-def _train(prefixes, overrides, out):
-    run_distributed_test(_run, 2, prefixes, overrides, str(out))
-    with open(out) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(datasets, tmp_path_factory):
-    """The 6-step TP=2 run, and the step whose batch ended the first stage (from its metrics)."""
-    root = tmp_path_factory.mktemp("whole")
-    losses = _train(datasets, [f"train.iters={STEPS}", f"logging.dir={root}"], root / "losses.json")
-    stages = [json.loads(line)["stage"] for line in (root / "metrics.jsonl").read_text().splitlines()]
-    last_align = stages.count("align")
-    assert stages == ["align"] * last_align + ["advance"] * (STEPS - last_align)
-    assert 2 <= last_align <= STEPS - 2, stages  # the boundary lies inside the run
-    return losses, last_align
-
-
-@pytest.mark.parametrize("where", ["stage_boundary", "mid_stage"])
-def test_save_and_load_continue_bit_for_bit(datasets, uninterrupted, tmp_path, where):
-    """Steps 1..k with a save, then a new process group loading it for steps k+1..6, log exactly the
-    losses of the uninterrupted run: k is the first stage's last step (the save records the old
-    stage's optimizer and schedule, the loader already points at the next stage) or one step later.
+def test_save_and_load_continue_bit_for_bit(datasets, tmp_path):
+    """Steps 1..k with a save, then a pretrain() loading it for steps k+1..6, log exactly the losses of
+    the uninterrupted run, for k the first stage's last step (the save holds the old stage's optimizer
+    and schedule while the loader already points at the next stage) and for k one step into the next
+    stage (the Adam state and the LR clock of a stage in progress).
 
     Fails if the loader position, the optimizer or scheduler state, or the stage index are not
     restored (planted: loader.load_state_dict skipped -> the second half reads other samples)."""
-    losses, last_align = uninterrupted
-    k = last_align if where == "stage_boundary" else last_align + 1
-    ckpt = tmp_path / "ckpt"
-    first = _train(datasets, [f"train.iters={k}", f"checkpoint.save={ckpt}"], tmp_path / "a.json")
-    second = _train(
-        datasets,
-        [f"train.iters={STEPS}", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}"],
-        tmp_path / "b.json",
-    )
-    assert first + second == losses
+    run_distributed_test(_runs, 2, datasets, str(tmp_path))
+    report = json.loads((tmp_path / "report.json").read_text())
+    k = report["stages"].count("align")
+    assert report["stages"] == ["align"] * k + ["advance"] * (STEPS - k)
+    assert 2 <= k <= STEPS - 2, report["stages"]  # the boundary lies inside the run
+    assert report["stage_boundary"] == report["whole"]
+    assert report["mid_stage"] == report["whole"]

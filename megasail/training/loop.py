@@ -25,7 +25,7 @@ from megasail.config import RunConfig, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
 from megasail.models.specs import use_transformer_engine
 from megasail.runtime import init_process_group, initialize
-from megasail.training.checks import check_run
+from megasail.training.checks import StartupError, check_run
 from megasail.training.costs import FlopsModel, cost_model
 from megasail.training.init import init_weights
 from megasail.training.metrics import MetricsLogger, memory_gb, peak_tflops
@@ -148,7 +148,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(c.load) if c.load else None
         if c.load and path is None:
             if c.load != c.save:
-                raise FileNotFoundError(
+                raise StartupError(
                     f"checkpoint.load={c.load}: no checkpoint there (no "
                     f"{ckpt.MARKER} and no iter_* directory)"
                 )
