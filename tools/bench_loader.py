@@ -34,6 +34,7 @@ from itertools import islice
 
 import numpy as np
 
+from megasail.data.format import index_helpers
 from megasail.data.images.tiling import IMAGE_WRAPPER_TOKENS, TOKENS_PER_TILE
 from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imbalance
 from megasail.data.loader.curriculum import PlannedSequence
@@ -103,6 +104,9 @@ def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> li
     seq_length = 8192
     lengths, tiles = realistic_length_mix(num_samples, seed=2, max_length=seq_length)
     groups = pack_samples(lengths, seq_length, seed=5)
+    # global batches take rows in the planner's order: a seeded shuffle of the packed rows, not the
+    # packer's longest-first opening order (which puts look-alike rows in one global batch)
+    groups = [groups[i] for i in index_helpers.shuffle_indices(len(groups), 6).tolist()]
     sequences = [
         PlannedSequence(
             0,
