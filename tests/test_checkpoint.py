@@ -153,7 +153,14 @@ def _save_tp2_then_load(rank, world_size, root, out_dir):
     for name, layout in (("tp1", {}), ("vpp", dict(pipeline=2, virtual_pipeline=2))):
         _, chunks, wrapped, opt, sched = _setup(seed=99, **layout)
         meta = load_checkpoint(root, wrapped, opt, sched)
-        _dump(out_dir, name, chunks, note=meta["note"], lr=opt.param_groups[0]["lr"])
+        _dump(
+            out_dir,
+            name,
+            chunks,
+            note=meta["note"],
+            lr=opt.param_groups[0]["lr"],
+            sched_steps=sched.num_steps,
+        )
 
 
 @pytest.mark.distributed
@@ -162,9 +169,9 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
     seed: every TP=2 shard equals the matching slice of the TP=1 load, and every PP/VPP chunk holds its
     layers' weights. The optimizer state reshards too (its load raises otherwise) and the LR is restored.
 
-    Fails if: the model is not loaded into the chunks (weights stay the seed-99 init); VPP chunks are
+    Fails if: the model weights are not read (they stay the seed-99 init); VPP chunks are
     merged by local names (layer 0 of chunk 1 would overwrite layer 0 of chunk 0); the scheduler is not
-    restored (lr differs).
+    restored (its step count stays 0).
     """
     root, out = str(tmp_path / "ckpt"), str(tmp_path)
     run_distributed_test(_save_tp2_then_load, 2, root, out)
@@ -188,6 +195,7 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
                 assert torch.equal(got[key], expected[key]), f"{key} (pp {dump['pp_rank']}, vp {vp}) differs"
                 checked += 1
         assert dump["note"] == "tp2" and dump["lr"] == tp1[0]["lr"] > 0
+        assert dump["sched_steps"] == tp1[0]["sched_steps"] == 1  # the scheduler's own position
     assert checked > 0
 
 
@@ -327,8 +335,7 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
     .tmp dir and keep_last=2 prunes iteration 1.
 
     Fails if: the step dir is written in place instead of under .tmp + rename (iteration 2 would look
-    published, half-written); the marker is written before the rename; stale .tmp dirs are kept;
-    keep_last does not prune.
+    published, half-written); stale .tmp dirs are kept; keep_last does not prune.
     """
     from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
 
@@ -377,16 +384,16 @@ def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
     iteration; it deletes the marked step; it counts unpublished dirs."""
     from megasail.training.checkpoint import MARKER, META, prune
 
-    for it in (5, 40, 300, 1000):
+    for it in (5, 40, 9_999_999, 10_000_000):  # 8 digits: name order is no longer iteration order
         (tmp_path / f"iter_{it:07d}").mkdir()
         (tmp_path / f"iter_{it:07d}" / META).write_text("{}")
     (tmp_path / "iter_0002000.tmp").mkdir()
     (tmp_path / "iter_0003000").mkdir()  # no megasail.json: not published
     (tmp_path / MARKER).write_text("40\n")
-    removed = prune(str(tmp_path), keep_last=2)
-    assert sorted(os.path.basename(p) for p in removed) == ["iter_0000005"]
+    removed = prune(str(tmp_path), keep_last=1)
+    assert sorted(os.path.basename(p) for p in removed) == ["iter_0000005", "iter_9999999"]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [MARKER, "iter_0000040", "iter_0000300", "iter_0001000", "iter_0002000.tmp", "iter_0003000"]
+        [MARKER, "iter_0000040", "iter_10000000", "iter_0002000.tmp", "iter_0003000"]
     )
     assert prune(str(tmp_path), keep_last=0) == []
 
@@ -394,8 +401,9 @@ def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
 # --- TE key names on the local spec, and load errors ------------------------------------------------
 
 
-def _keys_and_errors(rank, world_size, root, out_path):
-    """World size 1: the local model's state-dict and checkpoint keys; the errors of bad loads."""
+def _single_process(rank, world_size, root, out_path):
+    """World size 1: the local model's state-dict and checkpoint keys; the errors of bad loads; a
+    weights-only load into a bf16 model whose optimizer already exists."""
     from megasail.models.sail_vl import SailVLModel
     from megasail.training.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
 
@@ -422,13 +430,46 @@ def _keys_and_errors(rank, world_size, root, out_path):
         error_of(name, lambda other=other: load_checkpoint(root, [SailVLModel(other)], weights_only=True))
     error_of("empty_root", lambda: load_checkpoint(os.path.join(root, "nothing"), chunks, weights_only=True))
     result["errors"] = errors
+    result["bf16"] = _bf16_weights_only(os.path.join(root, "bf16"))
     torch.save(result, out_path)
 
 
+def _bf16_weights_only(root) -> dict:
+    """bf16 weights saved, loaded weights-only into a model from another seed with its optimizer built,
+    then one step at lr 0: {state-dict name: whether the weight still equals the saved one}."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megasail.config import ParallelConfig
+    from megasail.training import build_model_chunks, wrap_ddp
+    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def build(seed):
+        from megasail.runtime import initialize
+
+        initialize(1, 1, seed=seed)
+        cfg = tiny_model_config(-1, precision="bf16")
+        chunks = build_model_chunks(cfg, ParallelConfig())
+        wrapped = wrap_ddp(chunks, ParallelConfig())
+        config = OptimizerConfig(optimizer="adam", lr=0.0, bf16=True, use_distributed_optimizer=True)
+        return cfg, chunks, wrapped, get_megatron_optimizer(config, wrapped)
+
+    _, chunks, _, _ = build(seed=1)
+    save_checkpoint(root, 0, chunks, meta={})
+    saved = _local_weights(chunks[0])
+    cfg, chunks, wrapped, opt = build(seed=99)
+    load_checkpoint(root, wrapped, opt, weights_only=True)
+    batch = _batch(cfg, 1)
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    sched = type("NoSchedule", (), {"step": lambda self, n: None})()
+    _train_step(wrapped, opt, sched, [batch])
+    now = _local_weights(chunks[0])
+    return {k: torch.equal(now[k], v) for k, v in saved.items()}
+
+
 @pytest.fixture(scope="module")
-def keys_and_errors(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("keys")
-    run_distributed_test(_keys_and_errors, 1, str(tmp / "ckpt"), str(tmp / "result.pt"))
+def single_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    run_distributed_test(_single_process, 1, str(tmp / "ckpt"), str(tmp / "result.pt"))
     return torch.load(tmp / "result.pt", weights_only=True)
 
 
@@ -491,7 +532,7 @@ def _te_layer_key(name: str, te_layer_spec) -> str:
     return name
 
 
-def test_local_spec_saves_te_key_names(keys_and_errors, monkeypatch):
+def test_local_spec_saves_te_key_names(single_process, monkeypatch):
     """The local model's checkpoint keys equal the TE-spec model's parameter names, for the LLM (RMSNorm)
     and the ViT (LayerNorm, with bias) layers.
 
@@ -523,7 +564,7 @@ def test_local_spec_saves_te_key_names(keys_and_errors, monkeypatch):
         "language_model": specs.language_layer_spec(True, False),
     }
     expected = set()
-    for key in keys_and_errors["state_dict"]:
+    for key in single_process["state_dict"]:
         m = re.match(r"^(vision_model|language_model)(\.decoder\.layers\.\d+\.)(.+)$", key)
         if m:
             te_name = _te_layer_key(m[3], te_specs[m[1]])
@@ -533,24 +574,24 @@ def test_local_spec_saves_te_key_names(keys_and_errors, monkeypatch):
                 )  # megatron-core's TE names
             key = m[1] + m[2] + te_name
         expected.add(key)
-    saved = {k for k in keys_and_errors["sharded"] if not k.endswith("_extra_state")}
+    saved = {k for k in single_process["sharded"] if not k.endswith("_extra_state")}
     assert saved == expected, (
         f"saved but not TE: {sorted(saved - expected)[:8]}; TE but not saved: {sorted(expected - saved)[:8]}"
     )
     assert any(
         ".decoder.layers.0.self_attention.linear_qkv.layer_norm_bias" in k for k in saved
     )  # ViT LayerNorm
-    assert set(to_te_layout(dict.fromkeys(keys_and_errors["state_dict"]))) == expected
+    assert set(to_te_layout(dict.fromkeys(single_process["state_dict"]))) == expected
 
 
-def test_bad_loads_name_what_is_wrong(keys_and_errors):
+def test_bad_loads_name_what_is_wrong(single_process):
     """Loading the optimizer from a weights-only checkpoint, a model with fewer layers or another
     vocabulary, or an empty root fails with a message naming the keys, shapes or paths involved.
 
     Fails if: the key check is skipped (dist_checkpointing's own error names neither side, or the
     extra layer is silently ignored); a weights-only checkpoint is loaded with a fresh optimizer as if
     complete."""
-    errors = keys_and_errors["errors"]
+    errors = single_process["errors"]
     assert "weights_only=True" in errors["optimizer_from_weights_only"]
     assert "language_model.decoder.layers.3.self_attention.linear_qkv.weight" in errors["fewer_layers"]
     assert "match no parameter of this model" in errors["fewer_layers"]
@@ -559,6 +600,14 @@ def test_bad_loads_name_what_is_wrong(keys_and_errors):
         in (errors["bigger_vocab"])
     )
     assert errors["empty_root"].startswith("FileNotFoundError") and "nothing" in errors["empty_root"]
+
+
+def test_weights_only_load_refreshes_bf16_main_weights(single_process):
+    """bf16 training steps from fp32 main weights the optimizer copied when it was built: after a
+    weights-only load with the optimizer passed in, a step at lr 0 leaves the loaded weights in place.
+    Fails if the optimizer's main weights are not refreshed (the step writes the seed-99 init back)."""
+    unchanged = single_process["bf16"]
+    assert unchanged and all(unchanged.values()), [k for k, same in unchanged.items() if not same][:5]
 
 
 def _te_and_local_keys(rank, world_size, out_path):

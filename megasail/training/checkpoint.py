@@ -8,8 +8,9 @@ Layout (docs/checkpoints.md has every key)::
         megasail.json                                         (iteration, stage, loader state, config, layout)
 
 The sharded state dict holds "model" (every virtual-pipeline chunk of this rank merged into one dict
-keyed by global checkpoint key), "optimizer" (megatron's sharded optimizer state), "rng_state" (one ShardedObject per rank) and "scheduler"
-(plain, saved once by rank 0). Keys are Transformer Engine's whichever layer spec ran.
+keyed by global checkpoint key), "optimizer" (megatron's sharded optimizer state), "rng_state" (one
+ShardedObject per rank) and "scheduler" (plain, saved once by rank 0). Keys are Transformer Engine's
+whichever layer spec ran.
 
 The distributed optimizer is saved ``fully_reshardable``: its flat DP shards are gathered into one
 tensor per parameter and state (optimizer.state.exp_avg.<model key>, shaped and TP-sharded like the
@@ -88,8 +89,9 @@ def _published_steps(root: str) -> list[tuple[int, str]]:
 def latest_checkpoint(root: str) -> str | None:
     """The step dir the marker names (ROOT itself when it is a step dir); None when ROOT has none.
 
-    Without a marker (a first save killed between publishing and writing it) the newest published
-    step dir is returned: a published dir is always complete.
+    Without a marker (a first save killed between publishing and writing it), or when the marked dir
+    is gone (deleted by hand, or a re-save of the same iteration killed between its two renames), the
+    newest published step dir is returned: a published dir is always complete.
     """
     if _is_step_dir(root):
         return root
@@ -100,9 +102,14 @@ def latest_checkpoint(root: str) -> str | None:
         if not text.isdigit():
             raise ValueError(f"{marker}: expected an iteration number, found {text[:80]!r}")
         path = step_dir(root, int(text))
-        if not _is_step_dir(path):
-            raise FileNotFoundError(f"{marker} names iteration {text} but {path}/{META} does not exist")
-        return path
+        if _is_step_dir(path):
+            return path
+        log.warning(
+            "%s names iteration %s but %s does not exist: using the newest published step dir",
+            marker,
+            text,
+            os.path.join(path, META),
+        )
     steps = _published_steps(root)
     return steps[-1][1] if steps else None
 
@@ -518,7 +525,9 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
 
     path: a step dir, or a root whose marker names one. The checkpoint may come from any TP/PP/DP/VPP
     layout. weights_only: load only "model" (any checkpoint, e.g. one converted from HuggingFace);
-    optimizer, scheduler and RNG are left as they are. RNG states are restored only at the saved layout.
+    optimizer state, scheduler and RNG are left as they are, except that an optimizer passed in gets its
+    fp32 main weights refreshed from the loaded model (bf16 training steps from those, not from the
+    weights it was built with). RNG states are restored only at the saved layout.
     Raises CheckpointMismatchError (a KeyError) naming missing/unexpected keys or mismatched shapes,
     on every rank.
     """
@@ -561,6 +570,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     if want_optimizer:
         with _torch_adam_load_fixes(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
+    elif _has_optimizer(optimizer):
+        optimizer.reload_model_params()  # main weights := loaded model weights (as Megatron-LM does)
     if not weights_only:
         if scheduler is not None:
             if "scheduler" not in loaded:
