@@ -30,6 +30,7 @@ from megasail.training.costs import FlopsModel, cost_model
 from megasail.training.init import init_weights
 from megasail.training.metrics import MetricsLogger, memory_gb, peak_tflops
 from megasail.training.model_builder import build_model_chunks
+from megasail.training.optim import optimizer_step
 from megasail.training.stages import StageRun, apply_recompute, start_stage
 from megasail.training.step import forward_step
 
@@ -248,11 +249,9 @@ class Trainer:
         loss_sum, loss_tokens, flops, tokens, samples = terms.tolist()
         loss = loss_sum / max(loss_tokens, 1.0)
         lr = float(r.optimizer.param_groups[0]["lr"])
-        updated, grad_norm = False, float("nan")
+        updated, grad_norm, overflow = False, float("nan"), False
         if math.isfinite(loss):
-            from megasail.training.optim import optimizer_step
-
-            updated, grad_norm = optimizer_step(r.optimizer)
+            updated, grad_norm, overflow = optimizer_step(r.optimizer)
         r.scheduler.step(increment=r.clock.increment(before, after))  # the data is spent either way
         elapsed = time.perf_counter() - start
         times = torch.tensor([elapsed, -elapsed], dtype=torch.float64, device=_device())
@@ -261,10 +260,9 @@ class Trainer:
         self.step += 1
         self.consumed["tokens"] += int(tokens)
         self.consumed["samples"] += int(samples)
-        if updated:
-            self.nan_streak = 0
-        else:
-            self.nan_streak += 1
+        # an fp16 loss-scale overflow is routine (skipped, counted, but not a sign of divergence)
+        self.nan_streak = 0 if updated or overflow else self.nan_streak + 1
+        if not updated:
             self.skipped["steps"] += 1
             self.skipped["samples"] += int(samples)
         world = dist.get_world_size()
@@ -299,7 +297,7 @@ class Trainer:
         if fraction is not None and fraction > f0:
             eta = (time.perf_counter() - t0) / (fraction - f0) * (1.0 - fraction)
         self.metrics.log(metrics, fraction, eta)
-        if not updated:
+        if not updated and not overflow:
             self._check_divergence(loss, grad_norm)
         return metrics
 

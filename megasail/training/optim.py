@@ -131,18 +131,21 @@ def build_scheduler(
 
 
 @torch.no_grad()
-def optimizer_step(optimizer) -> tuple[bool, float]:
-    """One update that is skipped when the gradient norm is not finite: (updated, grad_norm).
+def optimizer_step(optimizer) -> tuple[bool, float, bool]:
+    """One update that is skipped when the gradient norm is not finite: (updated, grad_norm, overflow).
+
+    ``overflow``: fp16 dynamic loss scaling found inf/NaN and lowered the scale (a routine skip,
+    not a sign of divergence).
 
     The same sequence as megatron's ``ChainedOptimizer.step`` (prepare grads, global norm, clip
     by that norm, step), with a finiteness check between: megatron only detects inf/NaN under
     fp16 loss scaling, and a NaN norm would otherwise pass the clip unscaled into every weight.
     """
     if optimizer.prepare_grads():  # fp16 loss scaling found inf/NaN (and lowered the scale)
-        return False, float("nan")
+        return False, float("nan"), True
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
-        return False, grad_norm
+        return False, grad_norm, False
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = opt.get_parameters()
         if opt.config.clip_grad > 0.0 and params and not getattr(opt, "is_stub_optimizer", False):
@@ -152,4 +155,4 @@ def optimizer_step(optimizer) -> tuple[bool, float]:
                 total_norm=grad_norm,
                 use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
-    return bool(optimizer.step_with_ready_grads()), grad_norm
+    return bool(optimizer.step_with_ready_grads()), grad_norm, False
