@@ -494,8 +494,7 @@ def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
 
 
 def _check_optimizer_keys(step: str, optimizer_sharded: dict, ckpt: dict) -> None:
-    """Raise on every rank when the checkpoint lacks optimizer state this run needs (parameters that
-    were frozen when it was saved train now: start them with weights_only=True)."""
+    """Raise on every rank when the checkpoint lacks optimizer state this run needs."""
     lacking = sorted(
         {v.key for v in nested_values(optimizer_sharded) if isinstance(v, ShardedBase)} - set(ckpt)
     )
@@ -504,8 +503,10 @@ def _check_optimizer_keys(step: str, optimizer_sharded: dict, ckpt: dict) -> Non
     lacking = sorted({k for keys in gathered for k in keys})
     if lacking:
         raise CheckpointMismatchError(
-            f"checkpoint {step} has no optimizer state for parameters this run trains (frozen when it was "
-            f"saved?): {_listed(lacking)}. Load it with weights_only=True for a fresh optimizer."
+            f"checkpoint {step} lacks optimizer state this run needs: {_listed(lacking)}.\n"
+            "Either those parameters were frozen when it was saved, or it was saved with another "
+            "parallel.distributed_optimizer setting (only the distributed one keeps fp32 main weights, "
+            "optimizer.state.param.*). Load it with weights_only=True for a fresh optimizer."
         )
 
 
