@@ -2,7 +2,8 @@
 """Train a SAIL-VL model: every curriculum stage of a run, resumable, on one CPU or many GPUs.
 
     torchrun --nproc-per-node 8 pretrain_vlm.py --config examples/configs/sail_vl_2b.yaml \\
-        data.stages='[...]' checkpoint.save=ckpt/run1 checkpoint.load=ckpt/run1
+        --stage examples/configs/stages/pretrain_alignment.yaml --stage examples/configs/stages/pretrain_advance.yaml \\
+        checkpoint.save=ckpt/run1 checkpoint.load=ckpt/run1
     python pretrain_vlm.py --config examples/configs/tiny.yaml data.path=data/synth/train train.iters=50
 
 Overrides are dotted keys (key=value); the common ones: train.iters, data.path, parallel.tensor,
@@ -23,6 +24,14 @@ def parse_args(argv):
         epilog="config keys (key=default, then its doc):\n" + _help_text(),
     )
     ap.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
+    ap.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a curriculum stage YAML (examples/configs/stages/*.yaml); repeat in training order; "
+        "replaces data.stages",
+    )
     ap.add_argument("--help-config", action="store_true", help="print only the config keys and exit")
     ap.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. train.iters=100 parallel.tensor=2"
@@ -46,7 +55,11 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.stage:
+            from megasail.data.loader.config import load_stages
+
+            cfg.data.stages = load_stages(args.stage)
+    except (ConfigError, ValueError, OSError) as e:
         print(f"pretrain_vlm.py: {e}", file=sys.stderr)
         return 2
     import logging

@@ -26,24 +26,35 @@ TEST_SIZES = [
 
 
 @pytest.fixture(scope="module")
-def prefix(tmp_path_factory):
-    return make_datasets(str(tmp_path_factory.mktemp("entry_data")))["a"]
+def datasets(tmp_path_factory):
+    return make_datasets(str(tmp_path_factory.mktemp("entry_data")))
 
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
-def test_single_process_run_writes_metrics_and_a_checkpoint(prefix, tmp_path):
-    """`python pretrain_vlm.py --config tiny.yaml data.path=... train.iters=2`: exit 0, two metric lines,
-    a console line per step, a published checkpoint named in the last line."""
+def test_single_process_run_writes_metrics_and_a_checkpoint(datasets, tmp_path):
+    """`python pretrain_vlm.py --config tiny.yaml --stage A.yaml --stage B.yaml train.iters=2`: exit 0,
+    one step in each stage (the first one's budget is one global batch), two metric lines, a console
+    line per step, a published checkpoint named in the last line."""
     logdir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(
+        f"name: first\nbudget_samples: 1\ntrainable: [projector]\nsources: [{{prefix: {datasets['a']}}}]\n"
+    )
+    second.write_text(
+        f"name: second\ntrainable: [vision, projector, language]\nsources: [{{prefix: {datasets['b']}}}]\n"
+    )
     cmd = [
         sys.executable,
         "pretrain_vlm.py",
         "--config",
         "examples/configs/tiny.yaml",
-        f"data.path={prefix}",
+        "--stage",
+        str(first),
+        "--stage",
+        str(second),
         "train.iters=2",
         f"logging.dir={logdir}",
         f"checkpoint.save={ckpt}",
@@ -51,16 +62,19 @@ def test_single_process_run_writes_metrics_and_a_checkpoint(prefix, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "step      2 | main" in proc.stdout and "FLOPs per step = 3 x ViT" in proc.stdout
+    assert "step      1 | first" in proc.stdout and "step      2 | second" in proc.stdout
+    assert "FLOPs per step = 1 x ViT" in proc.stdout and "FLOPs per step = 3 x ViT" in proc.stdout
     lines = (logdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert f"checkpoint {ckpt}/iter_0000002" in proc.stdout
 
 
-def test_torchrun_tensor_parallel_run_and_a_refused_config(prefix, tmp_path):
+@pytest.mark.slow
+def test_torchrun_tensor_parallel_run_and_a_refused_config(datasets, tmp_path):
     """torchrun --nproc-per-node 2 ... parallel.tensor=2 trains and saves; a layout that does not divide
     the model stops before any step with exit 2 and a message naming both sides."""
+    prefix = datasets["a"]
     logdir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
     base = [
         sys.executable,

@@ -113,3 +113,46 @@ def test_stage_switch_changes_what_trains_and_restarts_the_schedule(datasets, tm
     assert r["state_numel_2"] == r["projector_numel"] + r["vision_numel"]
     assert r["language_with_grad_buffer_2"] == []
     assert r["lr2"] == pytest.approx(3e-3)
+
+
+def _init_checkpoint(rank, world_size, prefixes, root):
+    from megasail.runtime import init_process_group, initialize
+    from megasail.training.checks import check_run
+    from megasail.training.loop import Trainer
+
+    init_process_group()
+    first = tiny_run_config([f"data.path={prefixes['a']}", f"checkpoint.save={root}/first", "seed=4"])
+    check_run(first, 1)
+    initialize(1, 1, seed=first.seed)
+    trainer = Trainer(first)
+    for _ in range(2):
+        trainer.train_step()
+    saved = trainer.save()
+    trained = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+    second = tiny_run_config(["seed=5"])
+    second.data.stages = two_stages(prefixes)
+    second.data.stages[0].init_checkpoint = saved
+    check_run(second, 1)
+    initialize(1, 1, seed=second.seed)
+    fresh = Trainer(second)
+    loaded = {n: p.detach().clone() for c in fresh.chunks for n, p in c.named_parameters()}
+    report = {
+        "differs": sorted(n for n in trained if not torch.equal(trained[n], loaded[n])),
+        "scheduler_steps": fresh.run_state.scheduler.num_steps,
+        "optimizer_state": _optimizer_state_numel(fresh.run_state.optimizer),
+        "step": fresh.step,
+        "stage": fresh.run_state.stage.name,
+    }
+    with open(f"{root}/report.json", "w") as f:
+        json.dump(report, f)
+
+
+def test_a_stage_starts_from_another_runs_weights(datasets, tmp_path):
+    """stage.init_checkpoint: the stage's model is the other run's saved weights, bit for bit, with a
+    fresh optimizer (no Adam state), its schedule at zero and the step count of this run.
+
+    Fails if init_checkpoint is ignored (the model keeps this run's own seed-5 initial weights)."""
+    run_distributed_test(_init_checkpoint, 1, datasets, str(tmp_path))
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["differs"] == [] and r["stage"] == "align"
+    assert r["scheduler_steps"] == 0 and r["optimizer_state"] == 0 and r["step"] == 0
