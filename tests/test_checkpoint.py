@@ -532,6 +532,7 @@ def _te_layer_key(name: str, te_layer_spec) -> str:
     return name
 
 
+@pytest.mark.distributed
 def test_local_spec_saves_te_key_names(single_process, monkeypatch):
     """The local model's checkpoint keys equal the TE-spec model's parameter names, for the LLM (RMSNorm)
     and the ViT (LayerNorm, with bias) layers.
@@ -584,6 +585,7 @@ def test_local_spec_saves_te_key_names(single_process, monkeypatch):
     assert set(to_te_layout(dict.fromkeys(single_process["state_dict"]))) == expected
 
 
+@pytest.mark.distributed
 def test_bad_loads_name_what_is_wrong(single_process):
     """Loading the optimizer from a weights-only checkpoint, a model with fewer layers or another
     vocabulary, or an empty root fails with a message naming the keys, shapes or paths involved.
@@ -602,6 +604,7 @@ def test_bad_loads_name_what_is_wrong(single_process):
     assert errors["empty_root"].startswith("FileNotFoundError") and "nothing" in errors["empty_root"]
 
 
+@pytest.mark.distributed
 def test_weights_only_load_refreshes_bf16_main_weights(single_process):
     """bf16 training steps from fp32 main weights the optimizer copied when it was built: after a
     weights-only load with the optimizer passed in, a step at lr 0 leaves the loaded weights in place.
