@@ -79,14 +79,22 @@ def init_worker(start_method: str, device_id: int | None, worker_id: int) -> Non
         decode.enable_gpu_decode_in_worker(device_id)
 
 
-def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor in shared memory (as torch's default_collate does in workers):
+def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor in shared memory (as torch's default_collate does in workers):
     the DataLoader then sends it to the main process without copying it."""
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.UntypedStorage._new_shared(numel * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
+    return shared_tensor(shape, torch.float32)
+
+
+def shared_bool(shape: tuple[int, ...]) -> torch.Tensor:
+    return shared_tensor(shape, torch.bool)
 
 
 class MicroBatchBuilder(torch.utils.data.Dataset):
@@ -232,7 +240,8 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
                                build_attention_mask=self.data.build_attention_mask,
                                pixel_allocator=shared_float32 if in_worker and device == "cpu" else None,
-                               pixel_values=pixels if intact else None)
+                               pixel_values=pixels if intact else None,
+                               mask_allocator=shared_bool if in_worker else None)
         stats = {
             "sequences": len(sequences),
             "samples": sum(len(s.samples) for s in sequences),
