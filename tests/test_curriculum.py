@@ -41,7 +41,10 @@ def test_source_counts_equal_the_expanded_samples(prefixes):
     for i, n, t in zip(order.tolist(), lengths.tolist(), tiles.tolist(), strict=True):
         sample = ds.expand(i, data.max_tiles)
         assert n == len(sample.input_ids) and t == sum(sample.image_tiles)
-    assert source.counter.counts(np.arange(len(ds)))[0].tolist() == ds.token_counts(data.max_tiles).tolist()
+    whole = ds.token_counts(data.max_tiles).tolist()
+    assert source.counter.counts(np.arange(len(ds)))[0].tolist() == whole
+    assert source.counter.range_counts(2, 9)[0].tolist() == whole[2:9]
+    assert source.counter.range_counts(2, 9)[1].tolist() == source.counter.counts(np.arange(2, 9))[1].tolist()
 
 
 def test_every_epoch_visits_every_sample_once_in_a_new_order(prefixes):

@@ -39,6 +39,20 @@ class SampleCounter:
         per_size = np.array([self._tiles_of_size[k] for k in unique.tolist()], dtype=np.int64)
         return per_size[which.reshape(-1)] if len(keys) else np.zeros(0, dtype=np.int64)
 
+    def range_counts(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """counts(arange(lo, hi)) from contiguous slices of the index (cumulative sums, no gathers)."""
+        ti, ii = self.dataset._token_index, self.dataset._image_index
+        doc = ti.doc_index[lo : hi + 1].astype(np.int64)
+        segments = slice(int(doc[0]), int(doc[-1]))
+        text_lengths = np.where(ti.modes[segments] != SEGMENT_IMAGE, ti.lengths[segments], 0).astype(np.int64)
+        text = np.diff(np.concatenate([[0], np.cumsum(text_lengths)])[doc - doc[0]])
+        starts = ii.doc_image_start[lo : hi + 1].astype(np.int64)
+        images = slice(int(starts[0]), int(starts[-1]))
+        per_image = self._image_tiles(ii.widths[images], ii.heights[images])
+        tiles = np.diff(np.concatenate([[0], np.cumsum(per_image)])[starts - starts[0]])
+        num_images = np.diff(starts)
+        return text + TOKENS_PER_TILE * tiles + IMAGE_WRAPPER_TOKENS * num_images, tiles
+
     def counts(self, samples) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int64[m], tiles int64[m]) of the given samples after image expansion: text tokens
         plus, per image, 256 x tiles (thumbnail included) + <img></img>."""

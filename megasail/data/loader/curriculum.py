@@ -55,7 +55,7 @@ def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20) ->
     counter = SampleCounter(dataset, data.max_tiles, data.min_tiles, data.tile_size)
     bad_count, first_bad = 0, None
     for lo in range(0, len(dataset), block):
-        lengths, _ = counter.counts(np.arange(lo, min(lo + block, len(dataset))))
+        lengths, _ = counter.range_counts(lo, min(lo + block, len(dataset)))
         bad = np.flatnonzero((lengths > data.seq_length) | (lengths < 1))
         if bad.size and first_bad is None:
             first_bad = (lo + int(bad[0]), int(lengths[bad[0]]))
