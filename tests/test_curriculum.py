@@ -14,7 +14,7 @@ from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
 from megasail.data.loader.curriculum import Curriculum, PlannedSequence, StagePlan, open_source
 from megasail.data.loader.state import LoaderPosition
 from megasail.models.flops import sequence_flops
-from megasail.models.presets import sail_vl_2b
+from megasail.models.presets import PRESETS, sail_vl_2b
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,24 @@ def test_balancing_evens_out_image_heavy_sequences():
 
 
 def test_cost_model_matches_the_model_flops():
+    """The loader's 2B prices are the model's FLOPs with the LLM's attention counted causal (half the square).
+
+    Fails if the token, tile or attention price drifts from megasail.models.flops."""
     model = sail_vl_2b()
-    cost = SequenceCostModel.from_model_config(model)
-    # one sample filling the sequence, 7 tiles: the formula of megasail.models.flops
-    assert cost.sequence_cost([8192], 7, 8192) == pytest.approx(sequence_flops(model, 8192, 7), rel=1e-12)
+    cost = SequenceCostModel.from_preset("sail_vl_2b")
+    lm = model.language
+    full_attention = lm.num_layers * 4 * 8192 * 8192 * lm.hidden_size  # models.flops counts the full square
+    expected = sequence_flops(model, 8192, 7) - full_attention / 2
+    assert cost.sequence_cost([8192], 7, 8192) == pytest.approx(expected, rel=1e-12)
     seq = PlannedSequence(0, 0, 0, (0, 0), (1, 2), (4000, 4192), (3, 4))
-    assert cost.costs([seq], 8192)[0] < sequence_flops(model, 8192, 7)  # attention within samples only
+    assert cost.costs([seq], 8192)[0] < expected  # attention within samples only
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_costs_are_the_training_cost_model(name):
+    """The loader's written-out preset prices equal what training builds from the preset's config.
+
+    Fails if a preset's dimensions or the training cost model change without the table in balance.py."""
+    from megasail.training.costs import cost_model
+
+    assert SequenceCostModel.from_preset(name) == cost_model(PRESETS[name]())

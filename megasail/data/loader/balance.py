@@ -2,9 +2,10 @@
 
 Packed sequences all have seq_length token slots, so the LLM's linear layers cost the same for each;
 what differs is the vision tower (tiles) and attention within samples (sum of squared sample
-lengths). `SequenceCostModel` prices both in forward FLOPs from the model config
-(`megasail.models.flops`), and `assign_to_ranks` spreads a global batch over ranks by LPT
-(longest processing time first, capacity-limited so every rank gets the same number of sequences).
+lengths). `SequenceCostModel` prices both in forward FLOPs (a training run builds it from its own
+model config, `megasail.training.costs.cost_model`), and `assign_to_ranks` spreads a global batch over
+ranks by LPT (longest processing time first, capacity-limited so every rank gets the same number of
+sequences).
 """
 
 from __future__ import annotations
@@ -23,28 +24,16 @@ class SequenceCostModel:
     """Forward FLOPs of one packed sequence: slots * token_flops + sum(l^2) * pair_flops + tiles * tile_flops."""
 
     token_flops: float  # LLM linear layers + output layer, per token slot
-    pair_flops: float  # attention scores + context, per (query, key) pair within a sample
+    pair_flops: float  # attention scores + context per squared sample length (causal: l^2 / 2 pairs)
     tile_flops: float  # ViT + projector, per 448px tile
 
     @classmethod
-    def from_model_config(cls, config) -> SequenceCostModel:
-        """Prices from a `ModelConfig` (vision, projector and language dims)."""
-        from megasail.models import flops
-
-        layers = config.language.num_layers
-        one, two = flops.language_layer_flops(config, 1), flops.language_layer_flops(config, 2)
-        pair = (two - 2 * one) / 2  # language_layer_flops(L) = L * linear + L^2 * pair
-        token = layers * (one - pair) + flops.language_head_flops(config, 1)
-        return cls(token_flops=float(token), pair_flops=float(layers * pair),
-                   tile_flops=float(flops.vision_flops_per_tile(config)))
-
-    @classmethod
     def from_preset(cls, name: str) -> SequenceCostModel:
-        from megasail.models.presets import PRESETS
-
-        if name not in PRESETS:
-            raise ValueError(f"unknown cost model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_model_config(PRESETS[name]())
+        """Prices of a released model size, for the loader used alone (benchmarks, tests); a training
+        run passes the cost model of its own model config (``megasail.training.costs.cost_model``)."""
+        if name not in PRESET_COSTS:
+            raise ValueError(f"unknown cost model preset {name!r}; choose one of {sorted(PRESET_COSTS)}")
+        return PRESET_COSTS[name]
 
     def sequence_cost(self, lengths: Sequence[int], tiles: int, seq_length: int) -> float:
         squares = float(sum(int(n) * int(n) for n in lengths))
@@ -53,6 +42,17 @@ class SequenceCostModel:
     def costs(self, sequences: Sequence[PlannedSequence], seq_length: int) -> np.ndarray:
         """float64[len(sequences)] estimated forward FLOPs of each sequence."""
         return np.array([self.sequence_cost(s.lengths, s.num_tiles, seq_length) for s in sequences])
+
+
+# megasail.training.costs.cost_model(PRESETS[name]()) written out (tests hold them equal), so that the data
+# layer imports nothing from megasail.models: per token slot, per causal (l^2 / 2) pair, per 448px tile
+PRESET_COSTS = {
+    "sail_vl_2b": SequenceCostModel(token_flops=3087138816.0, pair_flops=86016.0, tile_flops=728022220800.0),
+    "sail_vl_8b": SequenceCostModel(
+        token_flops=14140571648.0, pair_flops=200704.0, tile_flops=737685897216.0
+    ),
+    "tiny": SequenceCostModel(token_flops=19742720.0, pair_flops=512.0, tile_flops=759824896.0),
+}
 
 
 def assign_to_ranks(costs: np.ndarray, dp_size: int, balance: bool = True) -> list[list[int]]:
