@@ -50,11 +50,11 @@ class StageConfig:
     name: str = doc("stage name (pretrain_alignment, sft_knowledge, ...)", "???")
     sources: list[SourceConfig] = doc("datasets of this stage with their weights", [])
     budget_tokens: int | None = doc(
-        "stage ends after the global batch in which this many sample tokens were trained; null = no token budget",
+        "stage ends with the sample whose tokens reach this many sample tokens (its last global batch padded); null = no token budget",
         None,
     )
     budget_samples: int | None = doc(
-        "stage ends after the global batch in which this many samples were trained; null = no sample budget", None
+        "stage ends after exactly this many samples (its last global batch padded); null = no sample budget", None
     )
     trainable: list[str] = doc("modules trained in this stage: any of vision, projector, language", [])
     lr: float | None = doc("peak learning rate of this stage's schedule; null = optim.lr", None)
