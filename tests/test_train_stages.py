@@ -143,16 +143,30 @@ def _init_checkpoint(rank, world_size, prefixes, root):
         "step": fresh.step,
         "stage": fresh.run_state.stage.name,
     }
+    # a weights-only checkpoint (as tools/convert_checkpoint.py writes) given as checkpoint.load: a fresh run
+    from megasail.training import checkpoint
+
+    checkpoint.save_checkpoint(f"{root}/weights", 0, trainer.run_state.model, meta={})
+    third = tiny_run_config([f"data.path={prefixes['b']}", f"checkpoint.load={root}/weights", "seed=6"])
+    check_run(third, 1)
+    initialize(1, 1, seed=third.seed)
+    started = Trainer(third)
+    report["weights_only_differs"] = sorted(
+        n for c in started.chunks for n, p in c.named_parameters() if not torch.equal(trained[n], p)
+    )
+    report["weights_only_step"] = started.train_step()["step"]
     with open(f"{root}/report.json", "w") as f:
         json.dump(report, f)
 
 
 def test_a_stage_starts_from_another_runs_weights(datasets, tmp_path):
     """stage.init_checkpoint: the stage's model is the other run's saved weights, bit for bit, with a
-    fresh optimizer (no Adam state), its schedule at zero and the step count of this run.
+    fresh optimizer (no Adam state), its schedule at zero and the step count of this run. A weights-only
+    checkpoint as checkpoint.load starts a fresh run from its weights.
 
     Fails if init_checkpoint is ignored (the model keeps this run's own seed-5 initial weights)."""
     run_distributed_test(_init_checkpoint, 1, datasets, str(tmp_path))
     r = json.loads((tmp_path / "report.json").read_text())
     assert r["differs"] == [] and r["stage"] == "align"
     assert r["scheduler_steps"] == 0 and r["optimizer_state"] == 0 and r["step"] == 0
+    assert r["weights_only_differs"] == [] and r["weights_only_step"] == 1

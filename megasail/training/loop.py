@@ -154,7 +154,9 @@ class Trainer:
                     f"{ckpt.MARKER} and no iter_* directory)"
                 )
             self.metrics.print(f"[megasail] no checkpoint in {c.load} yet: starting from the initial weights")
-        if path is None or c.weights_only:
+        # a weights-only checkpoint (e.g. converted from HuggingFace) starts a fresh run from its weights
+        weights_only = c.weights_only or (path is not None and bool(ckpt.read_meta(path).get("weights_only")))
+        if path is None or weights_only:
             self._enter_stage(self.loader.position.stage, fresh=path is None)
             if path is not None:
                 ckpt.load_checkpoint(path, self.run_state.model, weights_only=True)
