@@ -410,3 +410,42 @@ def test_checkpoint_trained_at_tp2_exports_to_transformers(tmp_path):
     with torch.no_grad():
         logits = hf(input_ids=ids, pixel_values=pixels).logits
     assert (logits - expected).abs().max() < 1e-4
+
+
+def _rss_above_baseline(stderr: str) -> float:
+    m = re.search(r"peak RSS \d+ MB: (\d+) MB above", stderr)
+    assert m, stderr[-2000:]
+    return float(m[1])
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_one_shard(tmp_path):
+    """A ~300 MB model (bf16, 100 MB shards) converts both ways with peak RSS above the libraries'
+    under 1.5x its largest shard. Fails if a direction holds the whole model (DCP's writer keeping
+    every written tensor, DCP's reader staging bytes + tensor + target, a mapped shard)."""
+    from model_utils import tiny_hf_config
+    from transformers import InternVLForConditionalGeneration
+
+    config = tiny_hf_config(-1, vision_layers=4, language_layers=8)
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 256, 1024
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads = (
+        1024,
+        2816,
+        16,
+        4,
+    )
+    text.vocab_size, config.image_token_id = 32000, 31999
+    InternVLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "hf", max_shard_size="100MB"
+    )
+    largest_mb = max(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors")) / (1 << 20)
+    total_mb = sum(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors")) / (1 << 20)
+    assert total_mb > 250
+    to_ms = convert(
+        *"--from hf --to megasail --input".split(), str(tmp_path / "hf"), "--output", str(tmp_path / "ms")
+    )
+    to_hf = convert(*"--from megasail --to hf --max-shard-size 100MB --input".split(), str(tmp_path / "ms"),
+                    "--output", str(tmp_path / "back"))  # fmt: skip
+    for proc in (to_ms, to_hf):
+        assert _rss_above_baseline(proc.stderr) < 1.5 * largest_mb, proc.stderr[-500:]

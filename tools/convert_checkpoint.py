@@ -108,10 +108,17 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr)
 
 
-def _run_config_yaml(config) -> str:
+def _run_config_yaml(config, raw: dict) -> str:
+    """The run config of a converted checkpoint: its model, and the tiling its config.json names."""
     from megasail.config import RunConfig, to_yaml
+    from megasail.data.loader.config import DataConfig
 
-    return to_yaml(RunConfig(model=config))
+    data = DataConfig(
+        max_tiles=raw.get("max_dynamic_patch", DataConfig.max_tiles),
+        min_tiles=raw.get("min_dynamic_patch", DataConfig.min_tiles),
+        tile_size=config.vision.image_size,
+    )
+    return to_yaml(RunConfig(model=config, data=data))
 
 
 def hf_to_megasail(args) -> None:
@@ -120,7 +127,7 @@ def hf_to_megasail(args) -> None:
     from megasail.convert.recipes import recipes
 
     precision = args.precision or hf_dtype(raw_config(args.input))
-    config, _ = read_hf_config(args.input, precision=precision, transformer_impl="local")
+    config, raw = read_hf_config(args.input, precision=precision, transformer_impl="local")
     _check_layout(config, args.tensor_parallel, args.pipeline_parallel)
     source = HFSource(args.input, config, args.allow_pickle)
     model = meta_model(config)
@@ -130,7 +137,7 @@ def hf_to_megasail(args) -> None:
     if missing:
         raise SystemExit(f"error: no HF source for megasail tensors {missing[:5]}")
     source.check_shapes(shapes)
-    yaml = _run_config_yaml(config)
+    yaml = _run_config_yaml(config, raw)
     if os.path.exists(os.path.join(args.output, "latest_checkpointed_iteration.txt")):
         raise SystemExit(f"error: {args.output} already holds a checkpoint")
     os.makedirs(args.output, exist_ok=True)

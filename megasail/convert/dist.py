@@ -155,7 +155,11 @@ def write_weights_checkpoint(
         "optimizer_sharding": None,
         "layout": {"tp": 1, "pp": 1, "vpp": None, "dp": 1},
         "config": config_yaml,
-        "stage": None,
+        "stage": {
+            "index": 0,
+            "name": "converted",
+        },  # a resume without weights_only reaches load_checkpoint's error
+        "stage_start_step": 0,
         "stage_iteration": 0,
         "consumed_samples": 0,
         "consumed_tokens": 0,

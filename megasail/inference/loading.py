@@ -77,7 +77,7 @@ def _manifest_settings(run_config) -> tuple[str | None, PromptSettings]:
     base = PromptSettings(
         max_tiles=run_config.data.max_tiles,
         min_tiles=run_config.data.min_tiles,
-        tile_size=run_config.data.tile_size,
+        tile_size=run_config.model.vision.image_size,  # the tiles the model was built for
         tokens_per_tile=run_config.model.tokens_per_tile,
     )
     if not prefix or not os.path.isfile(prefix + ".manifest.json"):
