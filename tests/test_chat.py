@@ -243,7 +243,7 @@ def test_chat_loads_a_megasail_checkpoint(chat_dir, chat, tmp_path):
     sys.path.insert(0, os.path.join(repo, "tools"))
     import chat as chat_tool
 
-    args = ["--load", str(ckpt), "--tokenizer", str(directory), "--prompt", "x"]  # max tiles from config.json
+    args = ["--load", str(ckpt), "--prompt", "x"]  # tokenizer and max tiles came with the conversion
     from_checkpoint = chat_tool.Chat(chat_tool.parse_args(args + ["--max-new-tokens", str(NEW)]))
     request = from_checkpoint.request("Describe it.", [(directory / "wide.png").read_bytes()])
     assert (

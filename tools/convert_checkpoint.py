@@ -145,6 +145,12 @@ def hf_to_megasail(args) -> None:
         step = write_weights_checkpoint(
             args.output, model, lambda n: source.tensor(by_name[n]), config_yaml=yaml, progress=bar
         )
+    tokenizer = _tokenizer_for(args)
+    if tokenizer:  # chat.py and the export find it here (a converted checkpoint has no dataset manifest)
+        from megasail.convert.hf_dir import copy_tokenizer
+
+        os.makedirs(os.path.join(args.output, "tokenizer"), exist_ok=True)
+        copy_tokenizer(tokenizer, os.path.join(args.output, "tokenizer"))
     with open(os.path.join(args.output, "config.yaml"), "w") as f:
         f.write(f"# derived from {os.path.abspath(args.input)}/config.json ({source.layout} layout)\n{yaml}")
     log.info(
@@ -167,9 +173,9 @@ def _tokenizer_for(args, run_config=None) -> str | None:
     if args.tokenizer:
         return args.tokenizer
     if run_config is not None:
-        from megasail.inference.loading import _manifest_settings
+        from megasail.inference.loading import _manifest_settings, checkpoint_tokenizer
 
-        return _manifest_settings(run_config)[0]
+        return _manifest_settings(run_config)[0] or checkpoint_tokenizer(args.input)
     if args.source == "hf" and os.path.isfile(os.path.join(args.input, "tokenizer.json")):
         return args.input
     return None

@@ -193,6 +193,12 @@ class Generator:
         for i, r in enumerate(requests):
             ids[i, width - lengths[i] :] = torch.tensor(r.input_ids, dtype=torch.int64)
         pad_bs = torch.arange(width)[None, :] < torch.tensor([width - n for n in lengths])[:, None]
+        padded = bool(pad_bs.any())  # without padding the layers' own causal masking applies
+        if padded and self.model.use_te:
+            raise ValueError(
+                "prompts of different lengths need the local attention (transformer_impl=local): "
+                "Transformer Engine's causal kernel ignores the padding mask"
+            )
         tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
         pixels = torch.cat(tiles) if tiles else None
         generator = torch.Generator().manual_seed(params.seed)
@@ -211,7 +217,7 @@ class Generator:
             key_pad = torch.cat([pad_bs, torch.zeros(b, keys - width, dtype=torch.bool)], 1)
             queries = step_ids.shape[1]
             causal = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
-            mask = (causal[None, None] | key_pad[:, None, None, :]).to(self.device)
+            mask = (causal[None, None] | key_pad[:, None, None, :]).to(self.device) if padded else None
             prefill = step == 0 or context is None
             logits = self._stage_forward(
                 step_ids, pixels if prefill else None, mask, context, width if prefill else 0

@@ -89,6 +89,14 @@ def _manifest_settings(run_config) -> tuple[str | None, PromptSettings]:
     )
 
 
+def checkpoint_tokenizer(path: str) -> str | None:
+    """ROOT/tokenizer of a checkpoint converted from HuggingFace (path: ROOT or one of its step dirs)."""
+    for root in (path, os.path.dirname(os.path.abspath(path))):
+        if os.path.isfile(os.path.join(root, "tokenizer", "tokenizer.json")):
+            return os.path.join(root, "tokenizer")
+    return None
+
+
 def load_for_generation(
     path: str, *, tokenizer: str | None = None, precision: str | None = None, transformer_impl: str = "local"
 ) -> LoadedModel:
@@ -124,7 +132,9 @@ def load_for_generation(
         model = _build(config, tensor, pipeline)
         load_checkpoint(step_dir, [model], weights_only=True)
         manifest_tokenizer, prompt = _manifest_settings(run_config)
-        tokenizer_path = tokenizer or manifest_tokenizer
+        tokenizer_path = tokenizer or manifest_tokenizer or checkpoint_tokenizer(path)
         if tokenizer_path is None:
-            raise ValueError(f"{path}: the run's dataset manifest names no tokenizer; pass --tokenizer")
+            raise ValueError(
+                f"{path}: no tokenizer (none in the run's dataset manifest or ROOT/tokenizer); pass --tokenizer"
+            )
     return LoadedModel(model, config, MultimodalTokenizer.load(tokenizer_path), prompt)
