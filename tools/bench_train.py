@@ -7,9 +7,10 @@
 
 For each layout, torchrun starts --nproc processes that run the training loop's own step
 (megasail.training.loop.Trainer.train_step: loader.next_step, megatron's pipeline schedule,
-DDP, distributed optimizer, LR schedule) on --data for --warmup + --steps steps, then the same
-for megatron-core's plain GPTModel with the same LLM (text only, the same token slots per step,
-megatron's schedule, DDP and optimizer). Rows report medians over the timed steps:
+DDP, distributed optimizer, LR schedule) on --data for --warmup + --steps steps, taking turns
+step by step with megatron-core's plain GPTModel with the same LLM (text only, the same token slots
+per step, megatron's schedule, DDP and optimizer), so load drift on a shared machine hits both
+alike. Rows report medians over the timed steps:
 
   step s            wall time of one optimizer step (slowest rank)
   tokens/s          sample tokens per second (padding excluded; GPT: every slot is a token)
@@ -108,13 +109,12 @@ def tiles_per_sequence(prefix: str, seq_length: int, tokens_per_tile: int) -> fl
 
 
 # ---------------------------------------------------------------- worker (one layout, under torchrun)
-def _gpt_rows(cfg, trainer, steps: int, warmup: int) -> list[dict]:
-    """Whole optimizer steps of megatron's GPTModel with the run's LLM on random text of the same shape."""
-    import time
+def gpt_step(cfg, trainer):
+    """One whole optimizer step of megatron's GPTModel with the run's LLM on random text of the step's
+    shape (same micro-batches, micro-batch size and sequence length); returns (step(), FLOPs per step)."""
     from functools import partial
 
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -126,9 +126,8 @@ def _gpt_rows(cfg, trainer, steps: int, warmup: int) -> list[dict]:
     from megasail.training.step import batch_to_device, masked_loss_sum
 
     lm, d = cfg.model.language, cfg.data
-    p = dataclasses.replace(
-        cfg.parallel, first_stage_llm_layers=None
-    )  # no ViT here: GPT's best split is even
+    # no ViT in front of GPT: its best pipeline split is the even one
+    p = dataclasses.replace(cfg.parallel, first_stage_llm_layers=None)
     config = language_transformer_config(cfg.model, p)
     use_te = specs.use_transformer_engine(cfg.model.transformer_impl)
     gpt = GPTModel(
@@ -151,13 +150,9 @@ def _gpt_rows(cfg, trainer, steps: int, warmup: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, lm.vocab_size, (m, d.micro_batch_size, d.seq_length + 1), generator=gen)
     positions = torch.arange(d.seq_length).expand(d.micro_batch_size, -1)
+    ones = torch.ones(d.micro_batch_size, d.seq_length)
     batches = [
-        {
-            "input_ids": x[:, :-1],
-            "labels": x[:, 1:],
-            "position_ids": positions,
-            "loss_mask": torch.ones(d.micro_batch_size, d.seq_length),
-        }
+        {"input_ids": x[:, :-1], "labels": x[:, 1:], "position_ids": positions, "loss_mask": ones}
         for x in ids
     ]
 
@@ -168,9 +163,7 @@ def _gpt_rows(cfg, trainer, steps: int, warmup: int) -> list[dict]:
         )
         return losses, partial(masked_loss_sum, b["loss_mask"])
 
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+    def step() -> None:
         model[0].zero_grad_buffer()
         optimizer.zero_grad()
         get_forward_backward_func()(
@@ -183,27 +176,27 @@ def _gpt_rows(cfg, trainer, steps: int, warmup: int) -> list[dict]:
             forward_only=False,
         )
         optimizer_step(optimizer)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(t.item())
-    step_s = statistics.median(times)
+
     slots = d.global_batch_size * d.seq_length
     parts = trainer.flops.forward_parts(0, [d.seq_length] * d.global_batch_size, slots)
-    flops = trainer.flops.training_flops(parts, ["language"])
-    tflops = flops / step_s / dist.get_world_size() / 1e12
-    return [
-        {
-            "model": "gpt",
-            "step_s": step_s,
-            "tokens_per_s": slots / step_s,
-            "slots_per_s": slots / step_s,
-            "tflops_per_device": tflops,
-            "mfu": tflops / trainer.peak if trainer.peak else None,
-        }
-    ]
+    return step, trainer.flops.training_flops(parts, ["language"])
+
+
+def slowest_seconds(fn) -> float:
+    """Wall time of fn() on the slowest rank."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    start = time.perf_counter()
+    fn()
+    if device is not None:
+        torch.cuda.synchronize()
+    t = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def worker(args) -> None:
@@ -229,15 +222,18 @@ def worker(args) -> None:
     check_run(cfg, dist.get_world_size())
     initialize(p.tensor, p.pipeline, p.virtual_pipeline, p.context, seed=cfg.seed)
     trainer = Trainer(cfg)
-    metrics = []
-    for i in range(args.warmup + args.steps):
+    gpt, gpt_flops = gpt_step(cfg, trainer)
+    metrics, gpt_times = [], []
+    for i in range(args.warmup + args.steps):  # the two models take turns, so load drift hits both alike
         m = trainer.train_step()
         if m is None:
             raise SystemExit(
                 f"bench_train: {args.data} ran out after {i} steps; give more data or fewer --steps"
             )
+        seconds = slowest_seconds(gpt)
         if i >= args.warmup:
             metrics.append(m)
+            gpt_times.append(seconds)
     med = {
         k: statistics.median(x[k] for x in metrics)
         for k in ("step_time", "tokens_per_s", "tflops_per_device")
@@ -264,7 +260,18 @@ def worker(args) -> None:
             "losses": [x["loss"] for x in metrics],
         }
     ]
-    rows += _gpt_rows(cfg, trainer, args.steps, args.warmup)
+    gpt_s = statistics.median(gpt_times)
+    gpt_tflops = gpt_flops / gpt_s / dist.get_world_size() / 1e12
+    rows.append(
+        {
+            "model": "gpt",
+            "step_s": gpt_s,
+            "tokens_per_s": slots / gpt_s,
+            "slots_per_s": slots / gpt_s,
+            "tflops_per_device": gpt_tflops,
+            "mfu": gpt_tflops / peak if peak else None,
+        }
+    )
     if dist.get_rank() == 0:
         with open(args.worker, "w") as f:
             json.dump([{**common, **r} for r in rows], f)
