@@ -591,9 +591,10 @@ def test_bad_loads_name_what_is_wrong(single_process):
     vocabulary, or an empty root fails with a message naming the keys, shapes or paths involved.
 
     Fails if: the key check is skipped (dist_checkpointing's own error names neither side, or the
-    extra layer is silently ignored); a weights-only checkpoint is loaded with a fresh optimizer as if
-    complete."""
+    extra layer is silently ignored); a weights-only checkpoint is not recognised as one (the error
+    would then blame frozen parameters)."""
     errors = single_process["errors"]
+    assert "has model weights only (no optimizer state)" in errors["optimizer_from_weights_only"]
     assert "weights_only=True" in errors["optimizer_from_weights_only"]
     assert "language_model.decoder.layers.3.self_attention.linear_qkv.weight" in errors["fewer_layers"]
     assert "match no parameter of this model" in errors["fewer_layers"]
