@@ -105,7 +105,12 @@ class Trainer:
         self.forward_step_func = forward_step_func
         p = cfg.parallel
         self.chunks = build_model_chunks(cfg.model, p)
-        init_weights(self.chunks, cfg.seed)
+        c = cfg.checkpoint
+        resume = ckpt.latest_checkpoint(c.load) if c.load else None
+        if resume is None or c.weights_only or ckpt.read_meta(resume).get("weights_only"):
+            init_weights(
+                self.chunks, cfg.seed
+            )  # a full checkpoint overwrites every weight: drawing is skipped
         apply_recompute(self.chunks, cfg.train.recompute, cfg.train.recompute_num_layers)
         self.loader = build_data_loader(cfg.data, cost_model=cost_model(cfg.model))
         self.flops = FlopsModel.from_model_config(cfg.model)
