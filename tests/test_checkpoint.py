@@ -334,8 +334,8 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
     names iteration 1, which loads with the weights it was saved with; the next save removes the stale
     .tmp dir and keep_last=2 prunes iteration 1.
 
-    Fails if: the step dir is written in place instead of under .tmp + rename (iteration 2 would look
-    published, half-written); stale .tmp dirs are kept; keep_last does not prune.
+    Fails if: shards are written straight into the step dir instead of under .tmp + rename; stale .tmp
+    dirs are kept; keep_last does not prune.
     """
     from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
 
