@@ -14,6 +14,7 @@ logging.wandb. --help-config lists every key with its doc and default.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
         return 3
     finally:
         destroy()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(
         f"[megasail] done: step {summary['step']}, stage '{summary['stage']}', "
         f"last loss {summary['losses'][-1] if summary['losses'] else float('nan'):.4f}, "
