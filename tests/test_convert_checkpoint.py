@@ -213,6 +213,12 @@ def test_remote_code_layout_round_trips(dirs, hf_model, tmp_path):
     written = {k: read_tensor(e) for k, e in index_directory(str(remote)).items()}
     assert set(written) == set(expected)
     assert all(torch.equal(written[k], expected[k]) for k in expected)
+    relayout = tmp_path / "relayout"  # HF -> HF: the transformers directory straight to remote-code names
+    convert_here(
+        *"--from hf --to hf --layout remote-code --input".split(), str(dirs / "hf"), "--output", str(relayout)
+    )
+    again = {k: read_tensor(e) for k, e in index_directory(str(relayout)).items()}
+    assert set(again) == set(expected) and all(torch.equal(again[k], expected[k]) for k in expected)
     convert_here(*"--from hf --to megasail --input".split(), str(remote), "--output", str(back))
     a = DistSource(latest_checkpoint(str(dirs / "ms")))
     b = DistSource(latest_checkpoint(str(back)))

@@ -22,7 +22,6 @@ import argparse
 import logging
 import os
 import re
-import resource
 import sys
 import tempfile
 
@@ -270,9 +269,14 @@ def to_hf(args) -> None:
     )
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB. VmHWM starts afresh at exec, unlike
+    getrusage's ru_maxrss, which keeps the peak of the process this one was forked from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def main(argv=None) -> int:
@@ -290,7 +294,7 @@ def main(argv=None) -> int:
     import megasail.convert.dist  # noqa: F401
     import megasail.inference.loading  # noqa: F401
 
-    start_mb = _rss_mb()
+    start_mb = _status_mb("VmRSS")
     try:
         if args.target == "megasail":
             hf_to_megasail(args)
@@ -298,7 +302,7 @@ def main(argv=None) -> int:
             to_hf(args)
     finally:
         runtime.destroy()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _status_mb("VmHWM")
     log.info(
         "peak RSS %.0f MB: %.0f MB above the %.0f MB held before the first tensor (libraries)",
         peak_mb,
