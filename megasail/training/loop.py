@@ -144,7 +144,10 @@ class Trainer:
             + self.flops.describe(stage.trainable)
         )
         if fresh and stage.init_checkpoint:
-            ckpt.load_checkpoint(stage.init_checkpoint, self.run_state.model, weights_only=True)
+            # the optimizer refreshes its fp32 main weights from the loaded ones (bf16 steps from those)
+            ckpt.load_checkpoint(
+                stage.init_checkpoint, self.run_state.model, self.run_state.optimizer, weights_only=True
+            )
             self.metrics.print(
                 f"[megasail] stage '{stage.name}' starts from the weights of {stage.init_checkpoint}"
             )
@@ -164,7 +167,7 @@ class Trainer:
         if path is None or weights_only:
             self._enter_stage(self.loader.position.stage, fresh=path is None)
             if path is not None:
-                ckpt.load_checkpoint(path, self.run_state.model, weights_only=True)
+                ckpt.load_checkpoint(path, self.run_state.model, self.run_state.optimizer, weights_only=True)
                 self.metrics.print(
                     f"[megasail] weights from {path}; fresh optimizer, schedule and data position"
                 )
