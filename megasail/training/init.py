@@ -4,12 +4,15 @@ megatron-core draws its initial weights from the RNG stream of each rank (offset
 consumed in build order, sliced per TP rank), so TP=1, TP=2 and PP=2 runs from one seed start from
 different models. Here every randomly initialised tensor is redrawn whole on the CPU from a
 generator seeded by (seed, global name), with the initialiser megatron gave it, and this rank keeps
-its tensor-parallel shard. Constant-initialised tensors (biases, norms, layer scale, zeroed
+its tensor-parallel shard. Tensor-parallel weights with megatron's i.i.d. normal init are drawn in
+BLOCK-wide slices along their partition dim, each from its own (seed, name, block) generator, so a rank
+draws only the slices it holds (init time scales with the shard, not the model). Constant-initialised tensors (biases, norms, layer scale, zeroed
 embeddings) are already layout-independent and stay as built.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -79,6 +82,44 @@ def _draw(seed: int, name: str, init_fn, shape, dtype) -> torch.Tensor:
     return full.to(dtype)
 
 
+BLOCK = 256  # slices along the partition dim drawn from one generator each
+
+
+def _elementwise(init_fn) -> bool:
+    """megatron's init_method_normal / scaled_init_method_normal: i.i.d. normal, so any slice of the
+    full tensor can be drawn on its own."""
+    return isinstance(init_fn, functools.partial) and init_fn.func is torch.nn.init.normal_
+
+
+def _shard_ranges(key: str, size: int, tp_rank: int, tp_size: int) -> list[tuple[int, int]]:
+    """[start, end) along the partition dim of the full tensor that TP rank holds, in order (tp_shard's rule)."""
+    if key.startswith("language_model.") and key.endswith("mlp.linear_fc1.weight"):
+        half = size // 2
+        n = half // tp_size
+        return [(tp_rank * n, (tp_rank + 1) * n), (half + tp_rank * n, half + (tp_rank + 1) * n)]
+    n = size // tp_size
+    return [(tp_rank * n, (tp_rank + 1) * n)]
+
+
+def _draw_slice(
+    seed: int, key: str, init_fn, full_shape, dim: int, start: int, end: int, dtype
+) -> torch.Tensor:
+    """Rows [start, end) along ``dim`` of the full tensor whose BLOCK-wide slices each come from a
+    generator seeded by (seed, name, block): only the blocks this rank holds are drawn."""
+    size = full_shape[dim]
+    pieces = []
+    with torch.random.fork_rng(devices=[]):
+        for block in range(start // BLOCK, -(-end // BLOCK)):
+            shape = list(full_shape)
+            shape[dim] = min(BLOCK, size - block * BLOCK)
+            torch.default_generator.manual_seed(_generator_seed(seed, f"{key}#{block}"))
+            piece = torch.empty(shape, dtype=torch.float32)
+            init_fn(piece)
+            pieces.append(piece)
+    first = (start // BLOCK) * BLOCK
+    return torch.cat(pieces, dim).narrow(dim, start - first, end - start).to(dtype)
+
+
 def _full_shape(param: torch.Tensor, tp_size: int) -> list[int]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
@@ -125,8 +166,17 @@ def init_weights(chunks, seed: int) -> int:
                     if isinstance(module, RowParallelLinear)
                     else config.init_method
                 )
-                full = _draw(seed, key, init_fn, _full_shape(param, tp_size), param.dtype)
-                param.copy_(tp_shard(key, full, tp_rank, tp_size))
+                full_shape = _full_shape(param, tp_size)
+                if _elementwise(init_fn) and getattr(param, "tensor_model_parallel", False):
+                    dim = param.partition_dim
+                    ranges = _shard_ranges(key, full_shape[dim], tp_rank, tp_size)
+                    local = [
+                        _draw_slice(seed, key, init_fn, full_shape, dim, a, b, param.dtype) for a, b in ranges
+                    ]
+                    param.copy_(torch.cat(local, dim))
+                else:
+                    full = _draw(seed, key, init_fn, full_shape, param.dtype)
+                    param.copy_(tp_shard(key, full, tp_rank, tp_size))
             elif isinstance(module, torch.nn.Conv2d):  # ViT patch embedding: torch's own init, replicated
                 prefix = key[: -len(attr)]
                 with torch.random.fork_rng(devices=[]):
