@@ -439,7 +439,15 @@ def kill_run(tmp_path_factory, tiny_tokenizer):
     common = unit_run_args(jsonl, root / "imgs", tiny_tokenizer)
     ref = root / "ref" / "ds"
     assert run_tool("preprocess_data.py", *common, "--output-prefix", ref).returncode == 0
-    return common, prefix_files(ref)
+    # how long the run to be killed takes uninterrupted here, so random kill times fall inside it
+    started = time.perf_counter()
+    timed = subprocess.run(
+        [sys.executable, str(TOOLS / "preprocess_data.py"), *map(str, common), "--output-prefix",
+         str(root / "timed" / "ds"), "--workers", "2"],
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.1"), capture_output=True, check=False,
+    )
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    return common, prefix_files(ref), time.perf_counter() - started
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -455,12 +463,12 @@ def test_killed_anywhere_then_resumed_gives_identical_bytes(tmp_path, kill_run, 
     Fails if resume trusts a half-published output of the killed run (planted: resume skipping the merge
     when PREFIX.bin exists), if a kill after the manifest leaves .parts/ behind (planted: no cleanup on
     resuming a finished prefix), or if a prefix without its manifest looks complete."""
-    common, expected = kill_run
+    common, expected, duration = kill_run
     prefix = tmp_path / "ds"
     env = tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.1")
     delay = None
-    if point.startswith("random:"):  # seconds after the start: units, merge or the end, as it falls
-        delay = random.Random(13).sample([x / 10 for x in range(10, 40)], 2)[int(point.split(":")[1])]
+    if point.startswith("random:"):  # a seeded share of an uninterrupted run: start-up, units or merge
+        delay = duration * random.Random(13).sample([x / 100 for x in range(15, 70)], 2)[int(point.split(":")[1])]
     else:
         env["MEGASAIL_PREPROCESS_KILL_AT"] = "rejects" if point == "publish" else point
     argv = [

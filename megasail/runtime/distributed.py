@@ -40,11 +40,15 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = None
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun")
-        os.environ["MASTER_PORT"] = str(free_port())
+        # one process needs no rendezvous: an in-memory store takes no port and sets no environment
+        # variable that a later child process would inherit (and find taken)
+        store = dist.HashStore()
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if torch.cuda.is_available():
         backend = "nccl"
         torch.cuda.set_device(local_rank)
@@ -52,6 +56,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         backend = "gloo"
     dist.init_process_group(
         backend=backend,
+        store=store,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
