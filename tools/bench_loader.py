@@ -15,10 +15,12 @@ Tables (markdown):
 4. Loader start-up on one text-only source of --startup-entries index entries (1M; --large adds
    100M): each in a fresh process, the time to build MultimodalDataLoader and to its first
    micro-batch, and the peak RSS (VmHWM) with what stays resident (anonymous memory vs mapped
-   index pages); beside it the same for the curriculum's open_source alone (it reads whole
-   per-sample arrays: token and tile counts of every sample). The prefix is written array by array
+   index pages); beside it the same for the curriculum's open_source alone (its length check reads
+   the index in blocks; nothing per sample is kept). The prefix is written array by array
    (`write_synthetic_text_prefix`, bounded memory) with a sparse token file, since start-up reads
    only the index.
+5. Worker start: time to the first micro-batch with 2 workers started by fork and by spawn (the
+   start method GPU decoding in workers needs); skipped by --quick.
 """
 
 from __future__ import annotations
@@ -141,6 +143,37 @@ def imbalance_table(num_samples: int, global_batch: int, dp_size: int = 8) -> li
             f"| {name} | {len(values)} | {values.mean():.4f} | {values.max():.4f} "
             f"| {np.mean(tile_results[balance]):.4f} |"
         )
+    return rows
+
+
+def worker_start_table(num_samples: int, repeats: int, workers: int = 2) -> list[str]:
+    """Time to the first micro-batch with `workers` DataLoader workers started by fork and by spawn
+    (spawn is what a GPU decoding in workers needs: each worker then owns its DALI pipeline)."""
+    from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+    from megasail.data.loader.data_loader import MultimodalDataLoader
+
+    rows = ["| worker start | workers | first micro-batch s (median) | later micro-batch s (median) |",
+            "| --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as root:
+        prefix = os.path.join(root, "bench")
+        write_bench_prefix(prefix, num_samples)
+        times = {"fork": [], "spawn": []}
+        for _ in range(repeats):
+            for start in times:  # alternating, so load changes hit both
+                config = DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192,
+                                    global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=workers,
+                                    decode_backend="pil", build_attention_mask=False, worker_start=start)
+                loader = MultimodalDataLoader(config)
+                started = time.perf_counter()
+                next(loader)
+                first = time.perf_counter() - started
+                started = time.perf_counter()
+                next(loader)
+                times[start].append((first, time.perf_counter() - started))
+                loader.close()
+        for start, values in times.items():
+            first, later = (float(np.median(v)) for v in zip(*values, strict=True))
+            rows.append(f"| {start} | {workers} | {first:.2f} | {later:.2f} |")
     return rows
 
 
@@ -445,6 +478,9 @@ def main(argv=None) -> None:
             throughput_table(args.loader_samples, args.global_batches, workers, args.backend, args.repeats)
         )
     )
+    if not args.quick:
+        print("\n## Worker start (fork vs spawn)\n")
+        print("\n".join(worker_start_table(args.loader_samples, args.repeats)))
     print("\n## Loader start-up\n")
     print("\n".join(startup_table(args.startup_entries, args.workdir, attribute=not args.quick)))
 
