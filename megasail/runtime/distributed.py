@@ -40,13 +40,13 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    store = None
+    init_method = None
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun")
-        # one process needs no rendezvous: an in-memory store takes no port and sets no environment
-        # variable that a later child process would inherit (and find taken)
-        store = dist.HashStore()
+        # a port of its own, passed directly: no MASTER_PORT is left in the environment for a later
+        # child process to inherit (and find taken)
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if torch.cuda.is_available():
@@ -56,7 +56,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         backend = "gloo"
     dist.init_process_group(
         backend=backend,
-        store=store,
+        init_method=init_method,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
