@@ -35,7 +35,8 @@ def test_quickstart_trains_resumes_and_beats_untrained(repo_root, tmp_path):
     """The README's first command as a new user runs it (the suite's only full quickstart, ~3 min on 2 cores),
     with MEGASAIL_NO_INSTALL=1 so nothing is installed into the checkout. Fails if a step of it breaks, if
     the loss does not fall, if the second run does not resume the first run's checkpoint, or if the
-    trained model does not beat the untrained one on held-out captions."""
+    trained model does not beat the untrained one on held-out captions (tools/eval_captions.py, which the
+    quickstart runs last; tools/make_synthetic_data.py and tools/preprocess_data.py run before it)."""
     env = {
         "MEGASAIL_NO_INSTALL": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
