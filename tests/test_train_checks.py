@@ -91,8 +91,9 @@ def _clock_lrs(clock, positions, cfg, stage):
     scheduler = build_scheduler(cfg, holder, stage, clock)
     lrs = []
     for before, after in zip(positions[:-1], positions[1:], strict=True):
+        scheduler.advance(clock.increment(before, after))  # as the loop does, before the update
         lrs.append(holder.param_groups[0]["lr"])
-        scheduler.step(increment=clock.increment(before, after))
+    scheduler.advance(0.0)  # a step that would start where the budget is spent
     return lrs, holder.param_groups[0]["lr"]
 
 

@@ -39,14 +39,23 @@ class StageRun:
 def _release(previous: StageRun, chunks) -> None:
     """Drop a stage's DDP and optimizer so nothing of them survives into the next stage.
 
-    DDP points every parameter's ``.data`` into its contiguous buffer and gives it ``main_grad``;
-    each parameter gets its own storage back, so the old buffers are freed, and the gradient
-    hooks go with the DDP objects (the autograd accumulator nodes they hang on die with them).
+    megatron's DDP hangs its gradient hooks on each parameter's autograd accumulator node and keeps
+    those nodes alive (``grad_accs``); a node lives as long as anything holds the DDP, and a new DDP
+    built meanwhile would hook the same node, so the old hooks would fire after the new ones (with
+    overlap_grad_reduce: "param.grad being None is not safe"). So every reference to the old DDP and
+    optimizer goes first (the schedule's config callbacks hold the optimizer, which holds the DDP), its
+    hooks are made inert in case something still does, and it is collected before the next is built.
+    DDP also points every parameter's ``.data`` into its contiguous buffer and gives it ``main_grad``:
+    each parameter gets its own storage back, so the old buffers are freed.
     """
     for wrapped in previous.model:
         if getattr(wrapped, "use_forward_hook", False):
             wrapped.disable_forward_pre_hook(param_sync=True)  # the last update reaches the params first
+        wrapped.param_to_bucket_group = {}  # its backward hooks do nothing for a parameter not in here
     for chunk in chunks:
+        config = chunk.config
+        config.grad_scale_func = None  # a bound method of the old optimizer
+        config.no_sync_func = None  # the old DDP's no_sync
         for param in chunk.parameters():
             param.data = param.data.clone()
             for attr in ("main_grad", "grad_added_to_main_grad"):
