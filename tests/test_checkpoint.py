@@ -416,7 +416,7 @@ def _single_process(rank, world_size, root, out_path):
     def error_of(name, fn):
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - the message is what is checked
+        except BaseException as e:  # noqa: BLE001 - the message is what is checked (DCP raises BaseExceptions)
             errors[name] = f"{type(e).__name__}: {e}"
 
     error_of("optimizer_from_weights_only", lambda: load_checkpoint(root, wrapped, opt))
