@@ -42,11 +42,12 @@ The convention (2 FLOPs per multiply-add; matmuls only: norms, activations, soft
   layer, ViT and projector stay in bf16 (or fp16: the same tensor-core peak).
   MFU = sum over precisions p of FLOPs_p / peak_p, divided by step time x devices; HFU likewise.
 
-Megatron-LM's ``num_floating_point_operations`` (megatron/training/training.py) counts the same matmul
-terms, every one 3x (no frozen parts), the attention core causally as half the square (seq_length / 2
-keys per query, for QK^T and for AV), the logits per token, and no recomputation; it counts
-batch_size x seq_length token slots with the square of the whole row, padding and packed samples
-alike, unless its sequence-packing scheduler passes the sum of real sample lengths and of their squares.
+Megatron-LM's ``num_floating_point_operations`` (megatron/training/training.py) counts the same LLM
+matmul terms (it has no vision tower), every one 3x (nothing frozen), the attention core causally as
+half the square (seq_length / 2 keys per query, for QK^T and for AV; not the full s^2), the logits per
+token, and no recomputation, over batch_size x seq_length token slots with the square taken over the
+whole row: padding and the pairs across packed samples count too. Versions with its sequence-packing
+scheduler take the sum of real sample lengths and of their squares instead.
 """
 
 from __future__ import annotations
