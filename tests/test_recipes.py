@@ -89,6 +89,21 @@ def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
     assert "pretrain_vlm.py --config" in out and f"--nnodes {nodes}" in out
 
 
+def test_pretrain_dry_run_defaults_to_each_stage_at_one_mfu():
+    """Without a stated tokens/s the script's plan times each stage by its own FLOPs at --mfu of --gpu
+    (MFU / GPU in the environment work too).
+
+    Fails if the script still passes one tokens/s figure for every stage, or drops --mfu / --gpu."""
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "2b", "--gpu", "B200"],
+                env_extra={"MFU": "0.4"})
+    assert proc.returncode == 0, proc.stderr
+    rows = _stage_rows(proc.stdout)
+    align, advance = rows["pretrain_alignment"], rows["pretrain_advance"]
+    assert align[9] == advance[9] == "MFU 40% of B200 (2250 bf16 TFLOP/s)"
+    assert _num(advance[6]) / _num(align[6]) == pytest.approx(_num(advance[4]) / _num(align[4]), rel=0.02)
+    assert _num(advance[6]) > 1.3 * _num(align[6])  # the ViT's backward in the advance stage
+
+
 def test_pretrain_script_refuses_bad_arguments():
     """Fails if an unknown model or flag is accepted silently, or a real launch starts outside Slurm."""
     bad = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "3b"])
