@@ -93,9 +93,6 @@ class StepFlops:
     def as_tuple(self) -> tuple[float, float, float, float]:
         return astuple(self)
 
-    def __add__(self, other: StepFlops) -> StepFlops:
-        return StepFlops(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
-
 
 @dataclass(frozen=True)
 class _Term:
