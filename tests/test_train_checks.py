@@ -127,31 +127,6 @@ def test_stage_schedule_ends_exactly_when_the_token_budget_is_spent(schedule):
     assert final == pytest.approx(1e-4)
 
 
-def test_executed_flops_count_causal_attention_and_frozen_towers():
-    """FLOPs per part from the model dims, written out here: the LLM's causal pairs are l(l+1)/2 per
-    segment; a frozen LLM behind a trainable projector costs 2x its forward, a frozen ViT 1x.
-
-    Fails if attention is counted as the full square or frozen parts are charged 3x."""
-    from megasail.training.costs import FlopsModel
-
-    cfg = load_config(TINY_YAML).model
-    f = FlopsModel.from_model_config(cfg)
-    lm = cfg.language
-    d = lm.hidden_size // lm.num_attention_heads
-    per_slot_layer = (
-        2 * lm.hidden_size * (lm.num_attention_heads + 2 * lm.num_query_groups) * d
-        + 2 * lm.num_attention_heads * d * lm.hidden_size
-        + 6 * lm.hidden_size * lm.ffn_hidden_size
-    )
-    assert f.llm_per_slot == lm.num_layers * per_slot_layer + 2 * lm.hidden_size * lm.vocab_size
-    assert f.llm_per_pair == lm.num_layers * 4 * lm.num_attention_heads * d
-    parts = f.forward_parts(tiles=2, segment_lengths=[3, 5], slots=8)
-    assert parts["language"] == 8 * f.llm_per_slot + (6 + 15) * f.llm_per_pair
-    align = f.training_flops(parts, ["projector"])
-    assert align == parts["vision"] + 3 * parts["projector"] + 2 * parts["language"]
-    assert f.training_flops(parts, ["vision", "projector", "language"]) == 3 * sum(parts.values())
-
-
 def test_thd_inputs_keep_later_stages_none_fields():
     """A later pipeline stage's batch has no input_ids/labels/loss_mask: THD flattening keeps them None.
 

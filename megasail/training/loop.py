@@ -26,12 +26,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megasail.config import RunConfig, to_dict, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
+from megasail.models.flops import FlopsModel, StepFlops, run_peak, step_metrics
 from megasail.models.specs import use_transformer_engine
 from megasail.runtime import init_process_group, initialize
 from megasail.training.checks import StartupError, check_run
-from megasail.training.costs import FlopsModel, cost_model
+from megasail.training.costs import cost_model
 from megasail.training.init import init_weights
-from megasail.training.metrics import MetricsLogger, memory_gb, peak_tflops
+from megasail.training.metrics import MetricsLogger, memory_gb
 from megasail.training.model_builder import build_model_chunks
 from megasail.training.optim import optimizer_step
 from megasail.training.stages import StageRun, apply_recompute, start_stage
@@ -86,11 +87,6 @@ def _device() -> torch.device:
     )
 
 
-def _segments(batch: dict) -> list[int]:
-    cu = batch["cu_seqlens"].tolist()
-    return [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-
-
 def _sample_tokens(batch: dict, seq_length: int) -> int:
     """Tokens of real samples (padding excluded): each row's first num_samples segments."""
     cu, total = batch["cu_seqlens"].tolist(), 0
@@ -104,12 +100,12 @@ def _step_terms(
     batches: list[dict], logs: list[dict], cfg: RunConfig, flops: FlopsModel, trainable: list[str],
     stop_requested: bool = False,
 ):
-    """This rank's share of the step's global sums: [loss sum, loss tokens, FLOPs, sample tokens,
-    samples, stop requests]. The loss comes from the last pipeline stage's TP rank 0, the work counts
-    from the first stage's TP rank 0, so each is counted once per data-parallel replica; a SIGTERM
-    may reach the ranks at different steps, so the sum decides on every rank at once."""
-    terms = torch.zeros(6, dtype=torch.float64)
-    terms[5] = float(stop_requested)
+    """This rank's share of the step's global sums: [loss sum, loss tokens, sample tokens, samples,
+    stop requests, *StepFlops]. The loss comes from the last pipeline stage's TP rank 0, the work
+    counts from the first stage's TP rank 0, so each is counted once per data-parallel replica; a
+    SIGTERM may reach the ranks at different steps, so the sum decides on every rank at once."""
+    terms = torch.zeros(5 + len(StepFlops().as_tuple()), dtype=torch.float64)
+    terms[4] = float(stop_requested)
     tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
     if tp0 and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and logs:
         total = torch.stack([x["lm loss"].detach().double().cpu() for x in logs]).sum(0)
@@ -117,11 +113,9 @@ def _step_terms(
     if tp0 and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         seq = cfg.data.seq_length
         for b in batches:
-            tiles = int(b["pixel_values"].shape[0]) if b.get("pixel_values") is not None else 0
-            parts = flops.forward_parts(tiles, _segments(b), b["position_ids"].numel())
-            terms[2] += flops.training_flops(parts, trainable)
-            terms[3] += _sample_tokens(b, seq)
-            terms[4] += int(b["num_samples"].sum())
+            terms[2] += _sample_tokens(b, seq)
+            terms[3] += int(b["num_samples"].sum())
+            terms[5:] += torch.tensor(flops.batch_flops(b, trainable).as_tuple(), dtype=torch.float64)
     return terms
 
 
@@ -141,8 +135,8 @@ class Trainer:
             )  # a full checkpoint overwrites every weight: drawing is skipped
         apply_recompute(self.chunks, cfg.train.recompute, cfg.train.recompute_num_layers)
         self.loader = build_data_loader(cfg.data, cost_model=cost_model(cfg.model))
-        self.flops = FlopsModel.from_model_config(cfg.model)
-        self.peak = peak_tflops(cfg.model.fp8 is not None)
+        self.flops = FlopsModel.from_config(cfg.model, cfg.train.recompute)
+        self.peak = run_peak(cfg.model)
         self.thd = use_transformer_engine(cfg.model.transformer_impl)
         self.step = 0
         self.consumed = {"tokens": 0, "samples": 0}
@@ -339,7 +333,8 @@ class Trainer:
         terms = _step_terms(batches, logs, cfg, self.flops, r.stage.trainable, self.stop.requested)
         terms = terms.to(_device())
         dist.all_reduce(terms)
-        loss_sum, loss_tokens, flops, tokens, samples, stops = terms.tolist()
+        loss_sum, loss_tokens, tokens, samples, stops = terms[:5].tolist()
+        step_flops = StepFlops(*terms[5:].tolist())
         self.stop_agreed = stops > 0
         loss = loss_sum / max(loss_tokens, 1.0)
         # the step runs at the schedule's lr at the end of its data (its first step above 0); the data is
@@ -361,8 +356,6 @@ class Trainer:
         if not updated:
             self.skipped["steps"] += 1
             self.skipped["samples"] += int(samples)
-        world = dist.get_world_size()
-        tflops = flops / slowest / world / 1e12
         metrics = {
             "step": self.step,
             "stage": r.stage.name,
@@ -378,8 +371,7 @@ class Trainer:
             "consumed_samples": self.consumed["samples"],
             "step_time": slowest,
             "tokens_per_s": tokens / slowest,
-            "tflops_per_device": tflops,
-            "mfu": tflops / self.peak if self.peak else None,
+            **step_metrics(step_flops, slowest, dist.get_world_size(), self.peak),  # TFLOP/s, mfu, hfu
             "mem_gb": memory_gb(),
             "skipped_steps": self.skipped["steps"],
             "skipped_samples": self.skipped["samples"],

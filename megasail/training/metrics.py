@@ -1,9 +1,8 @@
 """Per-step metrics: LOGGING_DIR/metrics.jsonl, a compact console line with ETA, a wandb mirror.
 
-Throughput and MFU count FLOPs actually executed (``megasail.training.costs``): the ViT and the
-projector per tile, the LLM per token slot plus causal attention pairs, each part times 3, 2 or 1
-by whether it trains, passes gradients, or only runs forward. Peak FLOP/s per device come from
-the GPU's name (dense bf16 / fp8 tensor-core peaks); on a CPU, or an unknown GPU, MFU is null.
+TFLOP/s per device, ``mfu`` and ``hfu`` (recomputation included) follow the one FLOPs convention and
+peak table of ``megasail.models.flops`` (real tokens only, causal attention per sample, frozen parts
+charged what their backward runs); on a CPU, or an unknown GPU, MFU and HFU are null.
 """
 
 from __future__ import annotations
@@ -19,18 +18,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# dense tensor-core peak TFLOP/s per device: (bf16/fp16, fp8)
-PEAK_TFLOPS = {
-    "H200": (989.0, 1979.0),
-    "H100": (989.0, 1979.0),
-    "H800": (989.0, 1979.0),
-    "A100": (312.0, None),
-    "A800": (312.0, None),
-    "L40S": (362.0, 733.0),
-    "B200": (2250.0, 4500.0),
-    "GB200": (2500.0, 5000.0),
-}
-
 REQUIRED_KEYS = (
     "step",
     "stage",
@@ -41,21 +28,11 @@ REQUIRED_KEYS = (
     "tokens_per_s",
     "tflops_per_device",
     "mfu",
+    "hfu",
     "mem_gb",
     "skipped_samples",
     "step_time_spread",
 )
-
-
-def peak_tflops(fp8: bool) -> float | None:
-    """This device's dense peak TFLOP/s (fp8 when the run uses FP8), or None when unknown (CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, (bf16, f8) in PEAK_TFLOPS.items():
-        if key in name:
-            return f8 if fp8 and f8 else bf16
-    return None
 
 
 def _format_eta(seconds: float) -> str:
