@@ -2,6 +2,8 @@
 never computed by the code under test)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megasail.evaluation import (
     BenchmarkItem,
@@ -104,6 +106,24 @@ def test_anls_case_whitespace_and_best_answer():
     assert anls_similarity("abcd", ["zzzz", "abcx"]) == pytest.approx(0.75)
     assert anls_similarity(" ABCD ", ["abcd"]) == 1.0
     assert anls_similarity("a   b", ["a b"]) == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("abc ", max_size=12), st.lists(st.text("abC", max_size=12), min_size=1, max_size=3))
+def test_anls_matches_its_definition_on_any_strings(prediction, answers):
+    """The definition spelled out with the (separately checked) edit distance, on short random strings.
+
+    Fault caught: the length-gap shortcut (skipping answers too far apart in length to score) measured
+    against the answer's length instead of the longer string's.
+    """
+    guess = " ".join(prediction.lower().split())
+    expected = 0.0
+    for answer in answers:
+        truth = " ".join(answer.lower().split())
+        longer = max(len(guess), len(truth))
+        nl = levenshtein(guess, truth) / longer if longer else 0.0
+        expected = max(expected, 1 - nl if nl < 0.5 else 0.0)
+    assert anls_similarity(prediction, answers) == pytest.approx(expected)
 
 
 def test_anls_benchmark_is_mean_times_100():

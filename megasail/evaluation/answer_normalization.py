@@ -8,6 +8,7 @@ digits, articles are dropped, apostrophe-less contractions get their apostrophes
 
 from __future__ import annotations
 
+import functools
 import re
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")  # fmt: skip
@@ -64,6 +65,7 @@ def _digits_articles_contractions(text: str) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=1 << 17)  # annotator answers recur across questions, models and resamples
 def normalize_vqa_answer(text: str) -> str:
     """An answer or prediction as the VQA evaluation compares it: "Two dogs." -> "2 dogs"."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()

@@ -65,7 +65,11 @@ def anls_similarity(prediction: str, answers: list[str], threshold: float = ANLS
     for answer in answers:
         truth = " ".join(answer.strip().lower().split())
         longer = max(len(guess.upper()), len(truth.upper()))  # the package measures the upper-cased strings
-        distance = 0.0 if longer == 0 else levenshtein(guess, truth) / longer
+        if longer == 0:
+            return 1.0
+        if abs(len(guess) - len(truth)) >= threshold * longer:
+            continue  # the distance is at least the length gap: NL >= threshold, this answer scores 0
+        distance = levenshtein(guess, truth) / longer
         best = max(best, 1.0 - distance if distance < threshold else 0.0)
     return best
 
