@@ -104,8 +104,10 @@ def _answers(cell: str, metric: str, where: str) -> list[str]:
 class _ImageCells:
     """Decodes each row's image cell once, following index references; shared images share bytes."""
 
-    def __init__(self, path: str, cells: dict[str, tuple[str, str]]):
-        self.path, self.cells, self.decoded = path, cells, {}
+    def __init__(self, cells: dict[str, tuple[str, str]]):
+        """cells: index -> (the image cell, 'file:line')."""
+        self.cells: dict[str, tuple[str, str]] = cells
+        self.decoded: dict[str, list[bytes]] = {}
 
     def source(self, index: str) -> tuple[str, str]:
         """(the index of the row holding the data, its cell) for a row."""
@@ -135,7 +137,7 @@ def read_tsv_items(path: str, metric: str | None) -> tuple[str, list[BenchmarkIt
     header, rows = _read_rows(path)
     records = [(f"{path}:{line}", dict(zip(header, row, strict=True))) for line, row in rows]
     check_unique_ids([(r["index"], where) for where, r in records])
-    images = _ImageCells(path, {r["index"]: (r.get("image", ""), where) for where, r in records})
+    images = _ImageCells({r["index"]: (r.get("image", ""), where) for where, r in records})
     circular = metric == "mc" and any(n in os.path.basename(path).lower() for n in CIRCULAR_NAMES)
     items = []
     for where, r in records:
