@@ -33,7 +33,7 @@ import numpy as np
 from megasail.curation.scaling import PARAMS, fit_curves, strip_private
 from megasail.curation.scaling_chinchilla import PARAMS as CHINCHILLA_PARAMS
 from megasail.curation.scaling_chinchilla import fit_chinchilla, hoffmann_grid
-from megasail.curation.scaling_points import PointsError, read_points, runs_series
+from megasail.curation.scaling_points import PointsError, read_points, runs_series, thin_log_spaced
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-x", type=float, default=None, help="leave out points with x below this (e.g. warmup)"
     )
     p.add_argument("--max-x", type=float, default=None, help="leave out points with x above this")
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=400,
+        help="with --y-key: keep at most this many steps, evenly spaced in ln x (default 400; 0 keeps all)",
+    )
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="interval coverage (default 0.95)")
@@ -234,13 +240,22 @@ def fit_all(kind: str, series: dict, args, predict_at) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resamples < 1 or not 0 < args.level < 1 or args.starts_stride < 1 or args.workers < 1:
-        parser.error("--resamples, --starts-stride and --workers must be >= 1 and --level in (0, 1)")
+    if (
+        min(args.resamples, args.starts_stride, args.workers) < 1
+        or args.max_points < 0
+        or not 0 < args.level < 1
+    ):
+        parser.error(
+            "--resamples, --starts-stride and --workers must be >= 1, --max-points >= 0, --level in (0, 1)"
+        )
     try:
         kind, series = _load(args)
         predict_at = _predict_at(args.predict_at, kind)
         if kind == "curve":
             _limit_x(series, args.min_x, args.max_x)
+            if args.y_key and args.max_points:
+                for s in series.values():
+                    thin_log_spaced(s, args.max_points)
         results = fit_all(kind, series, args, predict_at)
     except (PointsError, OSError) as e:
         print(f"fit_scaling.py: error: {e}", file=sys.stderr)

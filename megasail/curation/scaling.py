@@ -28,6 +28,8 @@ FORMS = ("log_linear", "power_law")
 PARAMS = {"log_linear": ("a", "b"), "power_law": ("c", "a", "b")}
 B_MIN, B_MAX = 1e-3, 5.0  # power-law exponent search range; an optimum on either end is reported
 COARSE_GRID, FINE_GRID = 96, 48
+CHUNK_ELEMENTS = 2_000_000  # ~16 MB per work array in the power-law grid search
+LOO_MAX_FOLDS = 400  # above this many points, leave-one-out holds out a seeded subset of this size
 CONDITION_LIMIT = 1e7  # column-scaled Jacobian condition number above which a fit is ill-conditioned
 
 
@@ -73,8 +75,17 @@ def fit_power_law(x_rm: np.ndarray, y_rm: np.ndarray, x_ref: float) -> np.ndarra
     """``y = c - a_ref (x / x_ref)^(-b)`` per row of (R, m) arrays -> (R, 3) columns (c, a_ref, b).
 
     NaN where a row has fewer than 3 distinct x. ``b`` lies in [B_MIN, B_MAX]; the caller reports an
-    optimum on a bound (see ``power_law_diagnosis``).
+    optimum on a bound (see ``power_law_diagnosis``). Rows go in chunks so the (rows, grid, m) work
+    arrays stay near ``CHUNK_ELEMENTS``.
     """
+    step = max(1, CHUNK_ELEMENTS // (COARSE_GRID * max(x_rm.shape[1], 1)))
+    parts = [
+        _fit_power_law_rows(x_rm[i : i + step], y_rm[i : i + step], x_ref) for i in range(0, len(x_rm), step)
+    ]
+    return np.concatenate(parts) if parts else np.empty((0, 3))
+
+
+def _fit_power_law_rows(x_rm, y_rm, x_ref):
     r = x_rm.shape[0]
     u = np.log(x_rm / x_ref)
     lo, hi = np.log(B_MIN), np.log(B_MAX)
@@ -130,19 +141,30 @@ def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
-def leave_one_out_indices(n: int) -> np.ndarray:
-    """(n, n-1): row i holds every index but i."""
-    return np.array([[j for j in range(n) if j != i] for i in range(n)], dtype=np.int64).reshape(n, n - 1)
+def leave_one_out_indices(n: int, held: np.ndarray | None = None) -> np.ndarray:
+    """(F, n-1): row f holds every index but held[f] (default: every point held out once, F = n)."""
+    held = np.arange(n) if held is None else np.asarray(held)
+    cols = np.arange(n - 1)[None, :]
+    return cols + (cols >= held[:, None])
 
 
-def loo_rmse(form: str, x: np.ndarray, y: np.ndarray, x_ref: float) -> float:
-    """Root mean square error of predicting each point from a fit to all the others (NaN folds count as failed)."""
-    idx = leave_one_out_indices(len(x))
-    params = _fit(form, x[idx], y[idx], x_ref)
-    held_out = predict(form, params, x, x_ref)[np.arange(len(x)), np.arange(len(x))]
+def loo_folds(n: int, seed: int = 0) -> np.ndarray:
+    """The points held out one at a time: all of them, or a seeded LOO_MAX_FOLDS of them when n is larger."""
+    if n <= LOO_MAX_FOLDS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, LOO_MAX_FOLDS, replace=False))
+
+
+def loo_rmse(form: str, x: np.ndarray, y: np.ndarray, x_ref: float, seed: int = 0) -> float:
+    """Root mean square error of predicting each held-out point from a fit to all the others (``loo_folds``);
+    NaN when a fold cannot be fitted."""
+    held = loo_folds(len(x), seed)
+    params = _fit(form, x[leave_one_out_indices(len(x), held)], y[leave_one_out_indices(len(x), held)], x_ref)
+    folds = np.arange(len(held))
+    held_out = predict(form, params, x[held], x_ref)[folds, folds]
     if not np.all(np.isfinite(held_out)):
         return float("nan")
-    return float(np.sqrt(np.mean((held_out - y) ** 2)))
+    return float(np.sqrt(np.mean((held_out - y[held]) ** 2)))
 
 
 def power_law_diagnosis(x: np.ndarray, y: np.ndarray, params: np.ndarray, x_ref: float) -> tuple[str, str]:
@@ -224,7 +246,8 @@ def fit_form(form, x, y, *, predict_at=None, resamples=1000, seed=0, level=0.95)
             f"b's interval reaches its lower bound {B_MIN:g}: saturation is not established by these points "
             "(c's upper limit means little)"
         )
-    entry["loo_rmse"] = loo_rmse(form, x, y, x_ref)
+    entry["loo_rmse"] = loo_rmse(form, x, y, x_ref, seed)
+    entry["loo_folds"] = int(len(loo_folds(n, seed)))
     entry["bootstrap"] = {"resamples": int(resamples), "failed": int(failed.sum()), "seed": int(seed)}
     if predict_at is not None:
         at = np.array([float(predict_at)])

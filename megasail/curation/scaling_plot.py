@@ -22,6 +22,11 @@ def _band(curves_rp: np.ndarray, level: float):
     return np.percentile(curves_rp, [tail, 100 - tail], axis=0)
 
 
+def _yerr(pred):
+    # a percentile interval can miss its estimate by rounding (noiseless points): no negative bars
+    return [[max(pred["y"] - pred["y_ci"][0], 0.0)], [max(pred["y_ci"][1] - pred["y"], 0.0)]]
+
+
 def _curve_panel(ax, name, columns, result, predict_at, level, x_label):
     x, y = np.asarray(columns["x"]), np.asarray(columns["y"])
     hi = max(x.max(), predict_at or 0.0)
@@ -48,7 +53,7 @@ def _curve_panel(ax, name, columns, result, predict_at, level, x_label):
             ax.fill_between(grid, lo, up, color=COLORS[form], alpha=0.15 if ok else 0.07, lw=0)
         pred = entry.get("prediction")
         if pred is not None and all(math.isfinite(v) for v in pred["y_ci"]):
-            err = [[pred["y"] - pred["y_ci"][0]], [pred["y_ci"][1] - pred["y"]]]
+            err = _yerr(pred)
             ax.errorbar([pred["x"]], [pred["y"]], yerr=err, fmt="D", color=COLORS[form], capsize=4, zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel(x_label)
@@ -78,7 +83,7 @@ def _chinchilla_panel(ax, name, columns, result, level):
             ax.fill_between(grid, lo, up, color=color, alpha=0.15, lw=0)
     pred = entry.get("prediction")
     if pred is not None and pred.get("y_ci"):
-        err = [[pred["y"] - pred["y_ci"][0]], [pred["y_ci"][1] - pred["y"]]]
+        err = _yerr(pred)
         ax.errorbar(
             [pred["d"]],
             [pred["y"]],

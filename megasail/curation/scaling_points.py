@@ -251,6 +251,24 @@ def run_series(
     return series
 
 
+def thin_log_spaced(series: Series, max_points: int) -> None:
+    """Keep at most ``max_points`` points of a curve series, the ones nearest a geometric grid over its x range
+    (equal weight per decade; a loss logged every step has most of its points at large x). Noted."""
+    x = series.array("x")
+    if len(x) <= max_points:
+        return
+    order = np.argsort(x, kind="stable")
+    log_x = np.log(x[order])
+    targets = np.linspace(log_x[0], log_x[-1], max_points)
+    nearest = np.clip(np.searchsorted(log_x, targets), 1, len(x) - 1)
+    nearest -= (targets - log_x[nearest - 1]) < (log_x[nearest] - targets)
+    keep = np.sort(order[np.unique(nearest)])
+    series.notes.append(
+        f"thinned {len(x)} points to {len(keep)}, spaced evenly in ln x (--max-points {max_points})"
+    )
+    series.columns = {k: [col[i] for i in keep] for k, col in series.columns.items()}
+
+
 def runs_series(
     patterns: list[str], *, benchmark=None, y_key=None, x="tokens", one_series=False
 ) -> dict[str, Series]:
