@@ -312,14 +312,14 @@ def test_cli_errors_name_the_file_and_what_to_do(repo_root, tmp_path):
 
 def test_cli_chinchilla_points(repo_root, tmp_path):
     """{n, d, loss} points select the Chinchilla fit: fit.json holds E, A, B, alpha, beta with intervals and
-    the loss predicted at --predict-at N,D; the plot is written. Fault caught: the points read as curve
+    the loss predicted at --predict-at N,D; the plot is written; the starts run in 2 worker processes. Fault caught: the points read as curve
     points (no "chinchilla" entry)."""
     n, d, loss = _chinchilla_points()
     rows = [{"n": a, "d": b, "loss": c} for a, b, c in zip(n, d, loss, strict=True)]
     points = _write_jsonl(tmp_path / "loss.jsonl", rows)
     out = tmp_path / "fits"
     proc = _tool(["--points", points, "--predict-at", "7e10,1.4e12", "--starts-stride", "45", "--resamples",
-                  "5", "--output-dir", str(out)], repo_root)  # fmt: skip
+                  "5", "--workers", "2", "--output-dir", str(out)], repo_root)  # fmt: skip
     fit = json.loads((out / "fit.json").read_text())
     c = fit["chinchilla"]
     assert c["E"] == pytest.approx(1.69, rel=1e-3) and c["beta"] == pytest.approx(0.28, rel=1e-3)

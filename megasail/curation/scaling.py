@@ -248,6 +248,14 @@ def fit_form(form, x, y, *, predict_at=None, resamples=1000, seed=0, level=0.95)
         )
     entry["loo_rmse"] = loo_rmse(form, x, y, x_ref, seed)
     entry["loo_folds"] = int(len(loo_folds(n, seed)))
+    notes = [entry["message"]] if entry["message"] else []
+    if not np.isfinite(entry["loo_rmse"]):
+        notes.append("leave-one-out could not refit without some point (too few distinct x): not comparable")
+    if failed.mean() > 0.05:
+        notes.append(
+            f"{int(failed.sum())} of {resamples} resamples had too few distinct x: intervals from the rest"
+        )
+    entry["message"] = "; ".join(notes)
     entry["bootstrap"] = {"resamples": int(resamples), "failed": int(failed.sum()), "seed": int(seed)}
     if predict_at is not None:
         at = np.array([float(predict_at)])
