@@ -101,7 +101,7 @@ def _fit_power_law_rows(x_rm, y_rm, x_ref):
     rows = np.arange(r)
     t0, t1 = fine[rows, j - 1], fine[rows, j]
     f0, f1, f2 = rss_f[rows, j - 1], rss_f[rows, j], rss_f[rows, j + 1]
-    # vertex of the parabola through the three points (equal spacing h); stays inside [t0, t2]
+    # vertex of the parabola through the three points (equal spacing h), kept within one spacing of t1
     h = t1 - t0
     denom = f0 - 2 * f1 + f2
     with np.errstate(divide="ignore", invalid="ignore"):
