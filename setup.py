@@ -35,11 +35,14 @@ extras = {
     # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers.
     "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],
     "wandb": ["wandb"],
+    # tools/fit_scaling.py: scipy for the Chinchilla L-BFGS fit, matplotlib for fit.png (skipped without it)
+    "curation": ["scipy>=1.10", "matplotlib>=3.7"],
 }
 extras["dev"] = sorted(
     set(
         extras["hf"]
         + extras["dali"]
+        + extras["curation"]
         + [
             "pytest>=8",
             "hypothesis>=6.100",
