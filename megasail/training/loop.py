@@ -460,13 +460,16 @@ class Trainer:
 def _record_config(cfg: RunConfig) -> None:
     """The resolved config (unset values adopted from the manifests) in the log and LOGGING_DIR/config.yaml."""
     text = to_yaml(cfg)
-    log.info("resolved config:\n%s", text)
-    if cfg.logging.dir:
-        os.makedirs(cfg.logging.dir, exist_ok=True)
-        path = os.path.join(cfg.logging.dir, "config.yaml")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    if not cfg.logging.dir:
+        log.info("resolved config (set logging.dir to keep it in LOGGING_DIR/config.yaml):\n%s", text)
+        return
+    os.makedirs(cfg.logging.dir, exist_ok=True)
+    path = os.path.join(cfg.logging.dir, "config.yaml")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    log.info("resolved config: %s", path)
+    log.debug("resolved config:\n%s", text)
 
 
 def pretrain(cfg: RunConfig, *, forward_step_func=forward_step) -> dict:
