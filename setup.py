@@ -34,7 +34,6 @@ extras = {
     "dali": ["nvidia-dali-cuda120>=1.40"],
     # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers.
     "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],
-    "wandb": ["wandb"],
     # tools/fit_scaling.py: scipy for the Chinchilla L-BFGS fit, matplotlib for fit.png (skipped without it)
     "curation": ["scipy>=1.10", "matplotlib>=3.7"],
 }
@@ -69,6 +68,7 @@ setup(
         "pillow>=10",
         "psutil",  # megatron-core's dist_checkpointing needs it
         "sentencepiece",
+        "wandb",  # metrics mirror (offline unless logged in); logging.wandb=false turns it off
     ],
     extras_require=extras,
     ext_modules=ext_modules,
