@@ -370,7 +370,7 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
             "--output-prefix",
             str(killed),
         ],
-        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="2.0"),  # units outlast a loaded machine's polling
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -396,7 +396,7 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
             str(killed),
             "--resume",
         ],
-        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="2.0"),  # units outlast a loaded machine's polling
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
