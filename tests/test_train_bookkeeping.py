@@ -41,8 +41,8 @@ def _restarts(rank, world_size, prefix, root, out):
 
     ckpt = f"{root}/ckpt"
     runs = {
-        "first": [f"train.iters=2", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
-        "longer": [f"train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
+        "first": ["train.iters=2", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
+        "longer": ["train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
         "replanned": ["train.iters=4", f"checkpoint.load={ckpt}/iter_0000002", f"checkpoint.save={root}/ckpt3",
                       "optim.override_scheduler=true", f"logging.dir={root}/logs3"],
         "fresh_into_used_dir": ["train.iters=1", f"checkpoint.save={ckpt}"],

@@ -78,7 +78,11 @@ def _foreign_linears(rank, world_size, out):
                              "model.language.num_attention_heads=4", "model.language.num_query_groups=2",
                              "model.language.ffn_hidden_size=96"])
     initialize(1, 1, seed=3)
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
 
     results = {}
     for name in ("megatron", "foreign"):
