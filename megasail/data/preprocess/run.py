@@ -17,12 +17,14 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
+from megasail.data.child_processes import die_with_parent
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.manifest import build_manifest, manifest_fingerprint
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
@@ -238,8 +240,10 @@ _WORKER_CTX: UnitContext | None = None
 _WORKER_COUNTERS = None  # (records, bytes) shared with the main process for the progress bar
 
 
-def _init_worker(ctx: UnitContext, counters) -> None:
+def _init_worker(ctx: UnitContext, counters, parent_pid: int, from_main_thread: bool) -> None:
     global _WORKER_CTX, _WORKER_COUNTERS
+    # a killed run's workers would wait for units forever (they hold both ends of the task queue)
+    die_with_parent(parent_pid, death_signal=from_main_thread)
     _WORKER_CTX, _WORKER_COUNTERS = ctx, counters
 
 
@@ -365,7 +369,7 @@ def execute(plan: RunPlan) -> dict:
                 min(cfg.workers, len(pending)),
                 mp_context=spawn,
                 initializer=_init_worker,
-                initargs=(ctx, counters),
+                initargs=(ctx, counters, os.getpid(), threading.current_thread() is threading.main_thread()),
             )
             clean = False
             try:
