@@ -48,10 +48,30 @@ class SourceIndex:
         return len(self.dataset)
 
 
-def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20) -> SourceIndex:
-    """Open a prefix and check that every sample packs (1..seq_length tokens at the run's tiling),
-    reading the index in blocks so memory stays flat whatever its size."""
+class EmptySourceError(ValueError):
+    """A source prefix that holds no sample (its preprocessing kept none)."""
+
+
+def open_nonempty(source: SourceConfig, stage_name: str) -> IndexedMultimodalDataset:
+    """Open a prefix; an empty one is refused, naming the stage, the prefix and its manifest's rejects."""
     dataset = IndexedMultimodalDataset(source.prefix)
+    if len(dataset) == 0:
+        from megasail.data.preprocess.rejects import empty_prefix_reason
+
+        raise EmptySourceError(
+            f"data stage {stage_name!r}: source {source.prefix} holds no samples "
+            f"({empty_prefix_reason(source.prefix, dataset.manifest)}); fix its inputs and preprocess it "
+            "again, or remove it from the stage"
+        )
+    return dataset
+
+
+def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20,
+                dataset: IndexedMultimodalDataset | None = None) -> SourceIndex:
+    """Open a prefix (or take `dataset`, opened already) and check that every sample packs
+    (1..seq_length tokens at the run's tiling), reading the index in blocks so memory stays flat
+    whatever its size."""
+    dataset = dataset if dataset is not None else IndexedMultimodalDataset(source.prefix)
     counter = SampleCounter(dataset, data.max_tiles, data.min_tiles, data.tile_size)
     bad_count, first_bad = 0, None
     for lo in range(0, len(dataset), block):
@@ -236,7 +256,9 @@ class StagePlan:
 class Curriculum:
     """Global batches of packed sequences over all stages, from any position (no replay).
 
-    Stage plans are built lazily: a stage's sources are opened the first time it is reached.
+    Stage plans are built lazily: a stage's sources are checked (length of every sample) the first
+    time it is reached. Every source of every stage is opened at once, so an empty one (EmptySourceError)
+    stops the run before its first step, not at the stage that draws from it.
     """
 
     def __init__(self, data: DataConfig):
@@ -244,6 +266,11 @@ class Curriculum:
         self.data = data
         self._plans: dict[int, StagePlan] = {}
         self._opened: dict[str, SourceIndex] = {}
+        self._datasets: dict[str, IndexedMultimodalDataset] = {}
+        for stage in data.stages:
+            for source in stage.sources:
+                if source.prefix not in self._datasets:
+                    self._datasets[source.prefix] = open_nonempty(source, stage.name)
 
     def plan(self, stage: int) -> StagePlan:
         if stage not in self._plans:
@@ -251,7 +278,7 @@ class Curriculum:
             for source in self.data.stages[stage].sources:
                 key = source.prefix
                 if key not in self._opened:
-                    self._opened[key] = open_source(source, self.data)
+                    self._opened[key] = open_source(source, self.data, dataset=self._datasets[key])
                 sources.append(dataclasses.replace(self._opened[key], config=source))
             self._plans[stage] = StagePlan(stage, self.data.stages[stage], sources, self.data)
         return self._plans[stage]
