@@ -139,6 +139,25 @@ class Chunk:
         return len(self.offsets) - 1
 
 
+def blend_chunk(weights: np.ndarray, sizes: np.ndarray, chunk_samples: int) -> np.ndarray:
+    """int32[chunk_samples]: the source of each slot of every chunk of a stage's blend."""
+    blend_source, _ = index_helpers.blend_indices(weights, chunk_samples, np.maximum(sizes, 1))
+    return blend_source.astype(np.int32)
+
+
+def samples_before_repeat(weights: np.ndarray, sizes: np.ndarray, chunk_samples: int) -> int:
+    """Blended samples of a stage before any of its sources starts its second epoch: one pass, in
+    which no sample is drawn twice (every sample of every source once when weights follow sizes)."""
+    blend = blend_chunk(weights, sizes, chunk_samples)
+    picks = np.bincount(blend, minlength=len(sizes))
+    first_repeat = []
+    for k, size in enumerate(sizes.tolist()):
+        if picks[k]:  # a source of weight 0 is never drawn
+            chunks, rest = divmod(size, int(picks[k]))
+            first_repeat.append(chunks * chunk_samples + int(np.flatnonzero(blend == k)[rest]))
+    return min(first_repeat)
+
+
 class StagePlan:
     """The packed-sequence stream of one stage, chunk by chunk (docs/loader.md, "Order")."""
 
@@ -151,8 +170,7 @@ class StagePlan:
         self.chunk_samples = data.pack_chunk_samples
         weights = np.array([s.config.weight for s in sources], dtype=np.float64)
         self.sizes = np.array([s.size for s in sources], dtype=np.int64)
-        blend_source, _ = index_helpers.blend_indices(weights, self.chunk_samples, np.maximum(self.sizes, 1))
-        self.blend_source = blend_source.astype(np.int32)  # int32[C] source of each slot of every chunk
+        self.blend_source = blend_chunk(weights, self.sizes, self.chunk_samples)  # int32[C]
         self.picks_per_chunk = np.bincount(self.blend_source, minlength=len(sources)).astype(np.int64)
         # count of each slot's source among the chunk's earlier slots
         self.count_in_chunk = np.zeros(self.chunk_samples, dtype=np.int64)
