@@ -131,7 +131,7 @@ def test_dp2_ranks_split_each_validation_sample_once(prefixes, weights, eval_ite
     smaller source would repeat; with eval_iters 1, one global batch. No training sample appears.
 
     Faults caught: no budget at the first repeat (the evaluation wraps around: samples read twice);
-    both ranks reading the whole global batch (each sample twice)."""
+    the reader ignoring its dp_rank (both ranks read rank 0's rows: each of them twice)."""
     config = make_config(prefixes, weights=weights, num_workers=0)
     readers = [ValidationReader(config, 1, eval_iters, dp_rank, 2) for dp_rank in range(2)]
     steps = [step for reader in readers for step in evaluation(reader)]
@@ -189,5 +189,6 @@ def test_model_parallel_ranks_get_their_validation_fields_from_one_reader(prefix
     """TP=2 / PP=2: every rank's validation steps hold exactly its pipeline stage's fields, equal to a
     single reader's, at two evaluations in a row; every rank knows the coverage.
 
-    Fault caught: ModelParallelDataLoader ignoring make_reader (the ranks read the training stream)."""
+    Fault caught: ModelParallelDataLoader ignoring make_reader (the group's reader is then a training
+    MultimodalDataLoader, which has no evaluation to restart)."""
     run_distributed_test(_model_parallel_validation, 2, prefixes, tp, pp)

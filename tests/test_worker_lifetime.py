@@ -154,6 +154,32 @@ def test_loader_workers_die_with_a_killed_trainer(prefix, tmp_path, start, creat
     kill_trainer_and_check(argv, expect_workers=2, expect_trackers=0 if start == "fork" else 1, ready=workers_hung)
 
 
+@pytest.mark.slow
+def test_pretrain_vlm_workers_die_with_a_killed_trainer(tmp_path):
+    """The real trainer: `pretrain_vlm.py` (one process, tiny model) reading with 2 spawned workers,
+    killed with SIGKILL after its first logged step: its workers and resource tracker are dead 5 s later.
+
+    Fault caught: no die_with_parent in the workers (torch's own watchdog let spawned workers of an
+    idle trainer run on for 10-15 s here)."""
+    from train_utils import make_dataset
+
+    prefix = make_dataset(str(tmp_path / "data"), "a", 48, 1)
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+
+    def first_step_logged(proc):
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the trainer logged no step"
+            time.sleep(0.2)
+
+    argv = [sys.executable, os.path.join(REPO, "pretrain_vlm.py"), "--config", os.path.join(REPO, "examples/configs/tiny.yaml"),
+            f"data.path={prefix}", "data.num_workers=2", "data.worker_start=spawn", "data.seq_length=512",
+            "data.max_tiles=1", "data.pack_window=8", "data.pack_chunk_samples=32", "model.vision.num_layers=1",
+            "model.language.num_layers=2", "train.iters=100000", f"logging.dir={tmp_path / 'logs'}",
+            "logging.wandb=false"]
+    kill_trainer_and_check(argv, expect_workers=2, expect_trackers=1, ready=first_step_logged)
+
+
 def test_preprocessing_workers_die_with_a_killed_run(tmp_path):
     """kill -9 of a `preprocess_data.py --workers 2` main process while its units run: the two spawned
     unit workers (which would otherwise wait for more units forever: they hold both ends of the task
