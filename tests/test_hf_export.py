@@ -46,12 +46,13 @@ def _synthetic_module():
 
 @pytest.fixture(scope="module")
 def byte_export(tmp_path_factory):
-    """The tiny chat model: HF dir -> megasail checkpoint (ms) -> HF export, plus two images."""
+    """The tiny chat model: HF dir -> megasail checkpoint (ms) -> HF export, plus three images."""
     root = tmp_path_factory.mktemp("byte")
     hf = chatty_hf_model()
     save_chat_dir(hf, root / "hf")
     (root / "wide.png").write_bytes(png_bytes(120, 60, seed=1))  # 2x1 grid + thumbnail
     (root / "square.png").write_bytes(png_bytes(40, 40, seed=2))  # one tile
+    (root / "strip.png").write_bytes(png_bytes(200, 40, seed=3))  # 4x1 at most 4 tiles + thumbnail
     convert_here("--from", "hf", "--to", "megasail", "--input", str(root / "hf"), "--output", str(root / "ms"))
     convert_here("--from", "megasail", "--to", "hf", "--input", str(root / "ms"), "--output", str(root / "export"))
     return root
@@ -76,11 +77,13 @@ def _tokenizer_dir(kind: str, root) -> str:
 @pytest.mark.parametrize("kind", ["sentencepiece", "qwen", "byte"])
 def test_exported_tokenizer_encodes_as_megasail(kind, tmp_path):
     """AutoTokenizer on an export's files gives megasail's ids for text, special tokens and a whole
-    chat prompt. Faults caught: the export writes only sp.model (transformers then builds a 1-token
-    tokenizer that encodes to []); the sentencepiece conversion puts the dummy prefix on the first
-    text run only (legacy=False); megasail's appended image tokens (Qwen: 151669-151671) are left
-    out; the tokenizer.json keeps megasail's 'never parse special tokens' switch, so the chat
-    template's <|im_start|> is split into characters."""
+    chat prompt, and the exported tokenizer.json holds megasail's special tokens at their ids.
+    Faults caught: the export writes only sp.model (no tokenizer.json: transformers cannot build a
+    tokenizer from it, or builds one that encodes to []); the sentencepiece conversion puts the
+    dummy prefix on the first text run only (legacy=False); megasail's special tokens (the
+    sentencepiece model's control symbols) not made special, so a prompt's <|im_start|> is split
+    into pieces; the source tokenizer.json copied as it is, without the image tokens megasail
+    appended (Qwen: <img> 151669, </img> 151670, <IMG_CONTEXT> 151671)."""
     from transformers import AutoTokenizer
 
     from megasail.convert.hf_processor import write_processor_files
@@ -102,8 +105,12 @@ def test_exported_tokenizer_encodes_as_megasail(kind, tmp_path):
         assert hf(text)["input_ids"] == expected, text  # what a processor calls: nothing added
         if hf.unk_token_id not in expected:  # unknown pieces decode as sentencepiece's " ⁇ " vs "<unk>"
             assert hf.decode(expected) == tokenizer.decode(expected), text
+    from tokenizers import Tokenizer
+
+    in_file = Tokenizer.from_file(str(export / "tokenizer.json"))  # what any tokenizers user reads
     for name in tokenizer.special_token_names:
         assert hf.convert_tokens_to_ids(name) == tokenizer.token_id(name), name
+        assert in_file.token_to_id(name) == tokenizer.token_id(name), name
     assert hf.eos_token_id == tokenizer.token_id("<|im_end|>")
     settings = PromptSettings(template="internvl2_5")
     for question in TEXTS[:2]:
@@ -272,7 +279,7 @@ def test_processor_prompt_equals_chat_prompt(byte_export, monkeypatch):
     runtime.initialize(1, 1)
     try:
         chat = megasail_chat(byte_export / "ms")
-        for names in ([], ["wide.png"], ["wide.png", "square.png"]):
+        for names in ([], ["wide.png"], ["wide.png", "square.png"], ["strip.png"]):
             data = [(byte_export / n).read_bytes() for n in names]
             request = chat.request("Describe it.", data)
             inputs = processor.apply_chat_template(
@@ -309,6 +316,8 @@ def test_generate_from_processor_equals_chat_greedy(byte_export, tmp_path, monke
 
     processor = load_processor(byte_export / "export", monkeypatch)
     model = AutoModelForImageTextToText.from_pretrained(str(byte_export / "export")).eval()
+    stop = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert sorted(model.generation_config.eos_token_id) == sorted(stop)  # chat.py's stop tokens
     for (question, names), expected in zip(prompts, chat_ids, strict=True):
         images = [pil_image((byte_export / n).read_bytes()) for n in names]
         inputs = processor.apply_chat_template(
@@ -390,7 +399,7 @@ def test_caption_checkpoint_exports_its_template_and_sentencepiece_tokenizer(
     sentencepiece model) encodes captions as megasail does and, through AutoProcessor, prompts
     exactly as tools/chat.py. Faults caught: the export's template taken from the manifest's
     conversation template; the sentencepiece model copied instead of converted (transformers cannot
-    read sp.model without a tokenizer class); its control symbols not special in the export."""
+    build a tokenizer from sp.model alone)."""
     from megasail import runtime
 
     root, image = caption_checkpoint

@@ -272,18 +272,18 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megasail import runtime
-    from megasail.convert.hf_dir import MissingConfigError
-    from megasail.inference.loading import CheckpointNotFoundError
+    from megasail.inference.loading import checkpoint_kind
 
+    try:
+        checkpoint_kind(args.load)
+    except FileNotFoundError as e:  # the user's path, not a bug: one line, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     runtime.initialize(args.tensor_parallel, args.pipeline_parallel, seed=args.seed)
     is_main = dist.get_rank() == 0
     try:
-        try:
-            chat = Chat(args)
-        except (CheckpointNotFoundError, MissingConfigError) as e:  # the user's path: one line, no traceback
-            if is_main:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
+        chat = Chat(args)
         if args.batch_jsonl:
             return 1 if run_batch(chat, args, is_main) else 0
         images = [_read(p) for p in args.image]

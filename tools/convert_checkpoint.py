@@ -275,6 +275,13 @@ def main(argv=None) -> int:
         raise SystemExit(
             "error: --from megasail --to megasail: a torch_dist checkpoint already loads at any layout"
         )
+    from megasail.convert.hf_dir import MissingConfigError, require_hf_directory
+
+    if args.source == "hf":
+        try:
+            require_hf_directory(args.input)
+        except MissingConfigError as e:  # the user's directory, not a bug: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
     from megasail import runtime
 
     runtime.initialize(1, 1)  # one process: sharded state dicts read megatron's parallel state
@@ -282,7 +289,6 @@ def main(argv=None) -> int:
 
     import megasail.convert.dist  # noqa: F401
     import megasail.inference.loading  # noqa: F401
-    from megasail.convert.hf_dir import MissingConfigError
 
     start_mb = _status_mb("VmRSS")
     try:
@@ -290,8 +296,6 @@ def main(argv=None) -> int:
             hf_to_megasail(args)
         else:
             to_hf(args)
-    except MissingConfigError as e:  # a user's directory, not a bug: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
     finally:
         runtime.destroy()
     peak_mb = _status_mb("VmHWM")
