@@ -53,8 +53,12 @@ def byte_export(tmp_path_factory):
     (root / "wide.png").write_bytes(png_bytes(120, 60, seed=1))  # 2x1 grid + thumbnail
     (root / "square.png").write_bytes(png_bytes(40, 40, seed=2))  # one tile
     (root / "strip.png").write_bytes(png_bytes(200, 40, seed=3))  # 4x1 at most 4 tiles + thumbnail
-    convert_here("--from", "hf", "--to", "megasail", "--input", str(root / "hf"), "--output", str(root / "ms"))
-    convert_here("--from", "megasail", "--to", "hf", "--input", str(root / "ms"), "--output", str(root / "export"))
+    convert_here(
+        "--from", "hf", "--to", "megasail", "--input", str(root / "hf"), "--output", str(root / "ms")
+    )
+    convert_here(
+        "--from", "megasail", "--to", "hf", "--input", str(root / "ms"), "--output", str(root / "export")
+    )
     return root
 
 
@@ -145,7 +149,11 @@ def test_chat_template_renders_megasail_templates(byte_export):
         assert f.read() == chat_template_jinja("sailvl-chat")  # the checkpoint's template was written
     one_image = ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
                  [Turn("user", "Describe it.")], 1)  # fmt: skip
-    tagged = ([{"role": "user", "content": "Look: <image>\nWhat is it?"}], [Turn("user", "Look: <image>\nWhat is it?")], 1)
+    tagged = (
+        [{"role": "user", "content": "Look: <image>\nWhat is it?"}],
+        [Turn("user", "Look: <image>\nWhat is it?")],
+        1,
+    )
     history = (
         [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
@@ -154,7 +162,11 @@ def test_chat_template_renders_megasail_templates(byte_export):
         [Turn("system", "Be brief."), Turn("user", "Compare."), Turn("assistant", "Same."), Turn("user", "Why?")],
         2,
     )  # fmt: skip
-    answered = (history[0] + [{"role": "assistant", "content": "Because."}], history[1] + [Turn("assistant", "Because.")], 2)
+    answered = (
+        history[0] + [{"role": "assistant", "content": "Because."}],
+        history[1] + [Turn("assistant", "Because.")],
+        2,
+    )
     seen = set()
     for name in sorted(TEMPLATES):
         for system in (None, 'Answer "briefly".\n简短回答。'):
@@ -217,7 +229,8 @@ def test_image_processor_tiles_as_megasail(byte_export):
         got = processor(images=[pil_image(data)], return_tensors="pt")
         assert got["num_patches"].tolist() == [expected.shape[0]], name
         assert got["pixel_values"].shape == expected.shape, name
-        assert (got["pixel_values"] - expected).abs().max() < 1e-5, name  # float rounding of the normalisation
+        # equal to the float rounding of the normalisation
+        assert (got["pixel_values"] - expected).abs().max() < 1e-5, name
     for max_patches in range(1, 13):
         for width in range(7, 1500, 61):
             for height in range(5, 1500, 53):
@@ -356,7 +369,9 @@ def caption_checkpoint(tmp_path_factory):
     )  # fmt: skip
     config = tiny_model_config()
     config.image_token_id = summary["image_token_id"]
-    run = RunConfig(model=config, data=DataConfig(path=prefix, max_tiles=2, tile_size=config.vision.image_size))
+    run = RunConfig(
+        model=config, data=DataConfig(path=prefix, max_tiles=2, tile_size=config.vision.image_size)
+    )
     runtime.initialize(1, 1)
     try:
         save_checkpoint(str(root / "ckpt"), 0, [SailVLModel(config).eval()], meta={"config": to_yaml(run)})
@@ -384,8 +399,9 @@ def test_chat_defaults_to_the_caption_template_on_caption_data(caption_checkpoin
         assert chat.prompt.template == "caption"
         ids = chat.request("What is in the picture?", [image.read_bytes()]).input_ids
         img = chat.tokenizer.image_token_ids
-        tiles = (len(ids) - 2) // chat.prompt.tokens_per_tile
-        assert ids == [img.img_start] + [img.img_context] * (tiles * chat.prompt.tokens_per_tile) + [img.img_end]
+        context = len(ids) - 2
+        assert context % chat.prompt.tokens_per_tile == 0
+        assert ids == [img.img_start] + [img.img_context] * context + [img.img_end]
         forced = megasail_chat(root / "ckpt", "--template", "sailvl-chat")
         assert forced.request("What?", [image.read_bytes()]).input_ids[0] == chat.tokenizer.token_id(IM_START)
     finally:

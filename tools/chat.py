@@ -129,7 +129,9 @@ class Chat:
             },
         )
         log.info(
-            "prompt template %r, %d-%d tiles per image", self.prompt.template, self.prompt.min_tiles,
+            "prompt template %r, %d-%d tiles per image",
+            self.prompt.template,
+            self.prompt.min_tiles,
             self.prompt.max_tiles,
         )
         if self.prompt.template == "caption":

@@ -246,7 +246,9 @@ def to_hf(args) -> None:
             progress=bar,
         )
     if tokenizer is None:
-        log.warning("no tokenizer or processor written: pass --tokenizer (the run's dataset manifest names none)")
+        log.warning(
+            "no tokenizer or processor written: pass --tokenizer (the run's dataset manifest names none)"
+        )
     log.info(
         "wrote %d safetensors file(s), config.json, generation_config.json%s to %s (template %s, %d-%d tiles)",
         len(files),

@@ -67,7 +67,9 @@ def _sentencepiece_backend(tokenizer: MultimodalTokenizer):
     elif kind == 2:
         vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     else:
-        raise ValueError(f"{tokenizer.file}: only unigram and BPE sentencepiece models export (model_type {kind})")
+        raise ValueError(
+            f"{tokenizer.file}: only unigram and BPE sentencepiece models export (model_type {kind})"
+        )
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)  # dummy prefix per run
     control = [piece.piece for piece in proto.pieces if piece.type == 3]  # never produced from text
     return backend, control

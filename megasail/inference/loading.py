@@ -45,7 +45,8 @@ def is_hf_directory(path: str) -> bool:
 
 
 def checkpoint_kind(path: str) -> str:
-    """"hf" or "megasail" for ``path``; CheckpointNotFoundError naming what is missing otherwise."""
+    """The kind of checkpoint at ``path``, "hf" or "megasail"; CheckpointNotFoundError naming what
+    is missing otherwise."""
     from megasail.convert.hf_dir import require_hf_directory
     from megasail.training.checkpoint import latest_checkpoint
 
