@@ -161,14 +161,16 @@ def hf_to_megasail(args) -> None:
     )
 
 
-def _tokenizer_for(args, run_config=None) -> str | None:
+def _tokenizer_for(args, data_tokenizer: str | None = None) -> str | None:
+    """--tokenizer, else the training data's (a megasail checkpoint) or ROOT/tokenizer (a converted
+    one), else the input HF directory's tokenizer.json."""
     if args.tokenizer:
         return args.tokenizer
-    if run_config is not None:
-        from megasail.inference.loading import checkpoint_tokenizer, data_settings
+    if args.source == "megasail":
+        from megasail.inference.loading import checkpoint_tokenizer
 
-        return data_settings(run_config)[0] or checkpoint_tokenizer(args.input)
-    if args.source == "hf" and os.path.isfile(os.path.join(args.input, "tokenizer.json")):
+        return data_tokenizer or checkpoint_tokenizer(args.input)
+    if os.path.isfile(os.path.join(args.input, "tokenizer.json")):
         return args.input
     return None
 
@@ -220,15 +222,16 @@ def to_hf(args) -> None:
             return hf.tensor(by_recipe[name])
 
     dtype = getattr(torch, _DTYPES[config.precision])
-    tokenizer_path = _tokenizer_for(args, run_config)
     from megasail.data.text.tokenizer import MultimodalTokenizer
     from megasail.inference.loading import data_settings, hf_prompt_settings
 
-    tokenizer = MultimodalTokenizer.load(tokenizer_path) if tokenizer_path else None
+    data_tokenizer = None
     if run_config is not None:  # the template and tiling the checkpoint's data was prepared with
-        prompt = data_settings(run_config, meta.get("stage", {}).get("index"))[1]
+        data_tokenizer, prompt = data_settings(run_config, meta.get("stage", {}).get("index"))
     else:
         prompt = hf_prompt_settings(args.input, config)
+    tokenizer_path = _tokenizer_for(args, data_tokenizer)
+    tokenizer = MultimodalTokenizer.load(tokenizer_path) if tokenizer_path else None
     from megasail.convert.recipes import hf_file_plan
 
     total = len(hf_file_plan(config, shapes, args.layout))
