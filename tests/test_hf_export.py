@@ -438,3 +438,29 @@ def test_caption_checkpoint_exports_its_template_and_sentencepiece_tokenizer(
     )  # fmt: skip
     assert inputs["input_ids"][0].tolist() == request.input_ids
     assert (inputs["pixel_values"] - request.pixel_values).abs().max() < 1e-5
+
+
+def test_trained_template_reads_what_the_samples_were_rendered_with(caption_checkpoint, tmp_path):
+    """A dataset of conversations (and text) keeps its manifest's conversation template; captions
+    alone get the caption template; a stage mixing both prompts as a chat. Faults caught: every
+    dataset taken for captions, or captions for conversations (the sample modes misread), a mixed
+    stage prompting with the caption template."""
+    from train_utils import make_dataset
+
+    from megasail.config import RunConfig
+    from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+    from megasail.inference.loading import data_settings, trained_template
+
+    root, _ = caption_checkpoint
+    captions = str(root / "captions")
+    chats = make_dataset(str(tmp_path), "chats", 8, seed=1)
+    manifest = lambda prefix: json.loads(open(prefix + ".manifest.json").read())  # noqa: E731
+    assert trained_template(chats, manifest(chats)) == ("sailvl-chat", "chat")
+    assert trained_template(captions, manifest(captions)) == ("caption", "caption")
+    stages = [
+        StageConfig(name="align", sources=[SourceConfig(prefix=captions)], budget_samples=8),
+        StageConfig(name="sft", sources=[SourceConfig(prefix=captions), SourceConfig(prefix=chats)]),
+    ]
+    run = RunConfig(data=DataConfig(stages=stages))
+    assert data_settings(run, 0)[1].template == "caption"  # saved during the caption stage
+    assert data_settings(run, 1)[1].template == "sailvl-chat"  # saved during the mixed stage

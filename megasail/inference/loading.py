@@ -26,6 +26,7 @@ from megasail.inference.prompt import PromptSettings
 from megasail.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+_MODES_CHUNK = 1 << 24  # segment modes scanned at a time by trained_template
 
 
 @dataclass
@@ -120,9 +121,13 @@ def trained_template(prefix: str, manifest: dict) -> tuple[str, str]:
     except (OSError, ValueError) as e:
         log.warning("%s: cannot read the sample modes (%s); assuming conversations", prefix, e)
         return conversation, "chat"
-    if (modes == SegmentMode.PROMPT).any():
-        return conversation, "chat"
-    if (modes == SegmentMode.IMAGE).any():
+    has_image = False
+    for start in range(0, len(modes), _MODES_CHUNK):  # one byte per segment; stops at the first prompt
+        chunk = modes[start : start + _MODES_CHUNK]
+        if (chunk == SegmentMode.PROMPT).any():
+            return conversation, "chat"
+        has_image = has_image or bool((chunk == SegmentMode.IMAGE).any())
+    if has_image:
         return templates.get("caption", {}).get("name", "caption"), "caption"
     return conversation, "text"
 
