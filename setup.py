@@ -32,8 +32,9 @@ extras = {
     "te": ["transformer-engine[pytorch]>=1.13"],
     # DALI image decoding. CUDA 12 wheel; on CUDA 13 clusters install nvidia-dali-cuda130 instead.
     "dali": ["nvidia-dali-cuda120>=1.40"],
-    # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers.
-    "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],
+    # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers (protobuf reads a sentencepiece
+    # model's proto when an export converts it to tokenizer.json).
+    "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20", "protobuf"],
     # tools/fit_scaling.py: scipy for the Chinchilla L-BFGS fit, matplotlib for fit.png (skipped without it)
     "curation": ["scipy>=1.10", "matplotlib>=3.7"],
 }
