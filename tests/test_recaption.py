@@ -221,7 +221,7 @@ def test_bench_recaption_prints_its_table():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| batch")]
     assert [r.split(" | ")[0] for r in rows] == ["| batch 1", "| batch 16, in input order", "| batch 16, bucketed"]
-    assert rows[0].endswith("| 1.00x |")
+    assert "| 1.00x |" in rows[0]
 
 
 def test_tar_shards_recaption_then_preprocess_reads_members(source, tmp_path):

@@ -86,16 +86,21 @@ def build(new_tokens: int):
     return make
 
 
-def run_once(batched, images: list[bytes]) -> float:
-    """Seconds to caption every image once."""
+def run_once(batched, images: list[bytes]) -> tuple[float, float, float]:
+    """(seconds, prefill seconds, decode seconds) to caption every image once."""
     from megasail.inference.batched import WorkItem
 
     question = "Describe this image in detail."
     items = [WorkItem(str(i), question, lambda data=data: [data]) for i, data in enumerate(images)]
     start = time.perf_counter()
-    done = sum(len([o for o in outcomes if o.result is not None]) for outcomes in batched.run(items))
+    done, prefill, decode = 0, 0.0, 0.0
+    for outcomes in batched.run(items):
+        results = [o.result for o in outcomes if o.result is not None]
+        done += len(results)
+        if results:  # one stats object per batch, shared by its results
+            prefill, decode = prefill + results[0].stats.prefill_s, decode + results[0].stats.decode_s
     assert done == len(images), (done, len(images))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, prefill, decode
 
 
 def main(argv=None) -> int:
@@ -120,20 +125,23 @@ def main(argv=None) -> int:
         settings = [("batch 1", 1, False), ("batch 16, in input order", 16, False), ("batch 16, bucketed", 16, True)]
         generators = {name: make(size, bucket) for name, size, bucket in settings}
         run_once(generators["batch 1"], images[:2])  # warm-up (allocator, first kernels)
-        times: dict[str, list[float]] = {name: [] for name, _, _ in settings}
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in settings}
         for _ in range(args.rounds):
             for name, _, _ in settings:
                 times[name].append(run_once(generators[name], images))
     finally:
         runtime.destroy()
-    base = args.images / statistics.median(times["batch 1"])
+    def median(name: str, column: int) -> float:
+        return statistics.median(t[column] for t in times[name])
+
+    base = args.images / median("batch 1", 0)
     print(f"recaption throughput, {args.images} images (1-7 tiles of 448 px, max 6), {args.new_tokens} new tokens "
           f"each, tiny model, CPU threads {torch.get_num_threads()}, median of {args.rounds} round(s)")
-    print("| setting | images/s | vs batch 1 |")
-    print("| --- | --- | --- |")
+    print("| setting | images/s | vs batch 1 | prefill s | decode s |")
+    print("| --- | --- | --- | --- | --- |")
     for name, _, _ in settings:
-        rate = args.images / statistics.median(times[name])
-        print(f"| {name} | {rate:.2f} | {rate / base:.2f}x |")
+        rate = args.images / median(name, 0)
+        print(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {median(name, 1):.1f} | {median(name, 2):.1f} |")
     return 0
 
 
