@@ -103,14 +103,15 @@ def _parallel(rank, world_size, model_dir, expected_path, tp, pp):
 
     runtime.initialize(tp, pp)
     batched, _ = _batched(model_dir)
-    items = _items({}) if batched.is_source else None
+    items = _items({})[:7] if batched.is_source else None  # the corrupt and the flaky image among them
     gaps: dict = {}
     batches = _run(batched, items, gaps)
     if batched.is_source:
         outcomes = {i: (r, t, a) for batch in batches for i, r, t, a in batch}
         expected, expected_gaps = torch.load(expected_path)
-        assert outcomes == expected
-        for item_id, item_gaps in expected_gaps.items():  # the last stage's gaps reach the first
+        assert outcomes == {i: expected[i] for i in outcomes} and len(outcomes) == 7
+        for item_id in outcomes.keys() & expected_gaps.keys():  # the last stage's gaps reach the first
+            item_gaps = expected_gaps[item_id]
             torch.testing.assert_close(torch.tensor(gaps[item_id]), torch.tensor(item_gaps), rtol=1e-4, atol=1e-4)
     else:
         assert batches == []  # only the group's first rank yields outcomes
