@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megasail.data.child_processes import die_with_parent
+from megasail.child_processes import die_with_parent
 from megasail.data.format.reader import IndexedMultimodalDataset, TokenizedSample
 from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
@@ -75,7 +75,7 @@ def init_worker(start_method: str, device_id: int | None, trainer_pid: int, from
 
     Bound with functools.partial (picklable for spawn). `trainer_pid` is the process that started the
     workers and `from_main_thread` whether its main thread did (the parent-death signal follows the
-    starting thread: megasail.data.child_processes). `device_id` is the trainer's current CUDA device,
+    starting thread: megasail.child_processes). `device_id` is the trainer's current CUDA device,
     or None on CPU; a spawned worker decodes on it, a forked worker never touches CUDA.
     """
     del worker_id

@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
-from megasail.data.child_processes import die_with_parent
+from megasail.child_processes import die_with_parent
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.manifest import build_manifest, manifest_fingerprint
 from megasail.data.preprocess.rejects import REJECT_HINTS, REJECT_REASONS, top_reject_reasons
