@@ -87,3 +87,19 @@ def die_with_parent(parent_pid: int, death_signal: bool = True, direct_child: bo
         _kill_self()
     threading.Thread(target=_watch, args=(parent_pid, direct_child, first_parent),
                      name="megasail-parent-watch", daemon=True).start()
+
+
+def ignore_stop_signals() -> None:
+    """SIGTERM (and SIGINT) are for the trainer: Slurm's --signal and a terminal's Ctrl-C reach every process
+    of the job, and a worker that died of them would break the trainer's last save. A worker ignores them
+    and ends with its parent (die_with_parent) or when the trainer shuts it down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_of(parent_pid: int, from_main_thread: bool = True) -> None:
+    """Initializer of a helper process that serves the trainer: ignores the trainer's stop signals and dies
+    with it (a multiprocessing Manager's or Pool's initializer)."""
+    ignore_stop_signals()
+    die_with_parent(parent_pid, death_signal=from_main_thread)
+

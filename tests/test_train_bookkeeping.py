@@ -144,23 +144,27 @@ def test_a_non_finite_gradient_with_a_finite_loss_changes_no_weight(datasets, tm
 
 
 def test_sigterm_saves_once_and_exits_zero(datasets, tmp_path):
-    """SIGTERM (Slurm's --signal before the time limit) during a 50-step run: exit 0 after the current step,
-    one checkpoint at that step (no periodic saves configured), metrics up to it.
+    """SIGTERM to the whole process group (as Slurm's --signal reaches every process of the job) during a
+    50-step run with two loader workers, after a periodic save: exit 0 after the current step, one more
+    checkpoint at that step, metrics up to it.
 
-    Fails if SIGTERM is not handled (the process dies with -15 and nothing is saved)."""
+    Fails if SIGTERM is not handled (the process dies with -15 and nothing is saved), or if the loader
+    workers or megatron's checkpoint writer die of it (the next batch or the last save fails)."""
     logdir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
     cmd = [sys.executable, "pretrain_vlm.py", "--config", "examples/configs/tiny.yaml", f"data.path={datasets['a']}",
-           "train.iters=50", f"logging.dir={logdir}", f"checkpoint.save={ckpt}", "data.seq_length=512",
-           "data.num_workers=0", "data.max_tiles=1", "model.vision.num_layers=1", "model.language.num_layers=2"]
+           "train.iters=50", f"logging.dir={logdir}", f"checkpoint.save={ckpt}", "checkpoint.interval=1",
+           "checkpoint.keep_last=1", "data.seq_length=512", "data.num_workers=2", "data.max_tiles=1",
+           "model.vision.num_layers=1", "model.language.num_layers=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = logdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     steps = [r["step"] for r in _rows(logdir)]
@@ -168,3 +172,4 @@ def test_sigterm_saves_once_and_exits_zero(datasets, tmp_path):
     assert "SIGTERM: stopping after step" in stdout
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(steps[-1])
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == [f"iter_{steps[-1]:07d}"]
+    assert stdout.count(f"saved {ckpt}/iter_{steps[-1]:07d}") == 1  # saved once

@@ -78,8 +78,9 @@ _writer_manager = None  # the Manager process serving megatron's write-results q
 def _writer_queue_dies_with_this_process() -> None:
     """megatron's torch_dist writer hands its results back through a queue served by a Manager process it
     spawns once (``filesystem_async._results_queue``, megatron-core 0.16); that process never watches its
-    parent, so a trainer killed with SIGKILL left it running (~460 MB each). Seed the queue first, from a
-    Manager whose process dies with this one."""
+    parent, so a trainer killed with SIGKILL left it running (~460 MB each), and a SIGTERM to the whole job
+    killed it before the trainer's last save. Seed the queue first, from a Manager whose process ignores
+    stop signals and dies with this one."""
     global _writer_manager
     import multiprocessing
     import threading
@@ -87,13 +88,13 @@ def _writer_queue_dies_with_this_process() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megasail.child_processes import die_with_parent
+    from megasail.child_processes import worker_of
 
     if _writer_manager is not None or getattr(filesystem_async, "_results_queue", 0) is not None:
         return  # seeded already, or a megatron-core without this queue: nothing to do
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     main_thread = threading.current_thread() is threading.main_thread()  # the death signal follows the thread
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(), main_thread))
+    manager.start(initializer=worker_of, initargs=(os.getpid(), main_thread))  # lives through a SIGTERM too
     filesystem_async._results_queue = manager.Queue()
     _writer_manager = manager
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megasail.child_processes import die_with_parent
+from megasail.child_processes import die_with_parent, ignore_stop_signals
 from megasail.data.format.reader import IndexedMultimodalDataset, TokenizedSample
 from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
@@ -82,6 +82,7 @@ def init_worker(start_method: str, device_id: int | None, trainer_pid: int, from
     # A forkserver worker's parent is the fork server, which lives while any worker holds its
     # liveness pipe (each one does): the watch thread alone ends such a worker.
     direct = start_method != "forkserver"
+    ignore_stop_signals()  # a SIGTERM to the whole job asks the trainer to save: the workers keep serving it
     die_with_parent(trainer_pid, death_signal=from_main_thread and direct, direct_child=direct)
     if start_method != "fork" and device_id is not None:
         decode.enable_gpu_decode_in_worker(device_id)
