@@ -173,3 +173,52 @@ def test_sigterm_saves_once_and_exits_zero(datasets, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(steps[-1])
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == [f"iter_{steps[-1]:07d}"]
     assert stdout.count(f"saved {ckpt}/iter_{steps[-1]:07d}") == 1  # saved once
+
+
+def test_kill9_during_a_save_then_resume_keeps_one_row_per_step_and_the_losses(datasets, tmp_path):
+    """pretrain_vlm.py with two loader workers, saving every 2 steps, killed with SIGKILL while step 4's
+    directory is still .tmp; the same command resumes from step 2. metrics.jsonl then has exactly one row
+    per step 1-6 (steps 3-4 of the killed run set aside in metrics.jsonl.stale), every process the trainer
+    started died with it, and the losses equal an uninterrupted run's.
+
+    Fails if resumed rows are appended after the killed run's (steps 3-4 twice), if a loader worker or
+    megatron's checkpoint writer outlives the trainer, or if the resumed run trains on other data or weights."""
+    from process_utils import assert_all_die, descendants
+
+    from megasail.training.checkpoint import PAUSE_ENV
+
+    def command(name):
+        return [sys.executable, "pretrain_vlm.py", "--config", "examples/configs/tiny.yaml",
+                f"data.path={datasets['a']}", "train.iters=6", "seed=4", f"logging.dir={tmp_path / name}",
+                f"checkpoint.save={tmp_path / name / 'ckpt'}", f"checkpoint.load={tmp_path / name / 'ckpt'}",
+                "checkpoint.interval=2", "data.seq_length=512", "data.num_workers=2", "data.max_tiles=1",
+                "model.vision.num_layers=1", "model.language.num_layers=2"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    whole = subprocess.run(command("whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = subprocess.Popen(command("killed"), cwd=REPO, env={**env, PAUSE_ENV: "3"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tmp4 = tmp_path / "killed" / "ckpt" / "iter_0000004.tmp" / "metadata.json"
+    deadline = time.time() + 400
+    try:
+        while not tmp4.exists():  # shards written, publishing paused: the step dir is still .tmp
+            assert proc.poll() is None and time.time() < deadline, "step 4 was never being saved"
+            time.sleep(0.1)
+        started = descendants(proc.pid)
+        assert len(started) >= 2, "expected the loader workers among the trainer's processes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert_all_die(started, 10.0, "processes the killed trainer started")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(tmp_path / "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    stale = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl.stale").read_text().splitlines()]
+    assert stale == [3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in _rows(tmp_path / "whole")], rel=1e-6)
