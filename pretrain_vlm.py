@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from megasail.runtime.logs import setup_logging
 
     setup_logging()
-    from megasail.training.checkpoint import CheckpointError
+    from megasail.checkpoint import CheckpointError
     from megasail.training.checks import StartupError
     from megasail.training.loop import TrainingDiverged, pretrain
 

@@ -145,7 +145,7 @@ def _load_dumps(out_dir, name: str, world: int) -> list[dict]:
 def _save_tp2_then_load(rank, world_size, root, out_dir):
     """Save at TP=2 after a step, then (same processes, fresh models from another seed) load at
     TP=1 x DP=2 and at PP=2 x VPP=2, dumping every rank's weights after each."""
-    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+    from megasail.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, chunks, wrapped, opt, sched = _setup(seed=1, tensor=2)
     _train_step(wrapped, opt, sched, [_batch(cfg, 1), _batch(cfg, 2, (0, 2))])
@@ -206,7 +206,7 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
 def _resume_optimizer(rank, world_size, root, out_dir):
     """DP=2: step 1, save, step 2 (uninterrupted); then fresh models load the checkpoint and run step 2
     at the same layout (DP=2), at TP=2 x DP=1 (both ranks' micro-batches in one step), and weights only."""
-    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+    from megasail.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, chunks, wrapped, opt, sched = _setup(seed=1)
     step1 = [_batch(cfg, 1 + rank, (1, 2))]
@@ -297,8 +297,8 @@ def _run_role(role: str, root: str, out_dir: str) -> None:
     save: step, save iteration 1, then step and save iteration 2 pausing before it is published (the
     test kills it there). resume: load the latest, dump its weights, save iterations 3 and 4 (keep_last=2).
     """
+    from megasail.checkpoint import PAUSE_ENV, load_checkpoint, save_checkpoint
     from megasail.runtime import destroy
-    from megasail.training.checkpoint import PAUSE_ENV, load_checkpoint, save_checkpoint
 
     cfg, chunks, wrapped, opt, sched = _setup(seed=1 if role == "save" else 99)
     if role == "save":
@@ -340,7 +340,7 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
     writer spawns, which does not watch its parent) outlives the killed trainer (planted: the queue not
     seeded with a Manager that dies with the trainer), or its resource tracker does not exit by itself.
     """
-    from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
+    from megasail.checkpoint import MARKER, META, latest_checkpoint, step_dir
 
     root = tmp_path / "ckpt"
     proc = subprocess.Popen(
@@ -392,7 +392,7 @@ def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
     """keep_last counts published step dirs only (a .tmp or a dir without megasail.json is not one) and
     never deletes the one the marker names. Fails if: prune sorts by name length or mtime instead of
     iteration; it deletes the marked step; it counts unpublished dirs."""
-    from megasail.training.checkpoint import MARKER, META, prune
+    from megasail.checkpoint import MARKER, META, prune
 
     for it in (5, 40, 9_999_999, 10_000_000):  # 8 digits: name order is no longer iteration order
         (tmp_path / f"iter_{it:07d}").mkdir()
@@ -414,8 +414,8 @@ def test_prune_keeps_the_newest_and_the_marked_step(tmp_path):
 def _single_process(rank, world_size, root, out_path):
     """World size 1: the local model's state-dict and checkpoint keys; the errors of bad loads; a
     weights-only load into a bf16 model whose optimizer already exists."""
+    from megasail.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
     from megasail.models.sail_vl import SailVLModel
-    from megasail.training.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
 
     cfg, chunks, wrapped, opt, _ = _setup(seed=1)
     merged, _ = model_sharded_state_dict(chunks)
@@ -448,7 +448,7 @@ def _single_process(rank, world_size, root, out_path):
 
 def _damaged_shard(root, chunks, error_of, errors) -> dict:
     """Steps 1 and 2 saved, one .distcp file of step 2 cut to half its length, step 2 loaded."""
-    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+    from megasail.checkpoint import load_checkpoint, save_checkpoint
 
     for step in (1, 2):
         save_checkpoint(root, step, chunks, meta={"stage": 0})
@@ -462,7 +462,7 @@ def _damaged_shard(root, chunks, error_of, errors) -> dict:
 
 def _rename_fails_in_publishing(root, chunks) -> dict:
     """Step 1 saved; the rename of step 2's tmp dir into place fails: what the marker names after."""
-    from megasail.training import checkpoint
+    from megasail import checkpoint
 
     checkpoint.save_checkpoint(root, 1, chunks, meta={"stage": 0})
     real_rename = os.rename
@@ -489,9 +489,9 @@ def _bf16_weights_only(root) -> dict:
     then one step at lr 0: {state-dict name: whether the weight still equals the saved one}."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megasail.checkpoint import load_checkpoint, save_checkpoint
     from megasail.config import ParallelConfig
     from megasail.training import build_model_chunks, wrap_ddp
-    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
 
     def build(seed):
         from megasail.runtime import initialize
@@ -688,9 +688,9 @@ def test_weights_only_load_refreshes_bf16_main_weights(single_process):
 
 
 def _te_and_local_keys(rank, world_size, out_path):
+    from megasail.checkpoint import model_sharded_state_dict
     from megasail.models.sail_vl import SailVLModel
     from megasail.runtime import initialize
-    from megasail.training.checkpoint import model_sharded_state_dict
 
     initialize(1, 1, seed=0)
     keys = {}

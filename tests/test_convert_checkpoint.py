@@ -81,9 +81,9 @@ def test_converted_checkpoint_loads_and_matches_transformers(dirs, hf_model):
     """Fails if q/k/v are fused in the wrong group order, gate/up swapped, a norm lands under the wrong
     TE key, or the config YAML loses a parity value (eps, rope theta, select layer)."""
     from megasail import runtime
+    from megasail.checkpoint import load_checkpoint, read_meta
     from megasail.config import load_config
     from megasail.models.sail_vl import SailVLModel
-    from megasail.training.checkpoint import load_checkpoint, read_meta
 
     cfg = load_config(str(dirs / "ms" / "config.yaml")).model
     assert cfg == tiny_model_config(SELECT)
@@ -109,10 +109,10 @@ def _parallel_logits(rank, world_size, ckpt, tp, pp, expected_path):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megasail.checkpoint import load_checkpoint
     from megasail.config import ParallelConfig
     from megasail.runtime import initialize
     from megasail.training import build_model_chunks
-    from megasail.training.checkpoint import load_checkpoint
 
     initialize(tp, pp)
     cfg = tiny_model_config(SELECT)
@@ -198,9 +198,8 @@ def test_remote_code_layout_round_trips(dirs, hf_model, tmp_path):
     [q; k; v], or mlp1's indices (0, 1, 3) are shifted."""
     from test_hf_parity import _transformers_to_remote_code  # the test-side renaming: an independent oracle
 
-    from megasail.convert.dist import DistSource
+    from megasail.checkpoint import DistSource, latest_checkpoint
     from megasail.convert.safetensors_io import index_directory, read_tensor
-    from megasail.training.checkpoint import latest_checkpoint
 
     remote, back = tmp_path / "remote", tmp_path / "back"
     convert_here(
@@ -388,9 +387,9 @@ def test_checkpoint_trained_at_tp2_exports_to_transformers(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from megasail import runtime
+    from megasail.checkpoint import load_checkpoint, read_meta
     from megasail.config import load_config
     from megasail.models.sail_vl import SailVLModel
-    from megasail.training.checkpoint import load_checkpoint, read_meta
 
     prefix = make_dataset(str(tmp_path / "data"), "a", 16, seed=3)
     ckpt, export = tmp_path / "ckpt", tmp_path / "export"

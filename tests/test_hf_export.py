@@ -352,11 +352,11 @@ def caption_checkpoint(tmp_path_factory):
     """tools/make_synthetic_data.py's captions and tokenizer, preprocessed (caption template), and a
     tiny weights-only checkpoint whose run config trains on that prefix."""
     from megasail import runtime
+    from megasail.checkpoint import save_checkpoint
     from megasail.config import RunConfig, to_yaml
     from megasail.data.loader.config import DataConfig
     from megasail.data.preprocess import PreprocessConfig, run_preprocess
     from megasail.models.sail_vl import SailVLModel
-    from megasail.training.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("caption")
     summary = _synthetic_module().make_dataset(str(root / "raw"), samples=8, seed=0)

@@ -185,7 +185,7 @@ def test_kill9_during_a_save_then_resume_keeps_one_row_per_step_and_the_losses(d
     megatron's checkpoint writer outlives the trainer, or if the resumed run trains on other data or weights."""
     from process_utils import assert_all_die, descendants
 
-    from megasail.training.checkpoint import PAUSE_ENV
+    from megasail.checkpoint import PAUSE_ENV
 
     def command(name):
         return [sys.executable, "pretrain_vlm.py", "--config", "examples/configs/tiny.yaml",

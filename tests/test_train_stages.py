@@ -146,7 +146,7 @@ def _init_checkpoint(rank, world_size, prefixes, root):
         "stage": fresh.run_state.stage.name,
     }
     # a weights-only checkpoint (as tools/convert_checkpoint.py writes) given as checkpoint.load: a fresh run
-    from megasail.training import checkpoint
+    from megasail import checkpoint
 
     checkpoint.save_checkpoint(f"{root}/weights", 0, trainer.run_state.model, meta={})
     third = tiny_run_config([f"data.path={prefixes['b']}", f"checkpoint.load={root}/weights", "seed=6"])

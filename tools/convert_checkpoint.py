@@ -122,6 +122,7 @@ def _run_config_yaml(config, raw: dict) -> str:
 
 
 def hf_to_megasail(args) -> None:
+    from megasail.checkpoint import latest_checkpoint
     from megasail.convert.dist import checkpoint_names, meta_model, write_weights_checkpoint
     from megasail.convert.hf_dir import HFSource, read_hf_config
     from megasail.convert.recipes import recipes
@@ -137,7 +138,7 @@ def hf_to_megasail(args) -> None:
         raise SystemExit(f"error: no HF source for megasail tensors {missing[:5]}")
     source.check_shapes(shapes)
     yaml = _run_config_yaml(config, raw)
-    if os.path.exists(os.path.join(args.output, "latest_checkpointed_iteration.txt")):
+    if os.path.isdir(args.output) and latest_checkpoint(args.output) is not None:
         raise SystemExit(f"error: {args.output} already holds a checkpoint")
     os.makedirs(args.output, exist_ok=True)
     with _bar(len(shapes) + sum(r.kind == "gate_up" for r in by_name.values()), "hf -> megasail") as bar:
@@ -182,9 +183,9 @@ def to_hf(args) -> None:
 
     run_config = None
     if args.source == "megasail":
+        from megasail.checkpoint import DistSource, latest_checkpoint, read_meta
         from megasail.config import load_config
-        from megasail.convert.dist import DistSource, checkpoint_names, meta_model
-        from megasail.training.checkpoint import latest_checkpoint, read_meta
+        from megasail.convert.dist import checkpoint_names, meta_model
 
         step = latest_checkpoint(args.input)
         if step is None:
@@ -292,6 +293,7 @@ def main(argv=None) -> int:
     runtime.initialize(1, 1)  # one process: sharded state dicts read megatron's parallel state
     import transformers.models.internvl.configuration_internvl  # noqa: F401  (code, before the baseline)
 
+    import megasail.checkpoint.tensors  # noqa: F401
     import megasail.convert.dist  # noqa: F401
     import megasail.inference.loading  # noqa: F401
 

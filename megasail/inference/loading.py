@@ -1,7 +1,7 @@
 """Open a checkpoint for generation: a megasail checkpoint directory or a HuggingFace InternVL one.
 
 - megasail (``latest_checkpointed_iteration.txt`` / ``megasail.json``): the run's config comes from
-  the checkpoint's metadata; weights load through ``megasail.training.checkpoint.load_checkpoint``
+  the checkpoint's metadata; weights load through ``megasail.checkpoint.load_checkpoint``
   (dist_checkpointing reshards to this run's TP/PP); the tokenizer, template and tiling come from
   the dataset manifests of the stage the checkpoint was saved in, unless given: the template is the
   one its samples were rendered with (the caption template for image-caption data only).
@@ -48,8 +48,8 @@ def is_hf_directory(path: str) -> bool:
 def checkpoint_kind(path: str) -> str:
     """The kind of checkpoint at ``path``, "hf" or "megasail"; CheckpointNotFoundError naming what
     is missing otherwise."""
+    from megasail.checkpoint import MARKER, META, latest_checkpoint
     from megasail.convert.hf_dir import require_hf_directory
-    from megasail.training.checkpoint import latest_checkpoint
 
     if is_hf_directory(path):
         return "hf"
@@ -60,7 +60,7 @@ def checkpoint_kind(path: str) -> str:
     require_hf_directory(path)  # weights without config.json: name the missing file
     raise CheckpointNotFoundError(
         f"{path}: neither a HuggingFace model directory (no config.json) nor a megasail checkpoint "
-        "(no latest_checkpointed_iteration.txt and no iter_* directory with megasail.json)"
+        f"(no {MARKER} and no iter_* directory with {META})"
     )
 
 
@@ -193,8 +193,8 @@ def load_for_generation(
         prompt = hf_prompt_settings(path, config)
         tokenizer_path = tokenizer or path
     else:
+        from megasail.checkpoint import latest_checkpoint, load_checkpoint, read_meta
         from megasail.config import load_config
-        from megasail.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 
         step_dir = latest_checkpoint(path) or path
         meta = read_meta(step_dir)

@@ -4,6 +4,11 @@ megatron-core assumes CUDA throughout (``device=torch.cuda.current_device()``, C
 ``param.grad.type() == 'torch.cuda.FloatTensor'`` checks, streams in DDP). This module maps each
 of those onto the CPU so the production code path (the same layers, schedules, DDP and optimizer)
 runs in CI. It is installed only when CUDA is absent; on a GPU machine nothing here is touched.
+
+This is the runtime's compat module: written against torch 2.13.0 and megatron-core 0.16.1
+(``megasail.versions.WRITTEN_FOR``). The private names it replaces (``torch.autograd._engine_run_backward``,
+megatron's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``) are checked before
+anything is patched: a version without them raises ``PrivateAPIError`` naming the one missing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megasail.versions import private_attr
+
 log = logging.getLogger(__name__)
+
+USER = "megasail.runtime"
+_PIN = "install torch 2.13 and megatron-core 0.16.1 (constraints-cpu.txt) or update megasail/runtime/cpu_backend.py"
 
 _installed = False
 _mode: TorchFunctionMode | None = None
@@ -99,6 +109,18 @@ _CUDA_TYPE_NAMES = {
 }
 
 
+def _private_names():
+    """(megatron's tensor_parallel.random module, torch's autograd engine entry) once both are checked."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        private_attr(mcore_random, name, user=USER, library="megatron-core",
+                     thing=f"tensor_parallel.random.{name}", what_to_do=_PIN)
+    engine = private_attr(torch.autograd, "_engine_run_backward", user=USER, library="torch",
+                          thing="torch.autograd._engine_run_backward", what_to_do=_PIN)
+    return mcore_random, engine
+
+
 def install() -> bool:
     """Install the CPU backend if CUDA is absent. Returns True when it is (now or already) active."""
     global _installed, _mode
@@ -107,6 +129,7 @@ def install() -> bool:
     if torch.cuda.is_available():
         return False
 
+    mcore_random, _orig_engine = _private_names()  # before any patch: a failure leaves torch as it was
     cuda = torch.cuda
     # Reads of .grad that megatron makes (None-checked) reach torch through the mode below, which then warns
     # once per rank that the tensor is not a leaf: nothing is wrong, so the warning is not shown.
@@ -140,8 +163,6 @@ def install() -> bool:
     cuda.random.get_rng_state = _cpu_get_rng_state
     cuda.random.set_rng_state = _cpu_set_rng_state
 
-    from megatron.core.tensor_parallel import random as mcore_random
-
     # megatron keeps its own copies of the CUDA RNG getters/setters; point them at the CPU generator.
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
@@ -164,8 +185,6 @@ def install() -> bool:
 
     # A mode is off while its own handler runs, and torch.autograd.backward/grad dispatch through
     # it: re-enter the mode around the autograd engine, where megatron's backward allocates on "cuda".
-    _orig_engine = torch.autograd._engine_run_backward
-
     def _engine_run_backward(*args, **kwargs):
         with _CudaDeviceToCpu():
             return _orig_engine(*args, **kwargs)

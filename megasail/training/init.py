@@ -12,12 +12,13 @@ embeddings) are already layout-independent and stay as built.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 
 import torch
 from megatron.core import parallel_state
+
+from megasail.training.compat import is_elementwise_normal
 
 _COLUMN = re.compile(
     r"(linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$"
@@ -78,12 +79,6 @@ def _draw(seed: int, name: str, init_fn, shape, dtype) -> torch.Tensor:
 
 
 BLOCK = 256  # slices along the partition dim drawn from one generator each
-
-
-def _elementwise(init_fn) -> bool:
-    """megatron's init_method_normal / scaled_init_method_normal: i.i.d. normal, so any slice of the
-    full tensor can be drawn on its own."""
-    return isinstance(init_fn, functools.partial) and init_fn.func is torch.nn.init.normal_
 
 
 def _shard_ranges(key: str, size: int, tp_rank: int, tp_size: int) -> list[tuple[int, int]]:
@@ -156,7 +151,7 @@ def init_weights(chunks, seed: int) -> int:
                 config = getattr(module, "config", chunk.config)  # the embedding lives in the LLM (chunk.config)
                 init_fn = config.output_layer_init_method if param.partition_dim == 1 else config.init_method
                 full_shape = _full_shape(param, tp_size)
-                if _elementwise(init_fn) and getattr(param, "tensor_model_parallel", False):
+                if is_elementwise_normal(init_fn) and getattr(param, "tensor_model_parallel", False):
                     dim = param.partition_dim
                     ranges = _shard_ranges(key, full_shape[dim], tp_rank, tp_size)
                     local = [

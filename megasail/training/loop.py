@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megasail import checkpoint as ckpt  # save/load import dist_checkpointing on first use
 from megasail.config import RunConfig, to_dict, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
 from megasail.data.loader.validation import build_validation_loader
@@ -40,18 +41,6 @@ from megasail.training.stages import StageRun, apply_recompute, start_stage
 from megasail.training.step import forward_step
 
 log = logging.getLogger(__name__)
-
-
-class _Checkpoint:
-    """megasail.training.checkpoint, imported on first use (dist_checkpointing is heavy to import)."""
-
-    def __getattr__(self, name):
-        from megasail.training import checkpoint
-
-        return getattr(checkpoint, name)
-
-
-ckpt = _Checkpoint()
 
 
 class TrainingDiverged(RuntimeError):

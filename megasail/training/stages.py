@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 
 from megasail.config import RunConfig
 from megasail.data.loader.config import StageConfig
+from megasail.training.compat import recompute_core_attention, release_ddp_hooks
 from megasail.training.model_builder import freeze, wrap_ddp
 from megasail.training.optim import StageClock, build_optimizer, build_scheduler, stage_clock
 
@@ -53,9 +54,7 @@ def _release(previous: StageRun, chunks) -> None:
     for wrapped in previous.model:
         if getattr(wrapped, "use_forward_hook", False):
             wrapped.disable_forward_pre_hook(param_sync=True)  # the last update reaches the params first
-        wrapped.param_to_bucket_group = {}  # its backward hooks do nothing for a parameter not in here
-        # the accumulator nodes die with their last reference, and the hooks (which hold the DDP) with them
-        wrapped.grad_accs = []
+        release_ddp_hooks(wrapped)
     for chunk in chunks:
         config = chunk.config
         config.grad_scale_func = None  # a bound method of the old optimizer
@@ -128,4 +127,4 @@ def apply_recompute(chunks, recompute: str, num_layers: int) -> None:
                 else:
                     config.recompute_modules = ["core_attn"]
             elif isinstance(module, Attention) and recompute == "selective":
-                module.checkpoint_core_attention = True
+                recompute_core_attention(module)

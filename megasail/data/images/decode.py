@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megasail.data.compat import cuda_is_in_bad_fork
 from megasail.data.images import dali
 from megasail.data.images.formats import DEFAULT_MAX_IMAGE_PIXELS, PIL_FORMATS
 from megasail.data.images.tiling import TILE_SIZE, tile_grid
@@ -144,7 +145,7 @@ def enable_gpu_decode_in_worker(device_id: int) -> None:
     """Let this DataLoader worker (spawned or forkserver-started, never forked) decode with DALI
     `mixed` on `device_id`; called from the loader's worker_init_fn."""
     global _worker_gpu
-    if torch.cuda._is_in_bad_fork():
+    if cuda_is_in_bad_fork():
         raise RuntimeError("a forked worker of a CUDA process cannot decode on the GPU; start workers with spawn")
     torch.cuda.set_device(device_id)
     _worker_gpu = device_id

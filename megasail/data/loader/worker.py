@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megasail.child_processes import die_with_parent, ignore_stop_signals
+from megasail.data.compat import new_shared_storage
 from megasail.data.format.reader import IndexedMultimodalDataset, TokenizedSample
 from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
@@ -94,7 +95,7 @@ def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) ->
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
+    storage = new_shared_storage(numel * torch.empty(0, dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
