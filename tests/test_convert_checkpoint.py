@@ -77,6 +77,24 @@ def _batch():
     return multimodal_batch(cfg, tiles_per_image=(1, 3))
 
 
+def test_converted_checkpoint_is_published_like_a_training_save(dirs):
+    """megasail.json holds exactly the keys the converter has always written (other tools read them),
+    the marker names iteration 0 and no .tmp dir is left.
+
+    Fault caught: the converter's run state without "converted_from" (a key dropped in the move)."""
+    root = dirs / "ms"
+    data = json.loads((root / "iter_0000000" / "megasail.json").read_text())
+    assert set(data) == {
+        "iteration", "format_version", "weights_only", "optimizer_sharding", "layout", "config", "stage",
+        "stage_start_step", "stage_iteration", "consumed_samples", "consumed_tokens", "converted_from", "saved_at",
+    }  # fmt: skip
+    assert data["iteration"] == 0 and data["weights_only"] is True and data["optimizer_sharding"] is None
+    assert data["layout"] == {"tp": 1, "pp": 1, "vpp": None, "dp": 1} and data["converted_from"] == "huggingface"
+    assert data["stage"] == {"index": 0, "name": "converted"}
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "0\n"
+    assert not [name for name in os.listdir(root) if name.endswith(".tmp")]
+
+
 def test_converted_checkpoint_loads_and_matches_transformers(dirs, hf_model):
     """Fails if q/k/v are fused in the wrong group order, gate/up swapped, a norm lands under the wrong
     TE key, or the config YAML loses a parity value (eps, rope theta, select layer)."""
