@@ -31,8 +31,8 @@ def installed_version(library: str) -> str:
 
 
 def private_api_error(user: str, library: str, thing: str, what_to_do: str) -> PrivateAPIError:
-    """The error for ``user`` (a megasail package) missing ``library``'s ``thing``:
-    "megasail.X needs megatron-core's <thing> (written for megatron-core 0.16.1, found <version>): <what_to_do>"."""
+    """The error for ``user`` (a megasail package) missing ``library``'s ``thing``: "megasail.X needs
+    megatron-core's <thing> (written for megatron-core 0.16.1, found <version>): <what_to_do>"."""
     return PrivateAPIError(
         f"{user} needs {library}'s {thing} (written for {library} {WRITTEN_FOR[library]}, "
         f"found {installed_version(library)}): {what_to_do}"

@@ -32,7 +32,12 @@ def test_meta_json_holds_the_run_state_beside_the_checkpoints_own_keys():
     """The run state's keys sit at the top level beside the six the checkpoint writes, which win.
 
     Fault caught: to_json nesting the run state under "run" (resume reads meta["loader_state"])."""
-    run = {"stage": {"index": 1, "name": "sft"}, "loader_state": {"p": 3}, "config": "x: 1\n", "iteration": 99}
+    run = {
+        "stage": {"index": 1, "name": "sft"},
+        "loader_state": {"p": 3},
+        "config": "x: 1\n",
+        "iteration": 99,
+    }
     data = _meta(12, **run).to_json()
     assert set(data) == CHECKPOINT_KEYS | {"stage", "loader_state", "config"}
     assert data["iteration"] == 12 and data["format_version"] == 1 and data["layout"]["tp"] == 2
@@ -63,8 +68,12 @@ def test_a_newer_format_version_is_refused_by_every_reader(tmp_path):
 def test_a_hand_written_weights_only_meta_reads(tmp_path):
     """The minimum docs/checkpoints.md asks of another tool's checkpoint: iteration, format_version,
     layout, weights_only. Read as stored (no keys added) and typed."""
-    data = {"iteration": 0, "format_version": 1, "layout": {"tp": 1, "pp": 1, "vpp": None, "dp": 1},
-            "weights_only": True}
+    data = {
+        "iteration": 0,
+        "format_version": 1,
+        "layout": {"tp": 1, "pp": 1, "vpp": None, "dp": 1},
+        "weights_only": True,
+    }
     step = tmp_path / "iter_0000000"
     step.mkdir()
     (step / META).write_text(json.dumps(data))
@@ -80,7 +89,9 @@ def test_publish_step_renames_writes_meta_then_marker_and_never_moves_it_back(tm
     for iteration in (8, 4):
         tmp = start_tmp_dir(root, iteration)
         open(os.path.join(tmp, "shard"), "w").close()
-        assert publish_step(root, _meta(iteration, stage={"index": 0}), keep_last=0) == step_dir(root, iteration)
+        assert publish_step(root, _meta(iteration, stage={"index": 0}), keep_last=0) == step_dir(
+            root, iteration
+        )
     assert sorted(os.listdir(root)) == sorted([MARKER, "iter_0000004", "iter_0000008"])
     assert open(os.path.join(root, MARKER)).read() == "8\n"
     assert latest_checkpoint(root) == step_dir(root, 8)

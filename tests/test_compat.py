@@ -47,7 +47,9 @@ def test_checkpoint_writer_queue_needs_megatrons_results_queue(monkeypatch):
     monkeypatch.delattr(filesystem_async, "_results_queue")
     monkeypatch.setattr(compat, "_writer_manager", None)
     thing = "dist_checkpointing.strategies.filesystem_async._results_queue"
-    message = _raises(_message("megasail.checkpoint", "megatron-core", thing), compat.seed_writer_results_queue)
+    message = _raises(
+        _message("megasail.checkpoint", "megatron-core", thing), compat.seed_writer_results_queue
+    )
     assert "outlives a killed trainer" in message
     assert compat._writer_manager is None  # nothing was started
 
@@ -100,13 +102,15 @@ def test_training_stage_switch_needs_ddp_hook_attributes():
 
 
 def test_training_selective_recompute_needs_attentions_flag():
-    """Fault caught: the check removed: the flag is set on a module that never reads it (recomputes nothing)."""
+    """Fault caught: the check removed: the flag is set on a module that never reads it (recomputes
+    nothing)."""
     from megasail.training.compat import recompute_core_attention
 
     newer_attention = types.SimpleNamespace()
     thing = "Attention.checkpoint_core_attention"
     message = _raises(
-        _message("megasail.training", "megatron-core", thing), lambda: recompute_core_attention(newer_attention)
+        _message("megasail.training", "megatron-core", thing),
+        lambda: recompute_core_attention(newer_attention),
     )
     assert "recompute nothing" in message and not hasattr(newer_attention, "checkpoint_core_attention")
 
@@ -127,12 +131,16 @@ def test_training_init_needs_megatrons_normal_init_to_be_a_partial(monkeypatch):
     monkeypatch.setattr(utils, "init_method_normal", closure_init)
     try:
         thing = "init_method_normal returning functools.partial(torch.nn.init.normal_, ...)"
-        _raises(_message("megasail.training", "megatron-core", thing),
-                lambda: compat.is_elementwise_normal(closure_init(0.02)))
+        _raises(
+            _message("megasail.training", "megatron-core", thing),
+            lambda: compat.is_elementwise_normal(closure_init(0.02)),
+        )
         monkeypatch.delattr(utils, "init_method_normal")
         compat._megatron_normal_is_partial.cache_clear()
-        _raises(_message("megasail.training", "megatron-core", "utils.init_method_normal"),
-                lambda: compat.is_elementwise_normal(closure_init(0.02)))
+        _raises(
+            _message("megasail.training", "megatron-core", "utils.init_method_normal"),
+            lambda: compat.is_elementwise_normal(closure_init(0.02)),
+        )
     finally:
         compat._megatron_normal_is_partial.cache_clear()
 
@@ -161,8 +169,10 @@ def test_data_gpu_decode_needs_torchs_bad_fork_check(monkeypatch):
     from megasail.data.images import decode
 
     monkeypatch.delattr(torch.cuda, "_is_in_bad_fork")
-    _raises(_message("megasail.data", "torch", "torch.cuda._is_in_bad_fork"),
-            lambda: decode.enable_gpu_decode_in_worker(0))
+    _raises(
+        _message("megasail.data", "torch", "torch.cuda._is_in_bad_fork"),
+        lambda: decode.enable_gpu_decode_in_worker(0),
+    )
 
 
 def test_data_shared_tensors_need_torchs_shared_storage(monkeypatch):
@@ -171,7 +181,9 @@ def test_data_shared_tensors_need_torchs_shared_storage(monkeypatch):
 
     assert shared_float32((2, 3)).is_shared()  # what it is for, with the attribute there
     monkeypatch.setattr(torch, "UntypedStorage", types.SimpleNamespace())  # (inherited from a C base type)
-    _raises(_message("megasail.data", "torch", "torch.UntypedStorage._new_shared"), lambda: shared_float32((2, 3)))
+    _raises(
+        _message("megasail.data", "torch", "torch.UntypedStorage._new_shared"), lambda: shared_float32((2, 3))
+    )
 
 
 # --- megasail/runtime/cpu_backend.py ---------------------------------------------------------------
@@ -182,7 +194,12 @@ def test_data_shared_tensors_need_torchs_shared_storage(monkeypatch):
     "owner, name, library, thing",
     [
         ("autograd", "_engine_run_backward", "torch", "torch.autograd._engine_run_backward"),
-        ("mcore_random", "_get_cuda_rng_state", "megatron-core", "tensor_parallel.random._get_cuda_rng_state"),
+        (
+            "mcore_random",
+            "_get_cuda_rng_state",
+            "megatron-core",
+            "tensor_parallel.random._get_cuda_rng_state",
+        ),
     ],
 )
 def test_runtime_cpu_backend_checks_before_patching(monkeypatch, owner, name, library, thing):

@@ -113,7 +113,9 @@ def _docstrings(tree) -> set[int]:
     return {
         id(node.value)
         for node in ast.walk(tree)
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
     }
 
 
@@ -137,7 +139,9 @@ def checkpoint_file_uses(path: str) -> list[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             if any(name in node.value for name in FILE_NAMES):
                 found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}: literal {node.value!r}")
-        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+        name = (
+            node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+        )
         if name in NAME_CONSTANTS and id(node) not in interpolated:
             found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}: uses {name} outside a message")
     return found

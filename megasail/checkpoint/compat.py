@@ -110,8 +110,11 @@ def torch_adam_load_fixes(optimizer):
     for sub, inner in torch_adams(optimizer):
         if not isinstance(sub, DistributedOptimizer):
             continue  # the non-distributed optimizers load Adam's state through torch's own load_state_dict
-        original = _mcore(sub, "_set_main_param_and_optimizer_states",
-                          "DistributedOptimizer._set_main_param_and_optimizer_states")
+        original = _mcore(
+            sub,
+            "_set_main_param_and_optimizer_states",
+            "DistributedOptimizer._set_main_param_and_optimizer_states",
+        )
         _mcore(sub, "model_param_group_index_map", "DistributedOptimizer.model_param_group_index_map")
 
         def with_step(model_param, tensors, sub=sub, inner=inner, original=original):
@@ -140,10 +143,20 @@ def torch_dist_strategy_parts():
     from megatron.core.dist_checkpointing.strategies import torch as torch_dist
 
     return (
-        _mcore(torch_dist, "_replace_state_dict_keys_with_sharded_keys",
-               "dist_checkpointing.strategies.torch._replace_state_dict_keys_with_sharded_keys"),
-        _mcore(torch_dist, "mcore_to_pyt_state_dict", "dist_checkpointing.strategies.torch.mcore_to_pyt_state_dict"),
+        _mcore(
+            torch_dist,
+            "_replace_state_dict_keys_with_sharded_keys",
+            "dist_checkpointing.strategies.torch._replace_state_dict_keys_with_sharded_keys",
+        ),
+        _mcore(
+            torch_dist,
+            "mcore_to_pyt_state_dict",
+            "dist_checkpointing.strategies.torch.mcore_to_pyt_state_dict",
+        ),
         _mcore(torch_dist, "MCoreSavePlanner", "dist_checkpointing.strategies.torch.MCoreSavePlanner"),
-        _mcore(torch_dist, "TorchDistSaveShardedStrategy",
-               "dist_checkpointing.strategies.torch.TorchDistSaveShardedStrategy"),
+        _mcore(
+            torch_dist,
+            "TorchDistSaveShardedStrategy",
+            "dist_checkpointing.strategies.torch.TorchDistSaveShardedStrategy",
+        ),
     )

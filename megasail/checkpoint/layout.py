@@ -1,9 +1,9 @@
 """Where a checkpoint lives on disk, read without writing (publish.py does every write).
 
     ROOT/latest_checkpointed_iteration.txt   "12\\n": the marker, written last, by rename
-    ROOT/iter_0000012/                       a published step dir (renamed from iter_0000012.tmp once complete)
+    ROOT/iter_0000012/                       a published step dir (iter_0000012.tmp renamed when complete)
         .metadata, __*_*.distcp, common.pt, metadata.json    (dist_checkpointing, torch_dist)
-        megasail.json                                         (meta.py: iteration, stage, loader state, config, layout)
+        megasail.json                                         (meta.py: iteration, stage, config, layout ...)
 
 A directory counts as published when it holds megasail.json; the marker always names a published one.
 """

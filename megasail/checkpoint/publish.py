@@ -88,8 +88,12 @@ def publish_step(root: str, meta: CheckpointMeta, keep_last: int) -> str:
     marked = marked_iteration(root)
     if marked is not None and marked > iteration:
         # the marker never moves backwards: a later step of this directory stays the one a resume takes
-        log.warning("%s names iteration %d, later than %d: left as it is", os.path.join(root, MARKER), marked,
-                    iteration)
+        log.warning(
+            "%s names iteration %d, later than %d: left as it is",
+            os.path.join(root, MARKER),
+            marked,
+            iteration,
+        )
     else:
         write_marker(root, iteration)
     if os.path.exists(final + ".replaced.tmp"):

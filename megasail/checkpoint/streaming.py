@@ -22,7 +22,9 @@ from megasail.checkpoint.meta import CheckpointMeta
 from megasail.checkpoint.publish import publish_step, start_tmp_dir
 from megasail.checkpoint.sharded import content_metadata, sharding_metadata
 
-_replace_keys, _to_pyt_state_dict, _MCoreSavePlanner, _TorchDistSaveShardedStrategy = torch_dist_strategy_parts()
+_replace_keys, _to_pyt_state_dict, _MCoreSavePlanner, _TorchDistSaveShardedStrategy = (
+    torch_dist_strategy_parts()
+)
 
 MakeTensor = Callable[[str, tuple, tuple], torch.Tensor]  # (key, chunk offsets, chunk sizes) -> the chunk
 
@@ -71,7 +73,9 @@ class _StreamingStrategy(_TorchDistSaveShardedStrategy):
         dcp.save(pyt, storage_writer=writer, planner=planner)
 
 
-def save_streamed(root: str, sharded_model: dict, make: MakeTensor, meta: CheckpointMeta, progress=None) -> str:
+def save_streamed(
+    root: str, sharded_model: dict, make: MakeTensor, meta: CheckpointMeta, progress=None
+) -> str:
     """Write ROOT/iter_NNNNNNN (NNNNNNN = meta.iteration) holding "model" = ``sharded_model`` (a merged
     model sharded state dict, e.g. of a meta-device model), its tensors from ``make``, then publish it
     with ``meta``. One process, after ``megasail.runtime.initialize(1, 1)``; progress: a tqdm bar

@@ -21,12 +21,23 @@ _PIN = "install torch 2.13 (constraints-cpu.txt) or update megasail/data/compat.
 
 def cuda_is_in_bad_fork() -> bool:
     """Whether this process is a fork of one that had initialised CUDA."""
-    return private_attr(torch.cuda, "_is_in_bad_fork", user=USER, library="torch",
-                        thing="torch.cuda._is_in_bad_fork", what_to_do=_PIN)()
+    return private_attr(
+        torch.cuda,
+        "_is_in_bad_fork",
+        user=USER,
+        library="torch",
+        thing="torch.cuda._is_in_bad_fork",
+        what_to_do=_PIN,
+    )()
 
 
 def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
     """An uninitialised CPU storage of ``nbytes`` in shared memory."""
-    return private_attr(torch.UntypedStorage, "_new_shared", user=USER, library="torch",
-                        thing="torch.UntypedStorage._new_shared",
-                        what_to_do="loader workers could not hand batches over in shared memory; " + _PIN)(nbytes)
+    return private_attr(
+        torch.UntypedStorage,
+        "_new_shared",
+        user=USER,
+        library="torch",
+        thing="torch.UntypedStorage._new_shared",
+        what_to_do="loader workers could not hand batches over in shared memory; " + _PIN,
+    )(nbytes)

@@ -25,7 +25,9 @@ from megasail.versions import private_attr
 log = logging.getLogger(__name__)
 
 USER = "megasail.runtime"
-_PIN = "install torch 2.13 and megatron-core 0.16.1 (constraints-cpu.txt) or update megasail/runtime/cpu_backend.py"
+_PIN = (
+    "install torch 2.13 and megatron-core 0.16.1 (constraints-cpu.txt) or update megasail/runtime/cpu_backend.py"
+)
 
 _installed = False
 _mode: TorchFunctionMode | None = None

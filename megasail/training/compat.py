@@ -30,18 +30,30 @@ def _require(obj, name: str, thing: str, what_to_do: str = _PIN):
 def release_ddp_hooks(wrapped) -> None:
     """Make a megatron DistributedDataParallel's gradient hooks inert and let go of the autograd
     accumulator nodes they hang on (the hooks, which hold the DDP, die with them)."""
-    _require(wrapped, "param_to_bucket_group", "DistributedDataParallel.param_to_bucket_group",
-             "a stage switch could not release the previous stage's gradient hooks; " + _PIN)
-    _require(wrapped, "grad_accs", "DistributedDataParallel.grad_accs",
-             "a stage switch could not release the previous stage's gradient hooks; " + _PIN)
+    _require(
+        wrapped,
+        "param_to_bucket_group",
+        "DistributedDataParallel.param_to_bucket_group",
+        "a stage switch could not release the previous stage's gradient hooks; " + _PIN,
+    )
+    _require(
+        wrapped,
+        "grad_accs",
+        "DistributedDataParallel.grad_accs",
+        "a stage switch could not release the previous stage's gradient hooks; " + _PIN,
+    )
     wrapped.param_to_bucket_group = {}  # its backward hooks do nothing for a parameter not in here
     wrapped.grad_accs = []  # the accumulator nodes die with their last reference, and the hooks with them
 
 
 def recompute_core_attention(attention) -> None:
     """Turn on recomputation of core attention in a built megatron ``Attention`` module."""
-    _require(attention, "checkpoint_core_attention", "Attention.checkpoint_core_attention",
-             "train.recompute=selective would silently recompute nothing; " + _PIN)
+    _require(
+        attention,
+        "checkpoint_core_attention",
+        "Attention.checkpoint_core_attention",
+        "train.recompute=selective would silently recompute nothing; " + _PIN,
+    )
     attention.checkpoint_core_attention = True
 
 
