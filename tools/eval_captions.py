@@ -67,7 +67,7 @@ def run_config(args):
         return load_config(args.config, args.overrides)
     if not args.checkpoint:
         raise SystemExit("eval_captions: give --checkpoint or --config")
-    from megasail.training.checkpoint import read_meta
+    from megasail.checkpoint import read_meta
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(read_meta(args.checkpoint)["config"])
@@ -157,7 +157,7 @@ def main(argv=None) -> list[dict]:
     content_ids = content_token_ids(args.data, [w for w in args.content_words.split(",") if w])
     rows = [{"row": "untrained", **score(model, batches, content_ids)}]
     if args.checkpoint:
-        from megasail.training.checkpoint import load_checkpoint
+        from megasail.checkpoint import load_checkpoint
 
         meta = load_checkpoint(args.checkpoint, [model], weights_only=True)
         rows.append({"row": f"trained (step {meta.get('iteration')})", **score(model, batches, content_ids)})

@@ -164,7 +164,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     fp32 main weights refreshed from the loaded model (bf16 training steps from those, not from the
     weights it was built with). RNG states are restored only at the saved layout.
     Raises CheckpointMismatchError (a KeyError) naming missing/unexpected keys or mismatched shapes,
-    on every rank.
+    on every rank; CheckpointCorruptError for a shard file shorter than its metadata; FileNotFoundError
+    without a checkpoint; ValueError for a newer format_version or an optimizer asked of a weights-only one.
     """
     step = require_checkpoint(path)
     meta = read_meta(step)  # ValueError for a newer format_version
