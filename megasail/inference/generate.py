@@ -77,6 +77,14 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens, the stop token included when one ended the answer
     stopped: bool  # ended on a stop token (else on max_new_tokens)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    # per generated token: top logit minus the runner-up (fp32; near 0 = a near-tie another layout may break)
+    logit_gaps: list[float] = field(default_factory=list)
+
+
+def top_logit_gap(logits_bv: torch.Tensor) -> torch.Tensor:
+    """Top logit minus the second one per row of [b, vocab] -> [b] (float32, on the CPU)."""
+    top2 = logits_bv.float().topk(2, dim=-1).values.cpu()
+    return top2[:, 0] - top2[:, 1]
 
 
 def sample_next(
@@ -158,14 +166,15 @@ class Generator:
             return None
         return out[:, -1, :]
 
-    def _broadcast_tokens(self, tokens_b: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """The last stage's sampled tokens on every rank of the pipeline group."""
+    def _broadcast_tokens(self, tokens_b: torch.Tensor | None, batch: int, dtype=torch.int64) -> torch.Tensor:
+        """The last stage's sampled tokens (or any [b] tensor of ``dtype``) on every rank of the
+        pipeline group."""
         if self.pp_size == 1:
             return tokens_b
         buf = (
             tokens_b.to(self.device)
             if self.last
-            else torch.empty(batch, dtype=torch.int64, device=self.device)
+            else torch.empty(batch, dtype=dtype, device=self.device)
         )
         dist.broadcast(
             buf,
@@ -206,6 +215,7 @@ class Generator:
         total = width + params.max_new_tokens
         context = StaticInferenceContext(b, total) if use_cache else None
         out_tokens: list[list[int]] = [[] for _ in range(b)]
+        out_gaps: list[list[float]] = [[] for _ in range(b)]
         done = [False] * b
         stop = set(params.stop_token_ids)
 
@@ -224,9 +234,11 @@ class Generator:
             )
             tokens = sample_next(logits, params, generator) if self.last else None
             tokens = self._broadcast_tokens(tokens, b)
+            gaps = self._broadcast_tokens(top_logit_gap(logits) if self.last else None, b, torch.float32)
             for i in range(b):
                 if not done[i]:
                     out_tokens[i].append(int(tokens[i]))
+                    out_gaps[i].append(float(gaps[i]))
                     done[i] = int(tokens[i]) in stop
             elapsed = time.perf_counter() - start
             if step == 0:
@@ -244,4 +256,6 @@ class Generator:
             else:
                 step_ids = seq
         stats.new_tokens = sum(len(t) for t in out_tokens)
-        return [GenerationResult(t, d, stats) for t, d in zip(out_tokens, done, strict=True)]
+        return [
+            GenerationResult(t, d, stats, g) for t, d, g in zip(out_tokens, done, out_gaps, strict=True)
+        ]
