@@ -35,6 +35,9 @@ extras = {
     # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers.
     "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],
     "wandb": ["wandb"],
+    # `lmms-eval --model megasail --model_args load=CKPT` (megasail/evaluation/lmms_eval_plugin.py); lmms-eval
+    # brings torchvision and dozens more: on CPU machines pass the constraints file so torch stays CPU-only
+    "lmms-eval": ["lmms-eval>=0.6"],
 }
 extras["dev"] = sorted(
     set(
@@ -68,6 +71,8 @@ setup(
         "sentencepiece",
     ],
     extras_require=extras,
+    # lmms-eval reads this group when it lists its models; the module imports lmms-eval only then
+    entry_points={"lmms_eval.models": ["megasail = megasail.evaluation.lmms_eval_plugin:manifest"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,
