@@ -47,7 +47,9 @@ def make_colour_dataset(root: Path, samples: int = 400) -> str:
     for i in range(samples):
         if i % 4 == 3:
             n = rng.randint(1, 6)
-            records.append(conversation(None, f"Count to {n}.", " ".join(map(str, range(1, n + 1))), id=f"t{i}"))
+            records.append(
+                conversation(None, f"Count to {n}.", " ".join(map(str, range(1, n + 1))), id=f"t{i}")
+            )
             continue
         colour = rng.choice(list(COLOURS))
         write_colour_image(root / "images" / f"c{i}.png", colour, seed=i)
@@ -86,7 +88,13 @@ def write_colour_benchmark(root: Path, questions: int = 24, seed: int = 1) -> Pa
         colour = rng.choice(list(COLOURS))
         if i % 6 == 5:
             n = rng.randint(1, 6)
-            lines.append({"id": f"count{i}", "question": f"Count to {n}.", "answers": [" ".join(map(str, range(1, n + 1)))] * 10})
+            lines.append(
+                {
+                    "id": f"count{i}",
+                    "question": f"Count to {n}.",
+                    "answers": [" ".join(map(str, range(1, n + 1)))] * 10,
+                }
+            )
             continue
         names = [f"images/q{i}.png"] + ([f"images/q{i}b.png"] if i % 6 == 4 else [])
         for k, name in enumerate(names):
@@ -97,7 +105,9 @@ def write_colour_benchmark(root: Path, questions: int = 24, seed: int = 1) -> Pa
     data = (root / "images" / "cut.png").read_bytes()
     (root / "images" / "cut.png").write_bytes(data[: len(data) // 2])
     lines.append({"id": "cut", "image": "images/cut.png", "question": "Colour?", "answers": ["red"] * 10})
-    lines.insert(3, {"id": "gone", "image": "images/nowhere.png", "question": "Colour?", "answers": ["red"] * 10})
+    lines.insert(
+        3, {"id": "gone", "image": "images/nowhere.png", "question": "Colour?", "answers": ["red"] * 10}
+    )
     lines[0]["metric"] = "vqa"
     path = root / "colours.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -132,3 +142,42 @@ def read_jsonl(path) -> list[dict]:
 
 def by_id(path) -> dict[str, dict]:
     return {str(r["id"]): r for r in read_jsonl(path)}
+
+
+TIED_CHARS = (";", "Q")  # the tied pair: ';' is frequent in the tiny captioner's answers, 'Q' is not
+
+
+def tied_token_model_dir(directory: Path) -> Path:
+    """The recaptioning tests' tiny HF captioner (answers of 1-20 byte tokens) with the lm_head row of 'Q'
+    made equal to that of ';': whenever either is the top token the two top logits are equal, so an
+    answer holds a near-tie exactly when it holds ';' or 'Q' (anywhere in it)."""
+    import torch
+    from chat_utils import chatty_hf_model, save_chat_dir
+    from recaption_utils import IM_END_ID, STOP_AFTER_TOKEN
+    from tokenizers import Tokenizer
+
+    model = chatty_hf_model()
+    save_chat_dir(model, directory)  # writes tokenizer.json, read back for the two ids
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    first, second = (tokenizer.token_to_id(c) for c in TIED_CHARS)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[IM_END_ID].copy_(1.02 * head[STOP_AFTER_TOKEN])
+        head[second].copy_(head[first])
+    save_chat_dir(model, directory)
+    return directory
+
+
+def write_open_questions(root: Path, images: list[str]) -> Path:
+    """root/open.jsonl (metric anls): twelve questions without a picture and the same with one."""
+    questions = ["What is this?", "Describe it.", "Why?", "Tell me more about the picture.", "Count the things.",
+                 "Is it big?", "Where is it?", "Who made it?", "Name it.", "How many?", "What colour?", "Explain."]  # fmt: skip
+    lines = []
+    for i, question in enumerate(questions * 2):
+        line = {"id": f"open{i}", "question": question, "answers": ["something"], "metric": "anls"}
+        if i >= len(questions):
+            line["image"] = images[i % len(images)]
+        lines.append(line)
+    path = root / "open.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

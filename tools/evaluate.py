@@ -45,40 +45,82 @@ def parse_args(argv=None):
     from megasail.evaluation.records import NEAR_TIE_THRESHOLD
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", action="append", required=True, metavar="FILE",
-                   help="a benchmark file, .jsonl or .tsv (repeatable); its stem names it in scores.json")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a benchmark file, .jsonl or .tsv (repeatable); its stem names it in scores.json",
+    )
     p.add_argument("--output-dir", required=True, help="where predictions, scores.json and evaluate.json go")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="megasail checkpoint dir (root or iter_*) or a HuggingFace InternVL/SAIL-VL dir")
+    src.add_argument(
+        "--load", help="megasail checkpoint dir (root or iter_*) or a HuggingFace InternVL/SAIL-VL dir"
+    )
     src.add_argument("--predictions-dir", help="score the predictions in this directory again (no model)")
-    p.add_argument("--metric", action="append", default=[], metavar="[NAME=]METRIC",
-                   help="metric for every benchmark, or for benchmark NAME (overrides the file's; repeatable)")
-    p.add_argument("--prompt-suffix", action="append", default=[], metavar="[NAME=]TEXT",
-                   help="instruction after each question, for every benchmark or for NAME (default: the file's "
-                        "'prompt_suffix', else the metric's InternVL instruction, e.g. 'Answer the question "
-                        "using a single word or phrase.'); '' for none")
-    p.add_argument("--batch-size", type=int, default=8, help="questions generated together per data-parallel writer")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="[NAME=]METRIC",
+        help="metric for every benchmark, or for benchmark NAME (overrides the file's; repeatable)",
+    )
+    p.add_argument(
+        "--prompt-suffix",
+        action="append",
+        default=[],
+        metavar="[NAME=]TEXT",
+        help="instruction after each question, for every benchmark or for NAME (default: the file's "
+        "'prompt_suffix', else the metric's InternVL instruction, e.g. 'Answer the question "
+        "using a single word or phrase.'); '' for none",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="questions generated together per data-parallel writer"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per answer")
     p.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
-    p.add_argument("--near-tie-threshold", type=float, default=NEAR_TIE_THRESHOLD,
-                   help="an answer is a near-tie when some generated token's top two logits differ by less")
-    p.add_argument("--overwrite", action="store_true",
-                   help="predict these benchmarks again, discarding their predictions in --output-dir")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
-    p.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline-parallel size (launch with torchrun)")
+    p.add_argument(
+        "--near-tie-threshold",
+        type=float,
+        default=NEAR_TIE_THRESHOLD,
+        help="an answer is a near-tie when some generated token's top two logits differ by less",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict these benchmarks again, discarding their predictions in --output-dir",
+    )
+    p.add_argument(
+        "--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)"
+    )
+    p.add_argument(
+        "--pipeline-parallel", type=int, default=1, help="pipeline-parallel size (launch with torchrun)"
+    )
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
     p.add_argument("--template", help="chat template name (default: the checkpoint's data template)")
     p.add_argument("--system", help="system message (default: the template's)")
-    p.add_argument("--max-tiles", type=int, help="most tiles per image (default: the checkpoint's data setting)")
+    p.add_argument(
+        "--max-tiles", type=int, help="most tiles per image (default: the checkpoint's data setting)"
+    )
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--transformer-impl", default="local", choices=("local", "te"),
-                   help="layers to build; padded batches need local attention")
-    p.add_argument("--decode-backend", default="pil", choices=("pil", "dali", "auto"),
-                   help="image decoding (pil: the reference pixels, the same on every machine)")
+    p.add_argument(
+        "--transformer-impl",
+        default="local",
+        choices=("local", "te"),
+        help="layers to build; padded batches need local attention",
+    )
+    p.add_argument(
+        "--decode-backend",
+        default="pil",
+        choices=("pil", "dali", "auto"),
+        help="image decoding (pil: the reference pixels, the same on every machine)",
+    )
     p.add_argument("--no-bucket", action="store_true", help="batch in file order instead of by tile count")
-    p.add_argument("--prefetch-batches", type=int, default=2, help="batches read and decoded ahead in a thread")
+    p.add_argument(
+        "--prefetch-batches", type=int, default=2, help="batches read and decoded ahead in a thread"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_tiles is not None and args.max_tiles < 1):

@@ -56,7 +56,10 @@ def sampling_from_gen_kwargs(gen_kwargs: dict, default_max_new_tokens: int) -> t
     greedy = not gen_kwargs.get("do_sample", False) or temperature <= 0
     if int(gen_kwargs.get("num_beams") or 1) > 1:
         log.warning("num_beams=%s is not supported: decoding greedily", gen_kwargs["num_beams"])
-    params = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens), "greedy": greedy}
+    params = {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
+        "greedy": greedy,
+    }
     if not greedy:
         params.update(temperature=temperature, top_p=float(gen_kwargs.get("top_p") or 1.0))
     return params, until
@@ -154,7 +157,9 @@ if _LmmsBase is not None:
                      "decode_backend", "seed")  # fmt: skip
             unknown = sorted(set(kwargs) - set(known))
             if unknown:
-                log.warning("ignoring unknown model_args %s (known: load, batch_size, %s)", unknown, ", ".join(known))
+                log.warning(
+                    "ignoring unknown model_args %s (known: load, batch_size, %s)", unknown, ", ".join(known)
+                )
             self.adapter = LmmsEvalAdapter(load, batch_size=int(batch_size),
                                            **{k: v for k, v in kwargs.items() if k in known})  # fmt: skip
             self._rank = dist.get_rank()

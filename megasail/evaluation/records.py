@@ -100,10 +100,12 @@ def read_records(out_dir: str, name: str) -> tuple[dict[str, dict], dict[str, di
             item_id = str(record["id"])
             _is_prediction(record, f"{merged}:{number}")
             if item_id in first:
-                raise ValueError(f"{merged}:{number}: duplicate id {item_id!r} (first on line {first[item_id]})")
+                raise ValueError(
+                    f"{merged}:{number}: duplicate id {item_id!r} (first on line {first[item_id]})"
+                )
             first[item_id] = number
             predictions[item_id] = record
-    sources = ([errors_path(out_dir, name)] if os.path.isfile(errors_path(out_dir, name)) else [])
+    sources = [errors_path(out_dir, name)] if os.path.isfile(errors_path(out_dir, name)) else []
     for path in sources + partial_paths(out_dir, name):
         for number, record in _read_lines(path):
             item_id = str(record["id"])
@@ -140,11 +142,15 @@ def _lines(records) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def finalize(out_dir: str, benchmark: Benchmark, predictions: dict[str, dict], errors: dict[str, dict]) -> None:
+def finalize(
+    out_dir: str, benchmark: Benchmark, predictions: dict[str, dict], errors: dict[str, dict]
+) -> None:
     """Write NAME.predictions.jsonl (and NAME.errors.jsonl when there are errors) in the benchmark's
     order, each atomically, then delete the partial files they replace."""
     order = [item.id for item in benchmark.items]
-    _write_atomically(predictions_path(out_dir, benchmark.name), _lines(predictions[i] for i in order if i in predictions))
+    _write_atomically(
+        predictions_path(out_dir, benchmark.name), _lines(predictions[i] for i in order if i in predictions)
+    )
     error_file = errors_path(out_dir, benchmark.name)
     failed = [errors[i] for i in order if i in errors and i not in predictions]
     if failed:
@@ -164,7 +170,8 @@ def score_records(
     """score_benchmark of the predictions, plus:
 
     near_ties: predictions whose min_logit_gap is below ``near_tie_threshold`` (a greedy choice another
-    batch size or parallel layout may flip); near_tie_ids: their ids in benchmark order.
+    batch size or parallel layout may flip); near_tie_ids: their ids in benchmark order;
+    near_tie_threshold: the threshold.
     errors: questions that have no prediction because of an error record; error_reasons: reason -> count.
     """
     result = score_benchmark(benchmark, {i: r["prediction"] for i, r in predictions.items()})
@@ -176,6 +183,10 @@ def score_records(
     ]  # fmt: skip
     reasons = Counter(errors[i]["error"] for i in order if errors and i in errors and i not in predictions)
     result.update(
-        near_ties=len(near), near_tie_ids=near, errors=sum(reasons.values()), error_reasons=dict(sorted(reasons.items()))
+        near_ties=len(near),
+        near_tie_ids=near,
+        near_tie_threshold=near_tie_threshold,
+        errors=sum(reasons.values()),
+        error_reasons=dict(sorted(reasons.items())),
     )
     return result

@@ -52,7 +52,9 @@ class EvalConfig:
     load: str | None = None  # megasail checkpoint or HuggingFace directory; None with predictions_dir
     predictions_dir: str | None = None  # score these predictions instead of generating
     metrics: dict[str | None, str] = field(default_factory=dict)  # benchmark name (None: all) -> metric
-    prompt_suffixes: dict[str | None, str] = field(default_factory=dict)  # benchmark name (None: all) -> suffix
+    prompt_suffixes: dict[str | None, str] = field(
+        default_factory=dict
+    )  # benchmark name (None: all) -> suffix
     batch_size: int = 8
     max_new_tokens: int = 64
     temperature: float | None = None  # None: greedy
@@ -78,7 +80,9 @@ def load_benchmarks(cfg: EvalConfig, require_images: bool) -> list[Benchmark]:
     for path in cfg.benchmarks:
         name = os.path.splitext(os.path.basename(path))[0]
         if name in seen:
-            raise BenchmarkError(f"{path}: another benchmark is also named {name!r} ({seen[name]}); rename one")
+            raise BenchmarkError(
+                f"{path}: another benchmark is also named {name!r} ({seen[name]}); rename one"
+            )
         seen[name] = path
         benchmarks.append(load_benchmark(
             path, metric=cfg.metrics.get(name, cfg.metrics.get(None)),
@@ -86,13 +90,15 @@ def load_benchmarks(cfg: EvalConfig, require_images: bool) -> list[Benchmark]:
         ))  # fmt: skip
     unknown = [k for k in (*cfg.metrics, *cfg.prompt_suffixes) if k is not None and k not in seen]
     if unknown:
-        raise BenchmarkError(f"--metric/--prompt-suffix name {unknown[0]!r}, which is none of the benchmarks "
+        raise BenchmarkError(f"--metric/--prompt-suffix: {unknown[0]!r} names none of the benchmarks "
                              f"({', '.join(seen)})")  # fmt: skip
     return benchmarks
 
 
 def _scores(benchmarks, records, threshold) -> dict:
-    return build_scores({b.name: score_records(b, *records[b.name], near_tie_threshold=threshold) for b in benchmarks})
+    return build_scores(
+        {b.name: score_records(b, *records[b.name], near_tie_threshold=threshold) for b in benchmarks}
+    )
 
 
 def _report(scores: dict, out_dir: str) -> None:
@@ -155,8 +161,15 @@ def run_settings(cfg: EvalConfig, checkpoint: str, benchmarks: list[Benchmark]) 
     return {
         "checkpoint": checkpoint,
         "generation": generation,
-        "benchmarks": {b.name: {"path": b.path, "metric": b.metric, "prompt_suffix": b.prompt_suffix,
-                                "questions": len(b)} for b in benchmarks},  # fmt: skip
+        "benchmarks": {
+            b.name: {
+                "path": b.path,
+                "metric": b.metric,
+                "prompt_suffix": b.prompt_suffix,
+                "questions": len(b),
+            }
+            for b in benchmarks
+        },
     }
 
 
@@ -174,7 +187,11 @@ def _settings_conflict(out_dir: str, settings: dict, previous: dict | None, name
     fix = "pass --overwrite to predict them again, or choose another --output-dir"
     if previous is None:
         return f"{out_dir} holds predictions for {started[0]!r} but no {SETTINGS_FILE}; {fix}"
-    changed = [(k, previous.get(k), settings[k]) for k in ("checkpoint", "generation") if previous.get(k) != settings[k]]
+    changed = [
+        (k, previous.get(k), settings[k])
+        for k in ("checkpoint", "generation")
+        if previous.get(k) != settings[k]
+    ]
     for name in started:
         old = previous.get("benchmarks", {}).get(name, {})
         changed += [(f"{name}.{k}", old.get(k), v) for k, v in settings["benchmarks"][name].items()
@@ -245,7 +262,9 @@ def _record(outcome) -> dict:
             "new_tokens": len(outcome.result.token_ids), "stopped": outcome.result.stopped}  # fmt: skip
 
 
-def _predict(cfg, bench: Benchmark, todo: list, batched, writer_rank: int, writers: int) -> tuple[list[dict], float]:
+def _predict(
+    cfg, bench: Benchmark, todo: list, batched, writer_rank: int, writers: int
+) -> tuple[list[dict], float]:
     """This writer's remaining items of one benchmark -> (their records, seconds)."""
     from tqdm import tqdm
 
@@ -283,7 +302,9 @@ def _generator(cfg: EvalConfig, checkpoint: str):
         loaded = load_for_generation(checkpoint, tokenizer=cfg.tokenizer, precision=cfg.precision,
                                      transformer_impl=cfg.transformer_impl)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - any failure to load is reported as one line naming the checkpoint
-        raise EvaluationError(f"--load {cfg.load}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+        raise EvaluationError(
+            f"--load {cfg.load}: cannot load the checkpoint ({type(e).__name__}: {e})"
+        ) from e
     overrides = {"decode_backend": cfg.decode_backend}
     overrides.update({k: v for k, v in (("template", cfg.template), ("system_message", cfg.system),
                                         ("max_tiles", cfg.max_tiles)) if v is not None})  # fmt: skip
@@ -295,7 +316,9 @@ def _generator(cfg: EvalConfig, checkpoint: str):
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.temperature is None,
                             temperature=cfg.temperature or 1.0, top_p=cfg.top_p, seed=cfg.seed,
                             stop_token_ids=stop_token_ids(tokenizer))  # fmt: skip
-    batching = BatchingConfig(batch_size=cfg.batch_size, bucket=cfg.bucket, prefetch_batches=cfg.prefetch_batches)
+    batching = BatchingConfig(
+        batch_size=cfg.batch_size, bucket=cfg.bucket, prefetch_batches=cfg.prefetch_batches
+    )
     generator = Generator(loaded.model, pad_token_id=pad)
     return BatchedGenerator(generator, tokenizer, replace(loaded.prompt, **overrides), params, batching)
 
@@ -329,7 +352,8 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
     benchmarks = load_benchmarks(cfg, require_images=False)  # a missing image fails its question only
     group = _world_group()
     rank = dist.get_rank()
-    before, checkpoint, error = None, None, None  # rank 0: name -> (predictions, errors) in OUT_DIR before this run
+    # rank 0: before = name -> (predictions, errors) in OUT_DIR before this run
+    before, checkpoint, error = None, None, None
     if rank == 0:
         try:
             checkpoint = resolved_checkpoint(cfg.load)
@@ -353,7 +377,8 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
         mine[bench.name] = _predict(cfg, bench, todo, batched, writer_rank, writers)
 
     reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, mine if batched.is_source else None, group=group)  # waits for every writer
+    # waits for every writer: the merged files need all of them
+    dist.all_gather_object(reports, mine if batched.is_source else None, group=group)
     if rank != 0:
         return None
     return _merge_and_score(cfg, benchmarks, before, reports, writers)
