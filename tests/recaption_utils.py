@@ -23,13 +23,18 @@ IM_END_ID = 256 + SPECIALS.index("<|im_end|>")
 SIZES = [(40, 40), (120, 60), (60, 120), (200, 50), (90, 90), (56, 112)]  # 1 to 5 tiles at 56 px
 
 
-def captioning_model_dir(directory: Path) -> Path:
-    """Save the tiny captioning model (HF layout + byte tokenizer) into ``directory``."""
+def captioning_hf_model():
+    """The tiny captioning model as a transformers InternVLForConditionalGeneration (the oracle)."""
     model = chatty_hf_model()
     with torch.no_grad():
         head = model.lm_head.weight
         head[IM_END_ID].copy_(1.02 * head[STOP_AFTER_TOKEN])
-    save_chat_dir(model, directory)
+    return model
+
+
+def captioning_model_dir(directory: Path) -> Path:
+    """Save the tiny captioning model (HF layout + byte tokenizer) into ``directory``."""
+    save_chat_dir(captioning_hf_model(), directory)
     return directory
 
 

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from chat_utils import png_bytes
@@ -56,6 +55,38 @@ def reference(source, tmp_path_factory):
     return out, proc
 
 
+def _kill_job(proc) -> None:
+    """SIGKILL torchrun and its workers if still running (torchrun starts each worker in a session of
+    its own, so killing torchrun's process group alone would leave the workers running)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def _uncommitted_bytes(out) -> int:
+    """Bytes of the output files past what their writers' progress files committed."""
+    from megasail.curation.writer import committed_sizes
+
+    try:
+        return sum(os.path.getsize(out / name) - size for name, size in committed_sizes(str(out)).items())
+    except (OSError, ValueError):  # a file or progress record being replaced right now
+        return 0
+
+
 def _check_every_id_once(out, expected):
     placement = id_placement(out)
     ids = [item_id for item_id, _ in placement.elements()]
@@ -92,31 +123,32 @@ def test_reference_run_places_every_id_and_carries_fields(source, reference):
 
 @pytest.mark.distributed
 def test_killed_at_a_random_moment_then_resumed_at_dp2(source, reference, tmp_path):
-    """torchrun --nproc-per-node 2 (two data-parallel writers) killed with SIGKILL at a seeded random
-    moment while captioning, then --resume: every input id ends in exactly one output, with the same
-    prompt and outcome as the uninterrupted single-process run.
+    """torchrun --nproc-per-node 2 (two data-parallel writers): a seeded random writer SIGKILLs itself
+    at a seeded random batch, between writing that batch's lines and committing them (the moment a
+    kill can leave lines no progress counts); torchrun then stops the other writer wherever it is.
+    After --resume every input id ends in exactly one output, with the same prompt and outcome as
+    the uninterrupted single-process run.
 
     Fault caught: resume trusting bytes past the committed progress (planted: truncate_to_committed
-    skipped -> the batch being written when killed appears twice), and progress keyed by position
-    (planted: done ids ignored on resume -> ids captioned twice)."""
+    skipped -> the killed batch's ids appear twice), and progress keyed by position instead of id
+    (planted: done ids ignored on resume -> every id done before the kill captioned twice)."""
     model, jsonl, expected = source
     out = tmp_path / "out"
     args = ["--load", model, "--images", jsonl, "--output", out, *COMMON]
+    rng = random.Random(7)
+    kill_at = f"{rng.randrange(2)}:{rng.randint(2, 4)}"  # each writer commits ~6 batches of 2
     proc = subprocess.Popen(recaption_cmd(*args, nproc=2, port=free_port()), env=tool_env(
-        MEGASAIL_RECAPTION_BATCH_DELAY="0.4"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        MEGASAIL_RECAPTION_KILL_AT=kill_at), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 240
-        while not list(out.glob("progress-*.json")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)  # captioning has started once a writer committed its first batch
-        time.sleep(random.Random(7).uniform(0.0, 1.6))  # each writer has ~6 batches 0.4 s apart left
+        proc.wait(timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "summary.json").exists()  # killed before it finished
+        _kill_job(proc)  # whatever torchrun left running
+    assert proc.returncode != 0, kill_at
+    assert not (out / "summary.json").exists()  # it never finished
     before = sum(id_placement(out).values())
     assert 0 < before < len(expected), before
+    assert _uncommitted_bytes(out) > 0  # the killed batch's lines are there, uncommitted
 
     resumed = run_recaption_tool(*args, "--resume", nproc=2, port=free_port())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -179,3 +211,52 @@ def test_recaption_then_preprocess_then_one_training_step(source, reference, tmp
     assert train.returncode == 0, train.stderr[-4000:]
     metrics = [json.loads(x) for x in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1] and metrics[0]["loss"] > 0
+
+
+@pytest.mark.slow
+def test_bench_recaption_prints_its_table():
+    """tools/bench_recaption.py --quick runs the three settings and prints the table."""
+    proc = subprocess.run([sys.executable, "tools/bench_recaption.py", "--quick"], cwd=REPO, env=tool_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| batch")]
+    assert [r.split(" | ")[0] for r in rows] == ["| batch 1", "| batch 16, in input order", "| batch 16, bucketed"]
+    assert "| 1.00x |" in rows[0]
+
+
+def test_tar_shards_recaption_then_preprocess_reads_members(source, tmp_path):
+    """Webdataset shards in, captions out with id SHARD#KEY, image SHARD#MEMBER and the .json fields
+    carried; tools/preprocess_data.py reads each kept caption's image out of its shard by that name.
+
+    Fault caught: an image name preprocessing cannot open (planted: image = the member name alone ->
+    every sample rejected as image_missing)."""
+    import io
+    import tarfile
+
+    model, _, _ = source
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:03d}.tar", "w") as tar:
+            for k in range(4):
+                for name, data in ((f"s{s}k{k}.png", png_bytes(*[(40, 40), (120, 60)][k % 2], seed=10 * s + k)),
+                                   (f"s{s}k{k}.json", json.dumps({"url": f"u{s}{k}"}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    proc = run_recaption_tool("--load", model, "--images", shards / "*.tar", "--output", out, *COMMON)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = output_lines(out)
+    assert sorted(x["id"] for k in lines for x in lines[k]) == sorted(f"{s:03d}.tar#s{s}k{k}" for s in range(2)
+                                                                      for k in range(4))  # fmt: skip
+    kept = lines["captions"]
+    assert kept and all(x["image"] == f"{x['id']}.png" and x["url"] == f"u{int(x['id'][:3])}{x['id'][-1]}" for x in kept)
+    prefix = tmp_path / "data"
+    pre = subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", "--input", str(out / "captions-00000.jsonl"), "--image-root",
+         str(shards), "--tokenizer", str(model), "--max-tiles", "1", "--output-prefix", str(prefix), "--no-progress"],
+        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert json.loads(open(f"{prefix}.manifest.json").read())["num_samples"] == len(kept)

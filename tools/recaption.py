@@ -30,6 +30,7 @@ sys.path.insert(0, REPO)
 
 def parse_args(argv=None):
     from megasail.curation.filters import FilterConfig
+    from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
     defaults = FilterConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--no-fsync", action="store_true", help="skip fsync at each commit (faster; a machine crash "
                                                            "may then lose committed lines)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="larger image files or tar members are rejected unread (image_too_large)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images whose header declares more pixels are rejected undecoded (image_too_large)")
     f = p.add_argument_group("caption filters (each counted in the summary; filtered captions are kept with their reason)")
     f.add_argument("--min-caption-tokens", type=int, default=defaults.min_tokens, help="shorter captions: too_short")
     f.add_argument("--max-caption-tokens", type=int, default=defaults.max_tokens,
@@ -97,7 +102,8 @@ def config_from_args(args):
         tokenizer=args.tokenizer, template=args.template, system=args.system, precision=args.precision,
         transformer_impl=args.transformer_impl, decode_backend=args.decode_backend, temperature=args.temperature,
         top_p=args.top_p, bucket=not args.no_bucket, prefetch_batches=args.prefetch_batches,
-        fsync=not args.no_fsync, progress=not args.no_progress, filters=filters,
+        fsync=not args.no_fsync, progress=not args.no_progress, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, filters=filters,
     )  # fmt: skip
 
 

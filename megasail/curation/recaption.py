@@ -285,12 +285,10 @@ def run_recaption(cfg: RecaptionConfig) -> dict | None:
         json.dump(summary, f, indent=1)
     print(f"recaption summary ({cfg.output}; {run_total.get('already_done', 0)} done before this run)", flush=True)
     print(table, flush=True)
+    print(f"train on them: python tools/preprocess_data.py --input '{cfg.output}/captions-*.jsonl' "
+          f"--image-root {source.image_root} --tokenizer TOKENIZER --output-prefix PREFIX", flush=True)
     if source.kind == "tar":
-        print("captions of tar members name their image as SHARD#MEMBER (relative to "
-              f"{source.image_root}); see docs/curation.md for training on them", flush=True)
-    else:
-        print(f"train on them: python tools/preprocess_data.py --input '{cfg.output}/captions-*.jsonl' "
-              f"--image-root {source.image_root} --tokenizer TOKENIZER --output-prefix PREFIX", flush=True)
+        print("(images are SHARD#MEMBER: preprocessing reads members of uncompressed .tar shards by name)", flush=True)
     summary["table"] = table
     return summary
 
@@ -335,8 +333,6 @@ def _caption_shard(cfg, source, bank, batched, tokenizer, model_name, dp_rank, d
     try:
         for batch in batched.run(items()):
             commit(batch)
-            if os.environ.get("MEGASAIL_RECAPTION_BATCH_DELAY"):  # tests: widen the window for a kill
-                time.sleep(float(os.environ["MEGASAIL_RECAPTION_BATCH_DELAY"]))
         if broken:
             commit([])
     finally:

@@ -15,12 +15,18 @@ import glob
 import json
 import os
 import re
+import signal
 from collections import Counter
 from collections.abc import Callable
 
 OUTPUT_KINDS = ("captions", "filtered", "rejects")
 _PROGRESS = re.compile(r"progress-(\d{5})\.json$")
 _OUTPUT = re.compile(r"(captions|filtered|rejects)-(\d{5})\.jsonl$")
+
+
+# Test hook: writer W kills itself with SIGKILL after writing the lines of its N-th batch of this run,
+# before their commit (MEGASAIL_RECAPTION_KILL_AT="W:N"): the state a kill -9 leaves in that window.
+KILL_AT_ENV = "MEGASAIL_RECAPTION_KILL_AT"
 
 
 def output_name(kind: str, writer: int) -> str:
@@ -97,6 +103,7 @@ class OutputWriter:
         self.out_dir = out_dir
         self.writer = writer
         self.fsync = fsync
+        self.batches = 0
         previous = read_progress(out_dir).get(writer, {})
         self.counts: Counter = Counter(previous.get("counts", {}))
         self.files = {kind: open(os.path.join(out_dir, output_name(kind, writer)), "ab") for kind in OUTPUT_KINDS}
@@ -115,6 +122,9 @@ class OutputWriter:
             if self.fsync:
                 os.fsync(f.fileno())  # the lines are on disk before the progress that counts them
             sizes[output_name(kind, self.writer)] = f.tell()
+        self.batches += 1
+        if os.environ.get(KILL_AT_ENV) == f"{self.writer}:{self.batches}":
+            os.kill(os.getpid(), signal.SIGKILL)
         self.counts.update(counts)
         tmp = self.progress_path + ".tmp"
         with open(tmp, "w") as f:

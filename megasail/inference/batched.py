@@ -15,6 +15,15 @@ Bad images: an item whose images cannot be read (the loader raises) or decoded i
 batch of its own kind (retried items only, read afresh); failing again, it becomes an outcome with
 ``error_reason`` and ``error_message``. No item is dropped.
 
+Use (every rank of a model-parallel group runs this; only its first rank gets outcomes)::
+
+    batched = BatchedGenerator(Generator(model, pad_id), tokenizer, prompt_settings, sampling_params,
+                               BatchingConfig(batch_size=16))
+    items = (WorkItem(q["id"], q["question"], lambda q=q: [open(q["image"], "rb").read()]) for q in rows)
+    for outcomes in batched.run(items if batched.is_source else None):
+        for o in outcomes:  # o.text / o.result.token_ids / o.result.logit_gaps, or o.error_reason
+            ...
+
 Model parallel: every rank of a tensor/pipeline-parallel group calls ``run`` together. The group's
 first rank (TP rank 0 of the first stage) reads and decodes; it sends each batch's token ids to the
 group and its pixels to the first stage's TP ranks, so the group generates the same batch. Only
