@@ -219,25 +219,58 @@ def test_bad_benchmark_and_checkpoint_exit_2_with_one_line(trained, tmp_path, ca
     assert not (tmp_path / "out" / "scores.json").exists()
 
 
-def test_near_ties_are_the_answers_holding_a_tied_token(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """(model dir, benchmark, output dir, printed output): the tied-logit captioner answering 24 open
+    questions in one process at batch 4."""
+    from eval_utils import tied_token_model_dir, write_open_questions
+    from recaption_utils import write_image_set
+
+    root = tmp_path_factory.mktemp("tied")
+    model = tied_token_model_dir(root / "model")
+    names = write_image_set(root / "images", 6)
+    bench = write_open_questions(root, [f"images/{n}" for n in names])
+    out = root / "out"
+    proc = run_evaluate_tool("--benchmark", bench, "--load", model, "--output-dir", out, *TIED_ARGS)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return model, bench, out, proc.stdout
+
+
+TIED_ARGS = ["--max-new-tokens", "20", "--batch-size", "4", "--prompt-suffix", "", "--no-progress"]
+
+
+def test_near_ties_are_the_answers_holding_a_tied_token(tied):
     """On a HuggingFace directory whose lm_head gives ';' and 'Q' equal logits, the answers counted as
     near-ties in scores.json (and listed by id) are exactly those holding ';' or 'Q', wherever it stands.
 
     Fault caught: the near-tie gap taken from the first generated token (planted: gaps[0] -> answers with
     ';' later are missed), from the last (planted: gaps[-1], the stop token) or the largest gap (max)."""
-    from eval_utils import TIED_CHARS, tied_token_model_dir, write_open_questions
-    from recaption_utils import write_image_set
+    from eval_utils import TIED_CHARS
 
-    model = tied_token_model_dir(tmp_path / "model")
-    names = write_image_set(tmp_path / "images", 6)
-    bench = write_open_questions(tmp_path, [f"images/{n}" for n in names])
-    out = tmp_path / "out"
-    assert _in_process("--benchmark", bench, "--load", model, "--output-dir", out, "--max-new-tokens", "20",
-                       "--batch-size", "4", "--prompt-suffix", "", "--no-progress") == 0  # fmt: skip
+    _, _, out, stdout = tied
     predictions = read_jsonl(out / "open.predictions.jsonl")
-    tied = [p["id"] for p in predictions if any(c in p["prediction"] for c in TIED_CHARS)]
+    tied_ids = [p["id"] for p in predictions if any(c in p["prediction"] for c in TIED_CHARS)]
     inside = [p["id"] for p in predictions if ";" in p["prediction"][1:]]
-    assert 0 < len(tied) < len(predictions) and inside  # some answers tie after their first token
+    assert 0 < len(tied_ids) < len(predictions) and inside  # some answers tie after their first token
     result = _scores(out)["benchmarks"]["open"]
-    assert result["near_tie_ids"] == tied and result["near_ties"] == len(tied)
-    assert f"near-ties {len(tied)}" in capsys.readouterr().out  # in the printed table
+    assert result["near_tie_ids"] == tied_ids and result["near_ties"] == len(tied_ids)
+    assert f"near-ties {len(tied_ids)}" in stdout  # in the printed table
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_2_gives_the_same_predictions(tied, tmp_path):
+    """torchrun with --tensor-parallel 2 (one writer, two ranks generating together) gives the one-process
+    predictions, near-ties and scores.
+
+    Fault caught: questions split by global rank instead of data-parallel rank (planted: writer_rank =
+    dist.get_rank(), writers = world size -> the group's second rank 'owns' half the questions and
+    never predicts them: 9 of 24 answered)."""
+    model, bench, out, _ = tied
+    tp2 = tmp_path / "tp2"
+    proc = run_evaluate_tool("--benchmark", bench, "--load", model, "--output-dir", tp2, "--tensor-parallel", "2",
+                             *TIED_ARGS, nproc=2, port=free_port(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "1 writer(s)" in proc.stdout
+    one, two = by_id(out / "open.predictions.jsonl"), by_id(tp2 / "open.predictions.jsonl")
+    assert {i: p["prediction"] for i, p in two.items()} == {i: p["prediction"] for i, p in one.items()}
+    assert _scores(tp2) == _scores(out)
