@@ -37,6 +37,9 @@ extras = {
     "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20", "protobuf"],
     # tools/fit_scaling.py: scipy for the Chinchilla L-BFGS fit, matplotlib for fit.png (skipped without it)
     "curation": ["scipy>=1.10", "matplotlib>=3.7"],
+    # `lmms-eval --model megasail --model_args load=CKPT` (megasail/evaluation/lmms_eval_plugin.py); lmms-eval
+    # brings torchvision and dozens more: on CPU machines pass the constraints file so torch stays CPU-only
+    "lmms-eval": ["lmms-eval>=0.6"],
 }
 extras["dev"] = sorted(
     set(
@@ -72,6 +75,8 @@ setup(
         "wandb",  # metrics mirror (offline unless logged in); logging.wandb=false turns it off
     ],
     extras_require=extras,
+    # lmms-eval reads this group when it lists its models; the module imports lmms-eval only then
+    entry_points={"lmms_eval.models": ["megasail = megasail.evaluation.lmms_eval_plugin:manifest"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

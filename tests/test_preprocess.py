@@ -397,7 +397,7 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
             str(killed),
             "--resume",
         ],
-        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="2.0"),  # units outlast a loaded machine's polling
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="5.0"),  # >= 3 units left, 2 at a time: one still runs
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

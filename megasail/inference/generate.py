@@ -10,7 +10,10 @@ Batches are left-padded to the longest prompt: pad keys are masked out through a
 attention mask (the local core attention applies a given mask in place of its causal one; RoPE is
 relative, so the constant shift of a padded row does not change its scores). Transformer Engine's
 causal kernel ignores masks, so padded batches need the local spec (``transformer_impl=local``);
-a batch of equal-length prompts runs on either.
+a batch of equal-length prompts runs on either. On the local spec every batch, padded or not, gets
+the explicit mask: a batch of one then runs the same masking as a batch of eight (the same answers
+at any batch size), and layers built for packed training (``arbitrary`` mask type) apply no causal
+mask of their own, so without it a prompt would attend to its own future in the prefill.
 
 Pipeline parallel: each stage receives the previous stage's hidden states, runs its layers and
 sends its own on (megatron's ``send_to_next_pipeline_rank`` / ``recv_from_prev_pipeline_rank_``);
@@ -208,7 +211,8 @@ class Generator:
         for i, r in enumerate(requests):
             ids[i, width - lengths[i] :] = torch.tensor(r.input_ids, dtype=torch.int64)
         pad_bs = torch.arange(width)[None, :] < torch.tensor([width - n for n in lengths])[:, None]
-        padded = bool(pad_bs.any())  # without padding the layers' own causal masking applies
+        padded = bool(pad_bs.any())
+        explicit_mask = not self.model.use_te  # TE: equal-length prompts only, its own causal masking
         if padded and self.model.use_te:
             raise ValueError(
                 "prompts of different lengths need the local attention (transformer_impl=local): "
@@ -233,7 +237,7 @@ class Generator:
             key_pad = torch.cat([pad_bs, torch.zeros(b, keys - width, dtype=torch.bool)], 1)
             queries = step_ids.shape[1]
             causal = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
-            mask = (causal[None, None] | key_pad[:, None, None, :]).to(self.device) if padded else None
+            mask = (causal[None, None] | key_pad[:, None, None, :]).to(self.device) if explicit_mask else None
             prefill = step == 0 or context is None
             logits = self._stage_forward(
                 step_ids, pixels if prefill else None, mask, context, width if prefill else 0
