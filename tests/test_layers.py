@@ -1,5 +1,5 @@
 """The package layering, read from the source with ``ast`` (nothing is imported): megasail/checkpoint sits
-below training, convert and inference, and only it touches a checkpoint's marker and megasail.json."""
+below training, convert, inference and evaluation, and only it touches a checkpoint's marker and megasail.json."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megasail")
 CHECKPOINT = os.path.join(PACKAGE, "checkpoint")
-USERS = ("megasail.training", "megasail.convert", "megasail.inference")
+USERS = ("megasail.training", "megasail.convert", "megasail.inference", "megasail.evaluation")
 FILE_NAMES = ("latest_checkpointed_iteration.txt", "megasail.json")  # megasail.checkpoint's MARKER, META
 NAME_CONSTANTS = ("MARKER", "META")
 
@@ -72,7 +72,7 @@ def _is_under(module: str, package: str) -> bool:
 
 
 def test_checkpoint_package_imports_none_of_its_users():
-    """Nothing under megasail/checkpoint imports training, convert or inference, at module level or lazily
+    """Nothing under megasail/checkpoint imports training, convert, inference or evaluation, at module level or lazily
     inside a function.
 
     Fault caught: ``from megasail.training.step import forward_step`` inside a function of
@@ -87,7 +87,7 @@ def test_checkpoint_package_imports_none_of_its_users():
 
 
 def test_training_convert_and_inference_import_the_checkpoint_package():
-    """Each of training, convert and inference reaches checkpoints through megasail.checkpoint, and no
+    """Each of training, convert, inference and evaluation reaches checkpoints through megasail.checkpoint, and no
     module of megasail, tools or pretrain_vlm.py imports the re-export left at
     megasail.training.checkpoint.
 

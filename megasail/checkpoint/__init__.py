@@ -1,5 +1,5 @@
 """The on-disk checkpoint: megatron-core ``dist_checkpointing`` (torch_dist) with megasail.json and atomic
-publishing. Imported by training, convert and inference; imports none of them (tests/test_layers.py).
+publishing. Imported by training, convert, inference and evaluation; imports none of them (tests/test_layers.py).
 
 - layout.py: step dirs, the marker, the latest and the published steps (reads only)
 - meta.py: megasail.json as ``CheckpointMeta``, ``read_meta``, FORMAT_VERSION

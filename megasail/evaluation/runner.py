@@ -134,7 +134,7 @@ def resolved_checkpoint(path: str) -> str:
         raise EvaluationError(f"--load {path}: no such directory")
     if is_hf_directory(path):
         return os.path.abspath(path)
-    from megasail.training.checkpoint import latest_checkpoint
+    from megasail.checkpoint import MARKER, latest_checkpoint
 
     try:
         step = latest_checkpoint(path)
@@ -142,7 +142,7 @@ def resolved_checkpoint(path: str) -> str:
         raise EvaluationError(f"--load {path}: {e}") from None
     if step is None:
         raise EvaluationError(f"--load {path}: neither a megasail checkpoint (no iter_* step dir, no "
-                              "latest_checkpointed_iteration.txt) nor a HuggingFace directory (no config.json)")  # fmt: skip
+                              f"{MARKER}) nor a HuggingFace directory (no config.json)")  # fmt: skip
     return os.path.abspath(step)
 
 
