@@ -134,7 +134,8 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Distributed checkpoints (megatron-core dist_checkpointing, torch_dist): reshardable across TP/PP/DP."""
+    """Distributed checkpoints (megatron-core dist_checkpointing, torch_dist): reshardable across TP/PP/DP
+    (the optimizer state across DP only unless optimizer_sharding=fully_reshardable)."""
 
     save: str | None = doc("directory to save checkpoints in (iter_NNNNNNN/ + latest marker); null = never save",
                            None)
@@ -143,6 +144,13 @@ class CheckpointConfig:
     keep_last: int = doc("step directories kept under checkpoint.save (older ones are deleted)", 3)
     async_save: bool = doc("write checkpoints in the background (GPU only)", False)
     weights_only: bool = doc("load only the model weights: fresh optimizer, schedule and data position", False)
+    optimizer_sharding: str = doc(
+        "how a save stores the distributed optimizer's state: dp_reshardable (every data-parallel rank "
+        "writes its own shard in parallel, nothing gathered; a resume may change the DP size but not "
+        "TP/PP/VPP) or fully_reshardable (gathered per parameter onto one rank; a resume may change TP, PP, "
+        "VPP and DP)",
+        "dp_reshardable",
+    )
     overwrite: bool = doc(
         "start over in a checkpoint.save directory that holds later steps of an earlier run: its step dirs and "
         "marker are moved aside into DIR/superseded_<time>/ first (without it such a run stops at start-up)",
@@ -152,6 +160,11 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        if self.optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):  # megasail.checkpoint's
+            raise ValueError(
+                f"checkpoint.optimizer_sharding={self.optimizer_sharding!r}: "
+                "use dp_reshardable or fully_reshardable"
+            )
 
 
 @dataclass

@@ -143,13 +143,15 @@ def _load_dumps(out_dir, name: str, world: int) -> list[dict]:
 
 
 def _save_tp2_then_load(rank, world_size, root, out_dir):
-    """Save at TP=2 after a step, then (same processes, fresh models from another seed) load at
-    TP=1 x DP=2 and at PP=2 x VPP=2, dumping every rank's weights after each."""
+    """Save at TP=2 after a step (the optimizer fully_reshardable), then (same processes, fresh models from
+    another seed) load at TP=1 x DP=2 and at PP=2 x VPP=2, dumping every rank's weights after each."""
     from megasail.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, chunks, wrapped, opt, sched = _setup(seed=1, tensor=2)
     _train_step(wrapped, opt, sched, [_batch(cfg, 1), _batch(cfg, 2, (0, 2))])
-    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0, "note": "tp2"})
+    save_checkpoint(
+        root, 1, wrapped, opt, sched, meta={"stage": 0, "note": "tp2"}, optimizer_sharding="fully_reshardable"
+    )
     _dump(out_dir, "tp2", chunks)
     for name, layout in (("tp1", {}), ("vpp", dict(pipeline=2, virtual_pipeline=2))):
         _, chunks, wrapped, opt, sched = _setup(seed=99, **layout)
@@ -168,7 +170,8 @@ def _save_tp2_then_load(rank, world_size, root, out_dir):
 def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
     """Saved at TP=2 after a step; loaded at TP=1 (x DP=2) and at PP=2 x VPP=2 into models from another
     seed: every TP=2 shard equals the matching slice of the TP=1 load, and every PP/VPP chunk holds its
-    layers' weights. The optimizer state reshards too (its load raises otherwise) and the LR is restored.
+    layers' weights. The optimizer state (saved fully_reshardable) reshards too (its load raises
+    otherwise) and the LR is restored.
 
     Fails if: the model weights are not read (they stay the seed-99 init); VPP chunks are
     merged by local names (layer 0 of chunk 1 would overwrite layer 0 of chunk 0); the scheduler is not
@@ -205,14 +208,19 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2_vpp2(tmp_path):
 
 def _resume_optimizer(rank, world_size, root, out_dir):
     """DP=2: step 1, save, step 2 (uninterrupted); then fresh models load the checkpoint and run step 2
-    at the same layout (DP=2), at TP=2 x DP=1 (both ranks' micro-batches in one step), and weights only."""
-    from megasail.checkpoint import load_checkpoint, save_checkpoint
+    at the same layout (DP=2), at TP=2 x DP=1 (both ranks' micro-batches in one step; from a second save
+    of step 1, fully_reshardable), and weights only."""
+    from megasail.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 
     cfg, chunks, wrapped, opt, sched = _setup(seed=1)
     step1 = [_batch(cfg, 1 + rank, (1, 2))]
     step2 = [_batch(cfg, 3, (2, 0)), _batch(cfg, 4, (0, 1))]  # rank r takes step2[r] at DP=2
     _train_step(wrapped, opt, sched, step1)
-    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0})
+    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0})  # dp_reshardable, the default
+    full_root = os.path.join(root, "fully_reshardable")
+    save_checkpoint(
+        full_root, 1, wrapped, opt, sched, meta={"stage": 0}, optimizer_sharding="fully_reshardable"
+    )
     _train_step(wrapped, opt, sched, [step2[rank]])
     _dump(out_dir, "straight", chunks)
 
@@ -222,9 +230,14 @@ def _resume_optimizer(rank, world_size, root, out_dir):
     _dump(out_dir, "same_layout", chunks)
 
     _, chunks, wrapped, opt, sched = _setup(seed=99, tensor=2)
-    load_checkpoint(root, wrapped, opt, sched)
+    try:  # the dp_reshardable state holds the TP=1 buffers: refused at TP=2, naming the ways on
+        load_checkpoint(root, wrapped, opt, sched)
+        refused = None
+    except CheckpointMismatchError as e:
+        refused = str(e)
+    load_checkpoint(full_root, wrapped, opt, sched)
     _train_step(wrapped, opt, sched, step2)
-    _dump(out_dir, "tp2_dp1", chunks)
+    _dump(out_dir, "tp2_dp1", chunks, refused=refused)
 
     _, chunks, wrapped, opt, sched = _setup(seed=99)
     load_checkpoint(root, wrapped, opt, sched, weights_only=True)
@@ -248,18 +261,31 @@ def _resume_optimizer(rank, world_size, root, out_dir):
 @pytest.mark.distributed
 def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     """A checkpoint after step 1 at DP=2 (distributed optimizer) continues to step 2:
-    at DP=2 bit-identically to the uninterrupted run; at TP=2 x DP=1 (the optimizer resharded over TP and
-    DP) to rounding (Adam divides near-zero gradients by their own size: 1e-4, a hundredth of the lr);
-    a weights-only load leaves the optimizer and schedule fresh.
+    at DP=2 bit-identically to the uninterrupted run; at TP=2 x DP=1 (the optimizer saved
+    fully_reshardable, resharded over TP and DP) to rounding (Adam divides near-zero gradients by their
+    own size: 1e-4, a hundredth of the lr); the default dp_reshardable save is refused at TP=2 with a
+    message naming its TP and the ways on; a weights-only load leaves the optimizer and schedule fresh.
+    In the default save the distributed optimizer's buffers are keys whose chunks come from both ranks'
+    files (each DP rank wrote its own half, nothing gathered); the fully_reshardable one stores
+    per-parameter keys instead.
 
     Fails if: the optimizer state is not saved or not loaded (Adam's first step from zero moments moves
     every weight by ~lr); the Adam step count is lost (bias correction differs); the scheduler is not
     restored (step 2 runs at another lr); weights_only still loads the optimizer or the schedule; a
     pipeline stage whose layers are all frozen (alignment stage, PP=2) tries to save optimizer state it
-    does not have (megatron-core asserts) or the frozen-stage resume is not exact.
+    does not have (megatron-core asserts) or the frozen-stage resume is not exact; a dp_reshardable state
+    loads at another TP (planted: the layout check skipped -> megatron's load fails on missing keys with a
+    message about frozen parameters); the default save gathers (planted: the default back to
+    fully_reshardable -> no buffer key spans two ranks' files); a dp_reshardable load restores Adam's
+    step (planted: the torch Adam fix handing the pre-load step 0 over -> same layout not bit-identical).
     """
     root, out = str(tmp_path / "ckpt"), str(tmp_path)
     run_distributed_test(_resume_optimizer, 2, root, out)
+    default = _optimizer_chunks_by_file(os.path.join(root, "iter_0000001"))
+    buffers = {k: ranks for k, ranks in default.items() if ".gbuf_idx_" in k}
+    assert buffers and all(ranks == {"0", "1"} for ranks in buffers.values()), default
+    full = _optimizer_chunks_by_file(os.path.join(root, "fully_reshardable", "iter_0000001"))
+    assert full and not any(".gbuf_idx_" in k for k in full), full
     cfg = _tiny()
     straight = _load_dumps(out, "straight", 2)
     for same in _load_dumps(out, "same_layout", 2):
@@ -268,6 +294,9 @@ def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     full = straight[0]["chunks"][0]
     moved = 0
     for dump in _load_dumps(out, "tp2_dp1", 2):
+        refused = dump["refused"] or ""
+        assert "dp_reshardable, saved at TP=1 PP=1" in refused and "this run is TP=2" in refused, refused
+        assert "checkpoint.optimizer_sharding=fully_reshardable" in refused, refused
         expected = shard_state_dict(full, cfg, dump["tp_rank"], 2)
         for key, value in expected.items():
             torch.testing.assert_close(
@@ -286,6 +315,17 @@ def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     ):
         for key, value in straight["chunks"][0].items():
             assert torch.equal(resumed["chunks"][0][key], value), f"{key}: frozen-stage resume differs"
+
+
+def _optimizer_chunks_by_file(step: str) -> dict[str, set[str]]:
+    """{optimizer key: the .distcp files holding its chunks}, read from torch DCP's .metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    files: dict[str, set[str]] = {}
+    for index, info in dcp.FileSystemReader(step).read_metadata().storage_data.items():
+        if index.fqn.startswith("optimizer."):
+            files.setdefault(index.fqn, set()).add(info.relative_path.split("_")[2])
+    return files
 
 
 # --- kill -9 during a save, keep_last --------------------------------------------------------------

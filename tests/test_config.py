@@ -60,6 +60,8 @@ def test_inconsistent_values_are_refused(repo_root):
         load_config(f"{repo_root}/examples/configs/tiny.yaml", ["parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["parallel.tensor"])
+    with pytest.raises(ConfigError, match="checkpoint.optimizer_sharding='zero'.*dp_reshardable"):
+        load_config(f"{repo_root}/examples/configs/tiny.yaml", ["checkpoint.optimizer_sharding=zero"])
 
 
 def _leaf_fields(cls, prefix=""):

@@ -1,6 +1,7 @@
 """A checkpoint written by pretrain() at one layout continues at another: saved at TP=2 it resumes at
 TP=1 with the losses an uninterrupted TP=2 run logs, and saved at DP=2 it resumes at DP=1 on the
-samples the uninterrupted run would have used (the same sample tokens each step)."""
+samples the uninterrupted run would have used (the same sample tokens each step), with the optimizer
+state written by every DP rank in parallel (dp_reshardable)."""
 
 from __future__ import annotations
 
@@ -51,12 +52,17 @@ def _one_process_resume(rank, world_size, prefixes, root):
 
 
 @pytest.mark.parametrize(
-    "layout", [["parallel.tensor=2"], ["parallel.tensor=1"]], ids=["tp2_to_tp1", "dp2_to_dp1"]
+    "layout",
+    [["parallel.tensor=2", "checkpoint.optimizer_sharding=fully_reshardable"], ["parallel.tensor=1"]],
+    ids=["tp2_to_tp1", "dp2_to_dp1"],
 )
 def test_checkpoint_continues_at_another_layout(datasets, tmp_path, layout):
     """Steps 1-2 on two processes (TP=2, or DP=2), a save, then steps 3-4 in one process (TP=1, DP=1); and
     the whole run at TP=1 from scratch logs the two-process run's losses. The vocabulary is left unset, as
     tiny.yaml leaves it (taken from the dataset's 305-token tokenizer).
+
+    The TP=2 run saves its optimizer fully_reshardable (one tensor per parameter, gathered); the DP=2 run
+    with the default, dp_reshardable (each DP rank writes its own shard of the optimizer buffers).
 
     Fails if the model or optimizer state is not resharded on load (the TP=1 loss differs), if the
     data position restores at another point at DP=1 (the sample tokens of steps 3-4 differ; planted:

@@ -98,9 +98,10 @@ def torch_adam_load_fixes(optimizer):
     """Around ``optimizer.load_state_dict``: two megatron-core 0.16.1 bugs of the distributed optimizer on
     the torch Adam fallback.
 
-    1. ``fully_reshardable`` loading copies every key of a parameter's Adam state from the checkpoint,
-       "step" included, which the checkpoint keeps in param_groups instead (KeyError 'step'): the step
-       load_state_dict already restored is handed to that copy unchanged.
+    1. Loading the parameter state copies every key of a parameter's Adam state, "step" included, which
+       the checkpoint keeps in param_groups instead: ``fully_reshardable`` has none (KeyError 'step'),
+       ``dp_reshardable`` hands over the step the optimizer had before the load (an unsaved local value,
+       0 in a fresh run). The step load_state_dict already restored is handed to that copy instead.
     2. load_state_dict gives every parameter the same "step" tensor; torch Adam increments it in place
        once per parameter, so the bias correction would run ahead: each parameter gets its own copy.
     """
@@ -120,7 +121,7 @@ def torch_adam_load_fixes(optimizer):
         def with_step(model_param, tensors, sub=sub, inner=inner, original=original):
             group_index, group_order = sub.model_param_group_index_map[model_param]
             state = inner.state[inner.param_groups[group_index]["params"][group_order]]
-            if "step" in state and "step" not in tensors:
+            if "step" in state:
                 tensors = {**tensors, "step": state["step"]}
             original(model_param, tensors)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -22,7 +23,6 @@ from megasail.checkpoint.errors import CheckpointCorruptError, CheckpointMismatc
 from megasail.checkpoint.layout import earlier_published, require_checkpoint
 from megasail.checkpoint.meta import CheckpointMeta, read_meta
 from megasail.checkpoint.sharded import (
-    OPTIMIZER_SHARDING,
     any_rank,
     current_layout,
     has_optimizer,
@@ -36,7 +36,7 @@ from megasail.checkpoint.tensors import short_shard_files
 
 log = logging.getLogger(__name__)
 
-_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "chained_")  # chained_<i>.optimizer.: several optimizers
 _MAX_LISTED = 20
 
 
@@ -131,6 +131,27 @@ def _check_optimizer_keys(step: str, optimizer_sharded: dict, ckpt: dict) -> Non
         )
 
 
+def _check_optimizer_layout(
+    step: str, saved: CheckpointMeta, sharding: str, ckpt: dict, wanted: bool
+) -> None:
+    """Raise on every rank when a dp_reshardable optimizer state (the distributed optimizer's flat buffers,
+    laid out as the model is at the saved TP/PP/VPP) is asked for at another TP, PP or VPP."""
+    here = current_layout()
+    moved = [k for k in ("tp", "pp", "vpp") if saved.layout is not None and saved.layout.get(k) != here[k]]
+    buffers = any(".gbuf_idx_" in key for key in ckpt)  # what megatron's dp_reshardable layout writes
+    if sharding != "dp_reshardable" or not buffers or not moved or not any_rank(wanted):
+        return
+    at = " ".join(f"{k.upper()}={saved.layout.get(k)}" for k in ("tp", "pp", "vpp"))
+    now = " ".join(f"{k.upper()}={here[k]}" for k in ("tp", "pp", "vpp"))
+    raise CheckpointMismatchError(
+        f"{step} holds the distributed optimizer's state as dp_reshardable, saved at {at}: it resumes at "
+        f"any DP size but only at that TP/PP/VPP, and this run is {now}. Resume at {at}; or load the "
+        "weights only (checkpoint.weights_only=true: a fresh optimizer and schedule); or save it again "
+        f"from a run at {at} with checkpoint.optimizer_sharding=fully_reshardable, which resumes at any "
+        "layout."
+    )
+
+
 def _load_chunks(model_chunks, per_chunk: list[dict], loaded: dict, step: str) -> None:
     for i, (chunk, sharded) in enumerate(zip(model_chunks, per_chunk, strict=True)):
         state = {name: loaded[value.key] for name, value in sharded.items() if value.key in loaded}
@@ -159,10 +180,11 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
     """Load a checkpoint into this rank's model (and optimizer, scheduler, RNG); returns its meta.
 
     path: a step dir, or a root whose marker names one. The checkpoint may come from any TP/PP/DP/VPP
-    layout. weights_only: load only "model" (any checkpoint, e.g. one converted from HuggingFace);
-    optimizer state, scheduler and RNG are left as they are, except that an optimizer passed in gets its
-    fp32 main weights refreshed from the loaded model (bf16 training steps from those, not from the
-    weights it was built with). RNG states are restored only at the saved layout.
+    layout, except that a dp_reshardable optimizer state loads only at its TP/PP/VPP (at any DP size).
+    weights_only: load only "model" (any checkpoint, e.g. one converted from HuggingFace); optimizer
+    state, scheduler and RNG are left as they are, except that an optimizer passed in gets its fp32 main
+    weights refreshed from the loaded model (bf16 training steps from those, not from the weights it was
+    built with). RNG states are restored only at the saved layout.
     Raises CheckpointMismatchError (a KeyError) naming missing/unexpected keys or mismatched shapes,
     on every rank; CheckpointCorruptError for a shard file shorter than its metadata; FileNotFoundError
     without a checkpoint; ValueError for a newer format_version or an optimizer asked of a weights-only one.
@@ -177,9 +199,13 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
             "(checkpoint.weights_only=true) to start a fresh optimizer and schedule"
         )
     content = dist_checkpointing.load_content_metadata(step) or {}
-    metadata = sharding_metadata(content.get("distrib_optim_sharding_type", OPTIMIZER_SHARDING))
+    # the layout the optimizer state was written in (checkpoints from before the choice: fully_reshardable)
+    sharding = content.get("distrib_optim_sharding_type") or saved.optimizer_sharding or "fully_reshardable"
+    metadata = sharding_metadata(sharding)
     merged, per_chunk = model_sharded_state_dict(model_chunks, metadata)
     ckpt_keys = _checkpoint_keys(step)
+    if not weights_only and not saved.weights_only:
+        _check_optimizer_layout(step, saved, sharding, ckpt_keys, want_optimizer)
     _check_model_keys(step, merged, ckpt_keys)
     request = {"model": {k: v for k, v in merged.items() if k in ckpt_keys}}
     if not weights_only and not saved.weights_only:
@@ -205,7 +231,9 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
         raise CheckpointCorruptError(_corrupt_message(step, short)) from e
     _load_chunks(model_chunks, per_chunk, loaded["model"], step)
     if want_optimizer:
-        with torch_adam_load_fixes(optimizer):
+        # no_grad: megatron's dp_reshardable load copies in place into fp32 main weights, which in fp32
+        # runs are views of the model's parameters (leaves requiring grad)
+        with torch_adam_load_fixes(optimizer), torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
     elif has_optimizer(optimizer):
         optimizer.reload_model_params()  # main weights := loaded model weights (as Megatron-LM does)

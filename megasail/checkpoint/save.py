@@ -25,6 +25,7 @@ from megasail.checkpoint.publish import publish_step, start_tmp_dir
 from megasail.checkpoint.sharded import (
     OPTIMIZER_SHARDING,
     any_rank,
+    check_optimizer_sharding,
     content_metadata,
     current_layout,
     has_optimizer,
@@ -61,6 +62,7 @@ def save_checkpoint(
     meta: dict,
     keep_last=3,
     async_save=False,
+    optimizer_sharding=OPTIMIZER_SHARDING,
 ) -> str:
     """Save a checkpoint of every rank's state to ROOT/iter_NNNNNNN (collective: call on all ranks).
 
@@ -72,8 +74,12 @@ def save_checkpoint(
     keep_last: published step dirs kept after this one is published (<= 0 keeps all).
     async_save: on GPU, write the shards in the background (call ``finalize_async_saves`` every step
     and with blocking=True before exit); on CPU the save is synchronous.
+    optimizer_sharding: the distributed optimizer's layout, one of OPTIMIZER_SHARDINGS: "dp_reshardable"
+    (each DP rank writes its own shard; loads at any DP size, the same TP/PP/VPP) or "fully_reshardable"
+    (gathered per parameter; loads at any layout).
     Returns the step dir (published on return when synchronous).
     """
+    check_optimizer_sharding(optimizer_sharding)
     finalize_async_saves(blocking=True)  # one save in flight at a time; its .tmp dir must not be swept
     seed_writer_results_queue()
     rank = dist.get_rank()
@@ -83,7 +89,7 @@ def save_checkpoint(
         iteration=int(iteration),
         layout=current_layout(),
         weights_only=weights_only,
-        optimizer_sharding=None if weights_only else OPTIMIZER_SHARDING,
+        optimizer_sharding=None if weights_only else optimizer_sharding,
         saved_at=utc_now(),
         run=dict(meta),
     )
@@ -92,7 +98,7 @@ def save_checkpoint(
         start_tmp_dir(root, iteration)
     dist.barrier()
 
-    metadata = sharding_metadata()
+    metadata = sharding_metadata(optimizer_sharding)
     state = {"model": model_sharded_state_dict(model_chunks, metadata)[0]}
     if not weights_only:  # a weights-only checkpoint holds "model" alone
         state["rng_state"] = rng_sharded_object()

@@ -4,10 +4,13 @@
 (Transformer Engine's names whichever layer spec ran); "rng_state" one ShardedObject per rank; the
 optimizer's comes from megatron's own ``sharded_state_dict`` with ``sharding_metadata()``.
 
-The distributed optimizer is saved ``fully_reshardable``: its flat DP shards are gathered into one
-tensor per parameter and state (optimizer.state.exp_avg.<model key>, shaped and TP-sharded like the
-parameter), so a checkpoint reshards over TP, PP and DP. megatron-core 0.16.1 no longer saves its
-``fully_sharded_model_space`` layout (flattened ShardedTensors were removed) but still loads it.
+The distributed optimizer is saved in one of megatron-core's two layouts (OPTIMIZER_SHARDINGS):
+``dp_reshardable`` (the default, as in Megatron-LM): every DP rank writes its own flat shard of the
+optimizer buffers, in parallel and without gathering anything; a load may change the DP size but not
+TP, PP or VPP (the buffers' layout is the model's at that layout). ``fully_reshardable``: the flat DP
+shards are gathered into one tensor per parameter and state (optimizer.state.exp_avg.<model key>, shaped
+and TP-sharded like the parameter), so the checkpoint reshards over TP, PP and DP. megatron-core 0.16.1
+no longer saves its ``fully_sharded_model_space`` layout (flattened ShardedTensors were removed).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-OPTIMIZER_SHARDING = "fully_reshardable"  # per-parameter tensors: reshardable over TP, PP and DP
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+OPTIMIZER_SHARDING = "dp_reshardable"  # the default: parallel writes, reshardable over DP only
 
 
 def unwrap(model):
@@ -28,6 +32,14 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def check_optimizer_sharding(optimizer_sharding: str) -> str:
+    """``optimizer_sharding`` if it is one of OPTIMIZER_SHARDINGS, else ValueError naming the config key."""
+    if optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        choices = ", ".join(OPTIMIZER_SHARDINGS)
+        raise ValueError(f"checkpoint.optimizer_sharding={optimizer_sharding!r}: use one of {choices}")
+    return optimizer_sharding
 
 
 def sharding_metadata(optimizer_sharding: str = OPTIMIZER_SHARDING) -> dict:
@@ -41,8 +53,8 @@ def sharding_metadata(optimizer_sharding: str = OPTIMIZER_SHARDING) -> dict:
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
         "distrib_optim_sharding_type": optimizer_sharding,
-        # on GPU gather the DP shards over gloo into host memory of DP rank 0 (the full state of a
-        # TP/PP shard would not fit beside the model in GPU memory); CPU runs all-gather over gloo anyway
+        # fully_reshardable only: on GPU gather the DP shards over gloo into host memory of DP rank 0 (the
+        # full state of a TP/PP shard would not fit beside the model in GPU memory); CPU all-gathers
         "distrib_optim_fully_reshardable_mem_efficient": torch.cuda.is_available(),
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
     }

@@ -15,7 +15,7 @@ import torch
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-_NON_MODEL = ("optimizer.", "rng_state")
+_NON_MODEL = ("optimizer.", "rng_state", "chained_")  # chained_<i>.optimizer.: several optimizers
 
 
 def short_shard_files(step: str) -> list[tuple[str, int, int]]:

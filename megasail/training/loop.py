@@ -277,6 +277,7 @@ class Trainer:
             meta=meta,
             keep_last=c.keep_last,
             async_save=c.async_save,
+            optimizer_sharding=c.optimizer_sharding,
         )
         for m in hooked:
             m.enable_forward_pre_hook()
