@@ -8,7 +8,8 @@ For each --dp size torchrun starts that many processes (gloo on CPU, nccl on GPU
 --config model (the tiny config widened to a ~200M-parameter language model by default, see
 DEFAULT_OVERRIDES), wrap it in megatron DDP with the distributed optimizer, fill Adam's state, and
 save it --repeats times through megasail.checkpoint.save_checkpoint into a temporary directory.
-Rows report, for each --sharding (the optimizer layout, checkpoint.optimizer_sharding) and DP size:
+Rows report, for each DP size and --sharding (the optimizer layout, checkpoint.optimizer_sharding, as the
+saved megasail.json names it):
 
   params          parameters of the model (all trained)
   save s          wall time of one save, barrier to barrier (median over the repeats; slowest rank)
@@ -52,9 +53,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="examples/configs/tiny.yaml", help="run config YAML")
     ap.add_argument("--dp", default="2,4", help="comma-separated data-parallel sizes (processes per row)")
-    ap.add_argument("--sharding", default=None,
+    ap.add_argument("--sharding", default="fully_reshardable,dp_reshardable",
                     help="comma-separated optimizer layouts to compare (checkpoint.optimizer_sharding); "
-                         "default: the config's")  # fmt: skip
+                         "empty: the config's")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=2, help="saves per row (the median time is reported)")
     ap.add_argument("--no-default-model", action="store_true",
                     help="use the config's model as it is, without the ~200M-parameter overrides")  # fmt: skip
@@ -91,7 +92,7 @@ def worker(args) -> None:
 
     import torch.distributed as dist
 
-    from megasail.checkpoint import save_checkpoint, step_dir
+    from megasail.checkpoint import read_meta, save_checkpoint, step_dir
     from megasail.checkpoint.compat import materialize_adam_state
     from megasail.config import load_config
     from megasail.data.loader.config import StageConfig
@@ -109,14 +110,17 @@ def worker(args) -> None:
     materialize_adam_state(optimizer)  # Adam's moments exist from the first step on: a save holds them
     params = sum(x.numel() for c in chunks for x in c.parameters())
     root = os.path.join(os.path.dirname(args.worker), "ckpt")
-    times, peaks, grown, written = [], [], [], {}
+    times, peaks, grown, written, sharding = [], [], [], {}, None
     for i in range(1, args.repeats + 1):
         gc.collect()
         dist.barrier()
         _reset_peak_rss()
         before = _status_kib("VmRSS")
         start = time.perf_counter()
-        save_checkpoint(root, i, model, optimizer, None, meta={"bench": True}, keep_last=1)
+        save_checkpoint(
+            root, i, model, optimizer, None, meta={"bench": True}, keep_last=1,
+            optimizer_sharding=cfg.checkpoint.optimizer_sharding,
+        )  # fmt: skip
         dist.barrier()
         times.append(time.perf_counter() - start)
         peak = _status_kib("VmHWM")
@@ -124,11 +128,13 @@ def worker(args) -> None:
         grown.append((peak - before) / 2**20)
         if dist.get_rank() == 0:
             written = _written_mib(step_dir(root, i))
+            sharding = read_meta(step_dir(root, i))["optimizer_sharding"]  # what the save wrote
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, {"times": times, "peak": max(peaks), "grown": max(grown)})
     if dist.get_rank() == 0:
         others = [written.get(r, 0.0) for r in range(1, dist.get_world_size())]
         result = {
+            "sharding": sharding,
             "dp": dist.get_world_size(),
             "params": params,  # whole on every rank at TP=PP=1
             "save_s": statistics.median(max(r["times"][i] for r in rows) for i in range(args.repeats)),
@@ -182,7 +188,7 @@ def main(argv=None) -> list[dict]:
                 if done.returncode != 0:
                     raise SystemExit(f"bench_save: the DP={dp} run failed (exit {done.returncode})")
                 with open(result) as f:
-                    rows.append({"sharding": sharding or "config default", **json.load(f)})
+                    rows.append(json.load(f))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(format_table(rows))
     if args.json:
