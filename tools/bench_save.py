@@ -20,6 +20,8 @@ saved megasail.json names it):
   max peak        the highest such peak over all ranks
   written         MiB of .distcp shard files each rank wrote (rank 0 / the largest of the others)
 
+On CPU a fully_reshardable save all-gathers the optimizer state: every rank then holds ~28 bytes per
+parameter more (~5.5 GiB per rank for the default model), so size the model to the machine's memory.
 Timings on a shared machine are noisy: compare rows of one run.
 """
 
