@@ -30,8 +30,9 @@ class CheckpointMeta:
 
     iteration: optimizer steps done; layout: {"tp", "pp", "vpp", "dp"} it was saved at (None when a
     hand-written file lacks it); weights_only: only "model" is stored; optimizer_sharding:
-    "fully_reshardable", None when weights only; saved_at: utc_now() at the save; run: the caller's
-    run state, JSON-serialisable, written at the top level beside the fields above (which win).
+    "dp_reshardable" or "fully_reshardable", None when weights only; saved_at: utc_now() at the save;
+    run: the caller's run state, JSON-serialisable, written at the top level beside the fields above
+    (which win).
     """
 
     iteration: int
