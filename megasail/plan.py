@@ -96,12 +96,14 @@ class RunPlan:
     tiles_per_sequence: float
     samples_per_sequence: float
     pipeline_bubble: float
+    split_suggested: bool = False  # first_stage_llm_layers is the ViT-aware suggestion, not the config's
     recompute: str = "none"
     attention: str = "flash"
     gpu: str = ""
     device: str = "gpu"
     gpu_memory_gib: float | None = None
     memory_fraction: float = 0.9
+    remedies: str = ""  # what lowers memory per GPU from this layout
     stages: list[StagePlan] = field(default_factory=list)
 
     @property
@@ -174,14 +176,18 @@ def read_metrics_throughput(path: str, gpus: int | None = None, skip: int = 3) -
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{number}: not a JSON object (a metrics.jsonl of pretrain_vlm.py?)") from None
+                raise ValueError(
+                    f"{path}:{number}: not a JSON object (a metrics.jsonl of pretrain_vlm.py?)"
+                ) from None
             if isinstance(row, dict) and isinstance(row.get("tokens_per_s"), (int, float)):
                 rows.append(row)
     if gpus is None:
         gpus = next((int(r["world_size"]) for r in rows if r.get("world_size")), None)
     if gpus is None or gpus < 1:
-        raise ValueError(f"--from-metrics {path}: give --metrics-gpus N, the GPUs (processes) of the run "
-                         "that wrote it (its rows do not record a world size)")
+        raise ValueError(
+            f"--from-metrics {path}: give --metrics-gpus N, the GPUs (processes) of the run "
+            "that wrote it (its rows do not record a world size)"
+        )
     by_stage: dict[str, list[float]] = {}
     seen: dict[str, int] = {}
     for row in rows:
@@ -191,12 +197,18 @@ def read_metrics_throughput(path: str, gpus: int | None = None, skip: int = 3) -
             by_stage.setdefault(stage, []).append(float(row["tokens_per_s"]) / gpus)
     steady = [x for values in by_stage.values() for x in values]
     if not steady:
-        raise ValueError(f"--from-metrics {path}: {len(rows)} step rows, none after the first {skip} of "
-                         "each stage (lower --metrics-skip or measure more steps)")
+        raise ValueError(
+            f"--from-metrics {path}: {len(rows)} step rows, none after the first {skip} of "
+            "each stage (lower --metrics-skip or measure more steps)"
+        )
     padding = rows[-1].get("loader", {}).get("padding_fraction")
     return MeasuredThroughput(
-        path, gpus, {k: statistics.median(v) for k, v in by_stage.items()}, statistics.median(steady),
-        len(steady), 1.0 - padding if isinstance(padding, (int, float)) else None,
+        path,
+        gpus,
+        {k: statistics.median(v) for k, v in by_stage.items()},
+        statistics.median(steady),
+        len(steady),
+        1.0 - padding if isinstance(padding, (int, float)) else None,
     )
 
 
@@ -293,6 +305,7 @@ def make_plan(
         tiles_per_sequence=tiles,
         samples_per_sequence=per_seq,
         pipeline_bubble=pipeline_bubble(p.pipeline, micro_batches, p.virtual_pipeline),
+        split_suggested=p.first_stage_llm_layers is None and first is not None,
         recompute=run.train.recompute,
         attention=attention,
         gpu=gpu,
@@ -300,9 +313,9 @@ def make_plan(
         gpu_memory_gib=gpu_memory_gib,
         memory_fraction=memory_fraction,
     )
-    split = dict(first_stage_llm_layers=first) if first is not None else {}
+    # memory follows the split the run will use: parallel.first_stage_llm_layers, else even
     layout = memory.MemoryLayout.from_run(run, dp, tiles, flash_attention=attention == "flash", device=device)
-    layout = memory.MemoryLayout(**{**asdict(layout), **split})
+    plan.remedies = memory.remedies(layout)
     for stage in d.stages:
         if stage.budget_tokens is not None:
             iterations = math.ceil(stage.budget_tokens / sample_tokens)
@@ -312,7 +325,8 @@ def make_plan(
             iterations = max(run.train.iters - sum(s.iterations for s in plan.stages), 0)
         else:
             raise ValueError(
-                f"stage {stage.name!r} has no budget: a plan needs budget_tokens, budget_samples or train.iters"
+                f"stage {stage.name!r} has no budget: a plan needs budget_tokens, budget_samples or "
+                "train.iters"
             )
         per_sequence = sequence_step_flops(
             run.model, d.seq_length, tiles, per_seq, stage.trainable, packing_efficiency
@@ -358,7 +372,14 @@ def make_plan(
 def format_plan(plan: RunPlan) -> str:
     """Human-readable plan: layout lines, then one table row per stage."""
     vpp = f", VPP={plan.virtual_pipeline}" if plan.virtual_pipeline else ""
-    split = f", first stage LLM layers={plan.first_stage_llm_layers}" if plan.first_stage_llm_layers else ""
+    split = ""
+    if plan.first_stage_llm_layers:
+        split = f", first stage LLM layers={plan.first_stage_llm_layers}"
+        if plan.split_suggested:
+            split += (
+                f" (suggested: set parallel.first_stage_llm_layers={plan.first_stage_llm_layers}; memory "
+                "below is for the even split the config gives)"
+            )
     lines = [
         f"plan: {plan.model or 'model'} on {plan.gpus} GPUs ({plan.nodes} nodes x {plan.gpus_per_node})",
         f"  layout: TP={plan.tensor}, PP={plan.pipeline}{vpp}, CP={plan.context}, DP={plan.data_parallel}{split}",
@@ -391,17 +412,21 @@ def format_plan(plan: RunPlan) -> str:
 def format_memory(plan: RunPlan) -> list[str]:
     """The memory table (GiB per GPU, every pipeline rank of every stage) and a line per stage that
     does not fit."""
+    where = "GPU" if plan.device == "gpu" else "CPU process"
     if plan.gpu_memory_gib:
-        budget = f"{plan.gpu if plan.device == 'gpu' else 'budget'} {plan.gpu_memory_gib:g} GiB, flagged above " \
-                 f"{plan.memory_fraction:.0%}"
+        name = plan.gpu if plan.device == "gpu" else "budget"
+        budget = f"{name} {plan.gpu_memory_gib:g} GiB, flagged above {plan.memory_fraction:.0%}"
     else:
         budget = "no budget: give --gpu-memory-gb"
+    extra = (
+        "the CUDA context, NCCL buffers and fragmentation (1-3 GiB) come on top"
+        if plan.device == "gpu"
+        else "the interpreter and libraries (about 0.6 GiB per process) come on top"
+    )
     lines = [
-        f"memory per {'GPU' if plan.device == 'gpu' else 'CPU process'} in GiB ({budget}; megasail.models.memory): {plan.micro_batch_size} x {plan.seq_length} "
-        f"tokens per micro-batch, recompute={plan.recompute}, {plan.attention} attention, distributed optimizer "
-        f"over DP={plan.data_parallel}; "
-        + ("the CUDA context, NCCL buffers and fragmentation (1-3 GiB) come on top" if plan.device == "gpu"
-           else "the interpreter and libraries (about 0.6 GiB per process) come on top"),
+        f"memory per {where} in GiB ({budget}; megasail.models.memory): {plan.micro_batch_size} x "
+        f"{plan.seq_length} tokens per micro-batch, recompute={plan.recompute}, {plan.attention} attention, "
+        f"distributed optimizer over DP={plan.data_parallel}; {extra}",
         "",
         "| PP rank | stage | params | weights | grads | optimizer | activations (micro-batches) | logits "
         "| inputs | backward | total |",
@@ -410,19 +435,18 @@ def format_memory(plan: RunPlan) -> list[str]:
     for s in plan.stages:
         for m in s.memory:
             mark = " *" if m["pp_rank"] == s.memory_rank and len(s.memory) > 1 else ""
-            lines.append(
-                f"| {m['pp_rank']}{mark} | {s.name} | {m['params'] / 1e9:.3f}B | {m['weights_gib']:.2f} | "
-                f"{m['grads_gib']:.2f} | {m['optimizer_gib']:.2f} | {m['activations_gib']:.2f} ({m['in_flight']}) | "
-                f"{m['logits_gib']:.2f} | {m['inputs_gib']:.2f} | {m['transient_gib']:.2f} | {m['total_gib']:.2f} |"
-            )
-    if len(plan.stages[0].memory) > 1 if plan.stages else False:
+            cells = [f"{m['pp_rank']}{mark}", s.name, f"{m['params'] / 1e9:.3f}B"]
+            cells += [f"{m[k + '_gib']:.2f}" for k in ("weights", "grads", "optimizer")]
+            cells.append(f"{m['activations_gib']:.2f} ({m['in_flight']})")
+            cells += [f"{m[k + '_gib']:.2f}" for k in ("logits", "inputs", "transient", "total")]
+            lines.append("| " + " | ".join(cells) + " |")
+    if plan.stages and len(plan.stages[0].memory) > 1:
         lines.append("(* the pipeline rank that needs the most)")
     for s in plan.stages:
         if s.fits is False:
             lines.append(
-                f"WARNING: stage {s.name} needs {s.memory_gib:.1f} GiB on pipeline rank {s.memory_rank}, more than "
-                f"{plan.memory_fraction:.0%} of {plan.gpu_memory_gib:g} GiB: raise parallel.tensor or "
-                f"parallel.pipeline, use train.recompute=selective or full, or lower data.micro_batch_size"
+                f"WARNING: stage {s.name} needs {s.memory_gib:.1f} GiB on pipeline rank {s.memory_rank}, "
+                f"more than {plan.memory_fraction:.0%} of {plan.gpu_memory_gib:g} GiB: {plan.remedies}"
             )
     return lines
 
@@ -536,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-gpus", type=int, default=None, help="GPUs (processes) of the run that wrote --from-metrics"
     )
     ap.add_argument(
-        "--metrics-skip", type=int, default=3, help="first rows of each stage --from-metrics leaves out (default 3)"
+        "--metrics-skip",
+        type=int,
+        default=3,
+        help="first rows of each stage --from-metrics leaves out (default 3)",
     )
     ap.add_argument(
         "--packing-efficiency",
@@ -549,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         "--gpu-memory-gb",
         type=float,
         default=None,
-        help=f"memory per GPU in GiB instead of --gpu's ({', '.join(f'{k} {v:g}' for k, v in memory.GPU_MEMORY_GIB.items())})",
+        help="memory per GPU in GiB instead of --gpu's ("
+        + ", ".join(f"{k} {v:g}" for k, v in memory.GPU_MEMORY_GIB.items())
+        + ")",
     )
     ap.add_argument(
         "--memory-fraction",
@@ -567,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         "--attention",
         choices=("flash", "unfused"),
         default=None,
-        help="core attention the memory estimate assumes (default: flash, unfused with model.transformer_impl=local)",
+        help="core attention the memory estimate assumes (default: flash; unfused with "
+        "model.transformer_impl=local)",
     )
     ap.add_argument("--tiles-per-sequence", type=float, default=None, help="image tiles per packed sequence")
     ap.add_argument(

@@ -31,8 +31,14 @@ def single_process_megatron():
 def _model_cfg(**language):
     """The tiny CPU model (fp32, local layers) at 448px tiles, with LLM dims set here."""
     cfg = load_config(os.path.join(REPO, "examples/configs/tiny.yaml"), ["model.packed_sequences=true"]).model
-    lm = dict(vocab_size=512, num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-              ffn_hidden_size=128)
+    lm = dict(
+        vocab_size=512,
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+    )
     cfg.language = dataclasses.replace(cfg.language, **{**lm, **language})
     cfg.vision = dataclasses.replace(cfg.vision, num_layers=1)
     cfg.image_token_id = 500
@@ -65,8 +71,12 @@ def test_parameter_counts_equal_the_built_model(config):
     }
     assert counts["vision"].total == built["vision"]
     assert counts["projector"].total == built["projector"]
-    language = (counts["embedding"].total + lm.num_layers * counts["llm_layer"].total
-                + counts["final_norm"].total + counts["output_layer"].total)
+    language = (
+        counts["embedding"].total
+        + lm.num_layers * counts["llm_layer"].total
+        + counts["final_norm"].total
+        + counts["output_layer"].total
+    )
     assert language == built["language"]
 
 
@@ -99,11 +109,14 @@ def _saved(cfg, recompute: str, trainable: list[str], tiles: int, seq: int) -> i
     torch.manual_seed(0)
     model = SailVLModel(cfg)
     apply_recompute([model], recompute, 1)
-    for part, module in (("vision", model.vision_model), ("projector", model.projector),
-                         ("language", model.language_model)):
+    for part, module in (
+        ("vision", model.vision_model),
+        ("projector", model.projector),
+        ("language", model.language_model),
+    ):
         module.requires_grad_(part in trainable)
     ids = torch.randint(0, 100, (1, seq))
-    ids[0, 5:5 + tiles * cfg.tokens_per_tile] = cfg.image_token_id
+    ids[0, 5 : 5 + tiles * cfg.tokens_per_tile] = cfg.image_token_id
     positions = torch.arange(seq)[None]
     pixels = torch.randn(tiles, 3, cfg.vision.image_size, cfg.vision.image_size) if tiles else None
     mask = torch.ones(seq, seq, dtype=torch.bool).triu(1)[None, None]
@@ -111,8 +124,9 @@ def _saved(cfg, recompute: str, trainable: list[str], tiles: int, seq: int) -> i
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-@pytest.mark.parametrize("trainable", [["vision", "projector", "language"], ["projector"]],
-                         ids=["all_train", "llm_frozen"])
+@pytest.mark.parametrize(
+    "trainable", [["vision", "projector", "language"], ["projector"]], ids=["all_train", "llm_frozen"]
+)
 def test_layer_activations_equal_what_autograd_saves(recompute, trainable):
     """One decoder layer more (and one ViT layer more) adds exactly what the formulas say, counted as
     the distinct storages autograd's saved-tensor hooks see (CPU, fp32, local layers, 4 heads over 2
@@ -127,21 +141,35 @@ def test_layer_activations_equal_what_autograd_saves(recompute, trainable):
     roles = gradient_roles(trainable)
     one, two = _model_cfg(num_layers=1), _model_cfg(num_layers=2)
     per_layer = _saved(two, recompute, trainable, tiles, seq) - _saved(one, recompute, trainable, tiles, seq)
-    layout = memory.MemoryLayout(seq_length=seq, recompute=recompute, flash_attention=False, device="cpu",
-                                 attention_mask=True, tiles_per_sequence=tiles)
+    layout = memory.MemoryLayout(
+        seq_length=seq,
+        recompute=recompute,
+        flash_attention=False,
+        device="cpu",
+        attention_mask=True,
+        tiles_per_sequence=tiles,
+    )
     # a recomputed block also keeps the RNG states megatron's checkpoint restores (5 KiB)
     assert per_layer == pytest.approx(memory.llm_layer_activations(one, layout, roles["language"]), abs=2**14)
     if "vision" in trainable:
         vit_two = _model_cfg(num_layers=1)
         vit_two.vision = dataclasses.replace(vit_two.vision, num_layers=2)
-        per_vit_layer = _saved(vit_two, recompute, trainable, tiles, seq) - _saved(one, recompute, trainable,
-                                                                                   tiles, seq)
+        per_vit_layer = _saved(vit_two, recompute, trainable, tiles, seq) - _saved(
+            one, recompute, trainable, tiles, seq
+        )
         assert per_vit_layer / tiles == pytest.approx(memory.vit_tile_activations(one, layout), abs=2**14)
 
 
 def _layout(**kwargs):
-    return memory.MemoryLayout(**{"seq_length": 8192, "micro_batches": 8, "tiles_per_sequence": 10.0,
-                                  "recompute": "selective", **kwargs})
+    return memory.MemoryLayout(
+        **{
+            "seq_length": 8192,
+            "micro_batches": 8,
+            "tiles_per_sequence": 10.0,
+            "recompute": "selective",
+            **kwargs,
+        }
+    )
 
 
 def test_state_bytes_follow_precision_trainable_parts_and_sharding():
@@ -157,8 +185,9 @@ def test_state_bytes_follow_precision_trainable_parts_and_sharding():
     assert one.weights == total * 2
     assert one.grads == proj * 4
     assert one.optimizer == proj * 12 / 8
-    (replicated,) = memory.stage_memory(cfg, _layout(data_parallel=8, distributed_optimizer=False),
-                                        ["vision", "projector"])
+    (replicated,) = memory.stage_memory(
+        cfg, _layout(data_parallel=8, distributed_optimizer=False), ["vision", "projector"]
+    )
     assert replicated.optimizer == (vit + proj) * 12 and replicated.grads == (vit + proj) * 4
     first, last = memory.stage_memory(cfg, _layout(pipeline=2, first_stage_llm_layers=12), ["vision"])
     assert first.trainable_params == vit and last.trainable_params == 0
@@ -187,14 +216,18 @@ def test_tensor_parallel_halves_sharded_weights_and_activations():
     # selective, flash, trains: norms 2 x 2h (input, output), q + k + qkv (h + gd + h + 2gd), proj input h,
     # SwiGLU 5f, in bf16; and two fp32 rstd
     sharded = (2 * h + 3 * 256 + h + 5 * f) / 2
-    assert memory.llm_layer_activations(cfg, _layout(tensor=2), "trains") == tokens * ((4 * h + sharded) * 2 + 8)
-    assert memory.llm_layer_activations(cfg, _layout(tensor=2, sequence_parallel=True), "trains") == \
-        tokens * ((4 * h / 2 + sharded) * 2 + 8 / 2)
+    assert memory.llm_layer_activations(cfg, _layout(tensor=2), "trains") == tokens * (
+        (4 * h + sharded) * 2 + 8
+    )
+    assert memory.llm_layer_activations(
+        cfg, _layout(tensor=2, sequence_parallel=True), "trains"
+    ) == tokens * ((4 * h / 2 + sharded) * 2 + 8 / 2)
     assert sp2.activations < tp2.activations < tp1.activations
 
 
-@pytest.mark.parametrize("pp,micro_batches,expected", [(4, 8, [4, 3, 2, 1]), (4, 2, [2, 2, 2, 1]),
-                                                        (2, 8, [2, 1])])
+@pytest.mark.parametrize(
+    "pp,micro_batches,expected", [(4, 8, [4, 3, 2, 1]), (4, 2, [2, 2, 2, 1]), (2, 8, [2, 1])]
+)
 def test_one_f_one_b_keeps_pp_minus_rank_micro_batches(pp, micro_batches, expected):
     """Rank r of a 1F1B pipeline holds min(pp - r, micro-batches) micro-batches' activations; the ViT
     lives on stage 0 only, so stage 0 holds pp micro-batches of ViT activations.
@@ -211,8 +244,10 @@ def test_one_f_one_b_keeps_pp_minus_rank_micro_batches(pp, micro_batches, expect
         assert r.activations == pytest.approx(r.in_flight * (r.llm_layers * layer + hidden))
     head = ranks[-1].activations - ranks[-1].llm_layers * layer
     first = ranks[0]
-    assert first.activations == pytest.approx(first.in_flight * (first.llm_layers * layer + vit + hidden)
-                                              + first.in_flight * ranks[0].parts["projector"])
+    assert first.activations == pytest.approx(
+        first.in_flight * (first.llm_layers * layer + vit + hidden)
+        + first.in_flight * ranks[0].parts["projector"]
+    )
     assert 0 < head < layer  # one micro-batch's final norm and output-layer input on the last stage
 
 
@@ -224,8 +259,9 @@ def test_unfused_attention_keeps_the_softmax_unless_recomputed():
     Fault caught: the s^2 term kept under selective or flash, or counted at 2 bytes."""
     cfg = sail_vl_2b()
     unfused = memory.llm_layer_activations(cfg, _layout(recompute="none", flash_attention=False), "trains")
-    selective = memory.llm_layer_activations(cfg, _layout(recompute="selective", flash_attention=False),
-                                             "trains")
+    selective = memory.llm_layer_activations(
+        cfg, _layout(recompute="selective", flash_attention=False), "trains"
+    )
     flash = memory.llm_layer_activations(cfg, _layout(recompute="none"), "trains")
     tokens, h = 8192, 1536
     # the softmax, and k and v repeated to every head (3h) instead of q, k and the fused qkv (2h + 3gd)

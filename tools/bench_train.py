@@ -305,8 +305,8 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- launcher
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | HFU | bubble | split | est GiB "
-        "| peak GB |",
+        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | HFU | bubble | split "
+        "| est GiB | peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -320,7 +320,8 @@ def format_table(rows: list[dict]) -> str:
         split = (str(r["split"] or "even")) if r["pp"] > 1 and r["model"] == "sailvl" else "-"
         lines.append(
             f"| {r['model']} | {layout} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {hfu} | {bubble} | {split} | "
+            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {hfu} | {bubble} | {split} "
+            "| "
             + (f"{r['est_mem_gib']:.2f} | {r['mem_gb']:.2f} |" if "est_mem_gib" in r else "- | - |")
         )
     return "\n".join(lines)

@@ -60,8 +60,9 @@ def stage_layers(run: RunConfig) -> list[list[int]]:
     return stages
 
 
-def summarize(run: RunConfig, data_parallel: int = 1, seq_length: int = 8192, tiles_per_sequence: float = 10,
-              trainable: tuple[str, ...] = memory.PARTS, attention: str | None = None) -> dict:
+def summarize(run: RunConfig, data_parallel: int = 1, seq_length: int = 8192,
+              tiles_per_sequence: float = 10, trainable: tuple[str, ...] = memory.PARTS,
+              attention: str | None = None) -> dict:
     from megasail import runtime
     from megasail.models import flops
     from megasail.models.sail_vl import SailVLModel
@@ -116,8 +117,9 @@ def _print_table(summary: dict) -> None:
     print(f"{'component':<12}{'parameters':>16}")
     for name in ("vision", "projector", "language", "total"):
         print(f"{name:<12}{summary[name]:>16,}")
-    print(f"\nper rank in GiB (TP={summary['tensor']}, PP={summary['pipeline']}, DP={summary['data_parallel']}, "
-          f"{summary['precision']}; trains {'+'.join(summary['trainable'])}; {summary['micro_batch_size']} x "
+    print(f"\nper rank in GiB (TP={summary['tensor']}, PP={summary['pipeline']}, "
+          f"DP={summary['data_parallel']}, {summary['precision']}; trains {'+'.join(summary['trainable'])}; "
+          f"{summary['micro_batch_size']} x "
           f"{summary['seq_length']} tokens and {summary['tiles_per_sequence']:g} tiles per micro-batch, "
           f"recompute={summary['recompute']}, {summary['attention']} attention)")
     columns = [("weights", "weights_gib"), ("grads", "grads_gib"), ("Adam", "optimizer_gib"),
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=8192, help="packed sequence length for FLOPs and the split")
     parser.add_argument("--tiles-per-sequence", type=float, default=10, help="average image tiles per sequence")
     parser.add_argument("--trainable", default=",".join(memory.PARTS),
-                        help="parts that train (comma-separated: vision, projector, language); frozen ones hold "
-                             "no gradients or optimizer state")
+                        help="parts that train (comma-separated: vision, projector, language); frozen "
+                             "ones hold no gradients or optimizer state")
     parser.add_argument("--attention", choices=("flash", "unfused"), default=None,
                         help="core attention of the activation estimate (default: flash unless "
                              "model.transformer_impl=local)")

@@ -123,14 +123,18 @@ def parameter_counts(model: ModelConfig) -> dict[str, PartParameters]:
     H, p = lm.hidden_size, model.projector_input_size
     qkv_out = (lm.num_attention_heads + 2 * lm.num_query_groups) * lm.kv_channels
     llm_layer = PartParameters(
-        sharded=qkv_out * H + (qkv_out if lm.qkv_bias else 0) + lm.num_attention_heads * lm.kv_channels * H
-        + 2 * lm.ffn_hidden_size * H + H * lm.ffn_hidden_size,
+        sharded=qkv_out * H
+        + (qkv_out if lm.qkv_bias else 0)
+        + lm.num_attention_heads * lm.kv_channels * H
+        + 2 * lm.ffn_hidden_size * H
+        + H * lm.ffn_hidden_size,
         replicated=2 * H,  # input and pre-MLP RMSNorm
     )
     untied = lm.untie_embeddings_and_output_weights
     return {
-        "vision": PartParameters(vit.num_layers_used * vit_layer.sharded,
-                                 vit.num_layers_used * vit_layer.replicated + embeddings),
+        "vision": PartParameters(
+            vit.num_layers_used * vit_layer.sharded, vit.num_layers_used * vit_layer.replicated + embeddings
+        ),
         "projector": PartParameters(sharded=p * H + H + H * H, replicated=2 * p + H),
         "embedding": PartParameters(sharded=lm.vocab_size * H),
         "llm_layer": llm_layer,
@@ -161,18 +165,27 @@ class MemoryLayout:
     device: str = "gpu"  # "gpu" or "cpu" (composite RMSNorm, the whole step's batches in host memory)
 
     @classmethod
-    def from_run(cls, run, data_parallel: int, tiles_per_sequence: float, *, flash_attention: bool,
-                 device: str = "gpu") -> MemoryLayout:
+    def from_run(
+        cls, run, data_parallel: int, tiles_per_sequence: float, *, flash_attention: bool, device: str = "gpu"
+    ) -> MemoryLayout:
         p, d = run.parallel, run.data
         return cls(
-            tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
-            data_parallel=data_parallel, sequence_parallel=p.sequence_parallel,
-            first_stage_llm_layers=p.first_stage_llm_layers, distributed_optimizer=p.distributed_optimizer,
-            micro_batch_size=d.micro_batch_size, seq_length=d.seq_length,
+            tensor=p.tensor,
+            pipeline=p.pipeline,
+            virtual_pipeline=p.virtual_pipeline,
+            data_parallel=data_parallel,
+            sequence_parallel=p.sequence_parallel,
+            first_stage_llm_layers=p.first_stage_llm_layers,
+            distributed_optimizer=p.distributed_optimizer,
+            micro_batch_size=d.micro_batch_size,
+            seq_length=d.seq_length,
             micro_batches=max(d.global_batch_size // (d.micro_batch_size * data_parallel), 1),
-            tiles_per_sequence=tiles_per_sequence, recompute=run.train.recompute,
-            recompute_num_layers=run.train.recompute_num_layers, flash_attention=flash_attention,
-            attention_mask=not flash_attention and d.build_attention_mask, device=device,
+            tiles_per_sequence=tiles_per_sequence,
+            recompute=run.train.recompute,
+            recompute_num_layers=run.train.recompute_num_layers,
+            flash_attention=flash_attention,
+            attention_mask=not flash_attention and d.build_attention_mask,
+            device=device,
         )
 
 
@@ -196,8 +209,15 @@ class StageMemory:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.inputs \
+        return (
+            self.weights
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.inputs
             + self.transient
+        )
 
     def gib(self) -> dict:
         """The byte fields and the total in GiB (JSON-friendly, rounded to 3 digits)."""
@@ -245,7 +265,9 @@ def _softmax_bytes(model: ModelConfig) -> int:
     return 4 + (2 if WEIGHT_BYTES[model.precision] == 2 else 0)
 
 
-def llm_layer_activations(model: ModelConfig, layout: MemoryLayout, role: str, mode: str | None = None) -> float:
+def llm_layer_activations(
+    model: ModelConfig, layout: MemoryLayout, role: str, mode: str | None = None
+) -> float:
     """Bytes one decoder layer keeps for one micro-batch under ``mode`` (default: layout.recompute)
     when the language model's role is "trains" or "through" (flops.gradient_roles)."""
     if role == "forward":
@@ -262,8 +284,9 @@ def llm_layer_activations(model: ModelConfig, layout: MemoryLayout, role: str, m
     per_norm = (3 if L.device == "cpu" else 2) if trains else 1  # input [+ x * rstd on CPU] + output
     unfused_none = not L.flash_attention and mode == "none"
     per_token = 2 * per_norm * h / sp
-    per_token += _attention_inputs(lm.num_attention_heads, lm.num_query_groups, lm.kv_channels, True,
-                                   unfused_none) / t
+    per_token += (
+        _attention_inputs(lm.num_attention_heads, lm.num_query_groups, lm.kv_channels, True, unfused_none) / t
+    )
     per_token += (h / t if trains or L.flash_attention else 0) + (5 if trains else 4) * f / t
     out = tokens * per_token * e + tokens * 2 * 4 / sp  # and each RMSNorm's fp32 rstd
     if not L.flash_attention:
@@ -331,10 +354,18 @@ def _probs_bytes(model: ModelConfig, layout: MemoryLayout, vision: bool) -> floa
         s = model.vision.seq_length
         return model.vision.num_attention_heads / layout.tensor * s * s * _softmax_bytes(model)
     tokens = layout.micro_batch_size * layout.seq_length
-    return tokens * model.language.num_attention_heads / layout.tensor * layout.seq_length * _softmax_bytes(model)
+    return (
+        tokens
+        * model.language.num_attention_heads
+        / layout.tensor
+        * layout.seq_length
+        * _softmax_bytes(model)
+    )
 
 
-def _layer_working_set(model: ModelConfig, layout: MemoryLayout, vision: bool, saved: float, none: float) -> float:
+def _layer_working_set(
+    model: ModelConfig, layout: MemoryLayout, vision: bool, saved: float, none: float
+) -> float:
     """Bytes a layer's backward adds on top of what it saved: what recomputation rebuilds (``full``:
     the block's layers, ``selective``: the attention core) and the gradients of its largest
     intermediates (the softmax's and its input's, or the MLP's)."""
@@ -376,8 +407,11 @@ def stage_memory(model: ModelConfig, layout: MemoryLayout, trainable: list[str])
         first, last = r == 0, r == pp - 1
         pieces = [("language", counts["llm_layer"], layers[r])]
         if first:
-            pieces += [("vision", counts["vision"], 1), ("projector", counts["projector"], 1),
-                       ("language", counts["embedding"], 1)]
+            pieces += [
+                ("vision", counts["vision"], 1),
+                ("projector", counts["projector"], 1),
+                ("language", counts["embedding"], 1),
+            ]
         if last:
             pieces += [("language", counts["final_norm"], 1), ("language", counts["output_layer"], 1)]
             if tied and pp > 1:
@@ -388,7 +422,9 @@ def stage_memory(model: ModelConfig, layout: MemoryLayout, trainable: list[str])
         stage = StageMemory(r, layers[r], params, trained, max(flight))
         stage.weights = params * e
         stage.grads = trained * GRAD_BYTES
-        stage.optimizer = trained * state_bytes / (layout.data_parallel if layout.distributed_optimizer else 1)
+        stage.optimizer = (
+            trained * state_bytes / (layout.data_parallel if layout.distributed_optimizer else 1)
+        )
         per_chunk_llm = layers[r] / vpp * llm_saved
         for chunk, n in enumerate(flight):
             acts = per_chunk_llm
@@ -400,8 +436,13 @@ def stage_memory(model: ModelConfig, layout: MemoryLayout, trainable: list[str])
             else:
                 acts += tokens * model.language.hidden_size * e / sp  # the output sent on (kept for backward)
             stage.activations += n * acts
-        stage.parts = {"language_layer": llm_saved, "vision": vit_saved, "projector": proj_saved,
-                       "head": head_saved if last else 0.0, "logits": logits if last else 0.0}
+        stage.parts = {
+            "language_layer": llm_saved,
+            "vision": vit_saved,
+            "projector": proj_saved,
+            "head": head_saved if last else 0.0,
+            "logits": logits if last else 0.0,
+        }
         # one micro-batch's backward, in forward order: ViT layers, projector, LLM layers, head
         segments = []
         if first and vit_trains and tiles:
@@ -411,7 +452,11 @@ def stage_memory(model: ModelConfig, layout: MemoryLayout, trainable: list[str])
             segments += [(saved, work)] * vit_layers
         if first:
             segments.append((proj_saved, proj_saved))
-        llm_work = _layer_working_set(model, layout, False, llm_saved, llm_none) if roles["language"] != "forward" else 0.0
+        llm_work = (
+            _layer_working_set(model, layout, False, llm_saved, llm_none)
+            if roles["language"] != "forward"
+            else 0.0
+        )
         segments += [(llm_saved, llm_work)] * (layers[r] // vpp)
         if last:  # the output layer's weight gradient (before it is added to the fp32 buffer) and dX
             weight_grad = model.language.vocab_size / t if roles["language"] == "trains" else 0.0
@@ -445,3 +490,16 @@ def _inputs(model: ModelConfig, layout: MemoryLayout, first: bool, tiles: int, i
 def largest_stage(stages: list[StageMemory]) -> StageMemory:
     """The pipeline rank that needs the most memory."""
     return max(stages, key=lambda s: s.total)
+
+
+def remedies(layout: MemoryLayout) -> str:
+    """What lowers memory per rank from ``layout``, for messages."""
+    steps = ["raise parallel.tensor or parallel.pipeline"]
+    if not layout.distributed_optimizer and layout.data_parallel > 1:
+        steps.append("set parallel.distributed_optimizer=true")
+    if layout.recompute != "full":
+        steps.append(
+            "set train.recompute=" + ("selective (or full)" if layout.recompute == "none" else "full")
+        )
+    steps.append("lower data.micro_batch_size" if layout.micro_batch_size > 1 else "lower data.seq_length")
+    return ", ".join(steps[:-1]) + " or " + steps[-1]

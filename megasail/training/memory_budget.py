@@ -16,22 +16,23 @@ import torch.distributed as dist
 from megasail.models import memory
 from megasail.models.specs import use_transformer_engine
 
-FIX = ("raise parallel.tensor or parallel.pipeline, set train.recompute=selective (or full), or lower "
-       "data.micro_batch_size or data.seq_length")
-
 
 def device_budget(world_size: int) -> tuple[float, str]:
     """(bytes this rank may use, where the number comes from)."""
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         device = torch.cuda.current_device()
-        return float(free), f"free memory of GPU {device} ({free / memory.GIB:.1f} of {total / memory.GIB:.1f} GiB)"
+        return float(
+            free
+        ), f"free memory of GPU {device} ({free / memory.GIB:.1f} of {total / memory.GIB:.1f} GiB)"
     import psutil
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     available = psutil.virtual_memory().available
-    return available / local, (f"available host RAM {available / memory.GIB:.1f} GiB shared by {local} local "
-                               f"rank{'s' if local > 1 else ''}")
+    return available / local, (
+        f"available host RAM {available / memory.GIB:.1f} GiB shared by {local} local "
+        f"rank{'s' if local > 1 else ''}"
+    )
 
 
 def _smallest_over_ranks(value: float) -> float:
@@ -50,7 +51,10 @@ def run_estimate(cfg, world_size: int) -> tuple[memory.StageMemory, str, memory.
     dp = max(world_size // (p.tensor * p.pipeline * p.context), 1)
     tiles = 0.75 * d.seq_length / cfg.model.tokens_per_tile
     layout = memory.MemoryLayout.from_run(
-        cfg, dp, tiles, flash_attention=use_transformer_engine(cfg.model.transformer_impl),
+        cfg,
+        dp,
+        tiles,
+        flash_attention=use_transformer_engine(cfg.model.transformer_impl),
         device="gpu" if torch.cuda.is_available() else "cpu",
     )
     best = None
@@ -69,13 +73,16 @@ def memory_shortfall(cfg, world_size: int) -> str | None:
     if need.total <= budget:
         return None
     g = need.gib()
-    parts = ", ".join(f"{k} {g[k + '_gib']:.2f}" for k in ("weights", "grads", "optimizer", "activations",
-                                                            "logits", "inputs", "transient"))
+    parts = ", ".join(
+        f"{k} {g[k + '_gib']:.2f}"
+        for k in ("weights", "grads", "optimizer", "activations", "logits", "inputs", "transient")
+    )
     where = source if budget == own else f"the smallest budget of all ranks; here: {source}"
     return (
         f"the run needs about {need.total / memory.GIB:.2f} GiB per rank (stage {stage!r}, pipeline rank "
         f"{need.pp_rank} of {layout.pipeline}, TP={layout.tensor}, DP={layout.data_parallel}, "
         f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens, recompute={layout.recompute}; "
-        f"GiB: {parts}) but has {budget / memory.GIB:.2f} GiB ({where}): {FIX}; "
-        "tools/model_summary.py prints the estimate per pipeline stage; train.memory_check=false starts anyway"
+        f"GiB: {parts}) but has {budget / memory.GIB:.2f} GiB ({where}): {memory.remedies(layout)}; "
+        "tools/model_summary.py prints the estimate per pipeline stage; "
+        "train.memory_check=false starts anyway"
     )
