@@ -639,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_plan:
             return 0
         measured = None
+        if args.from_metrics and args.tokens_per_s_per_gpu is not None:
+            raise ValueError("give --from-metrics or --tokens-per-s-per-gpu, not both")
         if args.from_metrics:
             measured = read_metrics_throughput(args.from_metrics, args.metrics_gpus, args.metrics_skip)
         plan = make_plan(

@@ -8,12 +8,12 @@ during the run, about 55 MiB, which no model of the run's memory predicts), is w
 optimizer, activations, batches and Python objects added. It includes allocator slack and the
 interpreter's own objects (about 10 MiB here) and excludes what was resident before the build
 (interpreter, torch, megatron). glibc's malloc keeps freed heap memory and lets RSS creep up step after
-step (590 to 850 MiB over four steps of this config); ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB gives
-every tensor above that its own mapping, returned to the system when freed, so RSS follows the live
-tensors as ``torch.cuda.max_memory_allocated`` does on a GPU.
+step (this config's peak: 536 MiB after one step, 875 MiB after 16); ``MALLOC_MMAP_THRESHOLD_`` fixed at
+128 KiB gives every tensor above that its own mapping, returned to the system when freed, so RSS follows
+the live tensors as ``torch.cuda.max_memory_allocated`` does on a GPU.
 
-The config is sized so that the model and its activations (about 380 MiB on one process, largest rank
-460 MiB under PP=2) dwarf what the measure adds besides them (about 10 MiB), while a step stays a few
+The config is sized so that the model and its activations (about 390 MiB on one process, largest rank
+440 MiB under PP=2) dwarf what the measure adds besides them (about 10 MiB), while a step stays a few
 seconds on a CPU core: a 4-layer LLM of width 128 with a 16,384-token vocabulary (logits 64 MiB per
 micro-batch), 1,024-token sequences (unfused softmax 16 MiB per layer), the 2-layer ViT on about three
 448px tiles per micro-batch (48 MiB of softmax per layer), two micro-batches per step.
