@@ -55,8 +55,10 @@ def _model_cfg(**language):
     ids=["tiny", "select_layer_-4", "no_qkv_bias_tied"],
 )
 def test_parameter_counts_equal_the_built_model(config):
-    """Fails if a piece is left out or miscounted (a bias, the cls token, the layers after select_layer,
-    the tied output layer counted twice)."""
+    """The analytic counts per piece add up to the meta-device model's parameters per component.
+
+    Fault caught: the LLM's qkv bias left out, the cls token left out, every ViT layer counted instead
+    of those up to select_layer, a tied output layer counted again."""
     from megasail.models.sail_vl import SailVLModel
 
     cfg = config()
@@ -270,7 +272,8 @@ def test_unfused_attention_keeps_the_softmax_unless_recomputed():
 
 
 def test_gpu_table_and_largest_stage():
-    """Every GPU the FLOPs table knows has a memory size; the largest stage is the biggest total."""
+    """Every GPU the FLOPs table knows has a memory size (a new --gpu choice without one would plan with
+    no budget); the largest stage is the biggest total (stage 0 with the ViT at PP=4)."""
     from megasail.models.flops import GPU_PEAKS
 
     assert set(memory.GPU_MEMORY_GIB) == set(GPU_PEAKS)
