@@ -26,8 +26,9 @@ alike. Rows report medians over the timed steps:
                     parallel.first_stage_llm_layers is given
   est GiB           memory of rank 0 (pipeline stage 0) by megasail.models.memory, the model the plan and
                     the start-up check use, at the dataset's tiles per sequence
-  peak GB           rank 0's metrics mem_gb: torch.cuda.max_memory_allocated on a GPU; on a CPU the
-                    process's peak RSS, which adds the interpreter and libraries (about 0.6 GB) to it
+  peak GB           rank 0's metrics mem_gb: torch.cuda.max_memory_allocated on a GPU, the process's
+                    peak RSS on a CPU (plus the interpreter and libraries, about 0.6 GB); either also
+                    holds the GPT model timed beside it, so it bounds the estimate from above
 
 Without --data a small synthetic caption set is made (tools/make_synthetic_data.py, then
 tools/preprocess_data.py at --max-tiles 1) in a temporary directory.
