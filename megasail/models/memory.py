@@ -90,6 +90,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from megasail.models.config import ModelConfig
+from megasail.models.flops import gradient_roles
 
 GIB = 2**30
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -397,8 +398,6 @@ def _layer_working_set(
 def stage_memory(model: ModelConfig, layout: MemoryLayout, trainable: list[str]) -> list[StageMemory]:
     """Memory per pipeline rank of a stage that trains ``trainable`` (module docstring); one rank of
     each pipeline stage (TP and DP ranks of a stage hold the same)."""
-    from megasail.models.flops import gradient_roles
-
     if layout.recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {layout.recompute!r}")
     roles = gradient_roles(list(trainable))
