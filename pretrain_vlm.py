@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"pretrain_vlm.py: {e}", file=sys.stderr)
         return 2
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from megasail.runtime import destroy
+    from megasail.runtime.logs import setup_logging
+
+    setup_logging()
     from megasail.training.checkpoint import CheckpointError
     from megasail.training.checks import StartupError
     from megasail.training.loop import TrainingDiverged, pretrain

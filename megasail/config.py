@@ -66,6 +66,11 @@ class TrainConfig:
         "null = train every stage's budget to its end", None
     )
     log_interval: int = doc("optimizer steps between console lines (metrics.jsonl gets every step)", 1)
+    eval_interval: int = doc(
+        "optimizer steps between validation losses on the current stage's validation_sources (also at each "
+        "stage's last step); 0 = never", 0
+    )
+    eval_iters: int = doc("global batches per validation loss (the same ones at every evaluation)", 10)
     max_nan_steps: int = doc("consecutive steps with a non-finite loss or gradient before the run stops", 3)
     recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")
     recompute_num_layers: int = doc("with recompute=full: layers per recomputed block (megatron 'uniform')", 1)
@@ -80,7 +85,9 @@ class TrainConfig:
             raise ValueError(f"train.iters must be >= 0 or null, got {self.iters}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
-        for name in ("log_interval", "max_nan_steps", "recompute_num_layers"):
+        if self.eval_interval < 0:
+            raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        for name in ("log_interval", "max_nan_steps", "recompute_num_layers", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 

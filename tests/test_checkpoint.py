@@ -18,6 +18,7 @@ import pytest
 import torch
 from dist_utils import run_distributed_test
 from model_utils import multimodal_batch, shard_state_dict, tiny_model_config
+from process_utils import assert_all_die, descendants
 
 SEQ = 48
 LM_LAYERS = 4
@@ -335,7 +336,9 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
     .tmp dir and keep_last=2 prunes iteration 1.
 
     Fails if: shards are written straight into the step dir instead of under .tmp + rename; stale .tmp
-    dirs are kept; keep_last does not prune.
+    dirs are kept; keep_last does not prune; megatron's write-results Manager (a process dist_checkpointing's
+    writer spawns, which does not watch its parent) outlives the killed trainer (planted: the queue not
+    seeded with a Manager that dies with the trainer), or its resource tracker does not exit by itself.
     """
     from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
 
@@ -346,6 +349,7 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: nothing it started outlives a failing test
     )
     tmp2 = step_dir(str(root), 2) + ".tmp"
     deadline = time.monotonic() + 240
@@ -355,11 +359,17 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
             assert proc.poll() is None, f"save process exited early:\n{proc.stdout.read()[-3000:]}"
             assert time.monotonic() < deadline, "iteration 2 was never written"
             time.sleep(0.2)
+        left = descendants(proc.pid)
+        assert left, "the saving process started no writer process"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        assert_all_die(left, 10.0, "processes the killed trainer started")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert latest_checkpoint(str(root)) == step_dir(str(root), 1)

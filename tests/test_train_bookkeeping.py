@@ -41,8 +41,8 @@ def _restarts(rank, world_size, prefix, root, out):
 
     ckpt = f"{root}/ckpt"
     runs = {
-        "first": [f"train.iters=2", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
-        "longer": [f"train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
+        "first": ["train.iters=2", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
+        "longer": ["train.iters=4", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", f"logging.dir={root}/logs"],
         "replanned": ["train.iters=4", f"checkpoint.load={ckpt}/iter_0000002", f"checkpoint.save={root}/ckpt3",
                       "optim.override_scheduler=true", f"logging.dir={root}/logs3"],
         "fresh_into_used_dir": ["train.iters=1", f"checkpoint.save={ckpt}"],
@@ -144,23 +144,27 @@ def test_a_non_finite_gradient_with_a_finite_loss_changes_no_weight(datasets, tm
 
 
 def test_sigterm_saves_once_and_exits_zero(datasets, tmp_path):
-    """SIGTERM (Slurm's --signal before the time limit) during a 50-step run: exit 0 after the current step,
-    one checkpoint at that step (no periodic saves configured), metrics up to it.
+    """SIGTERM to the whole process group (as Slurm's --signal reaches every process of the job) during a
+    50-step run with two loader workers, after a periodic save: exit 0 after the current step, one more
+    checkpoint at that step, metrics up to it.
 
-    Fails if SIGTERM is not handled (the process dies with -15 and nothing is saved)."""
+    Fails if SIGTERM is not handled (the process dies with -15 and nothing is saved), or if the loader
+    workers or megatron's checkpoint writer die of it (the next batch or the last save fails)."""
     logdir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
     cmd = [sys.executable, "pretrain_vlm.py", "--config", "examples/configs/tiny.yaml", f"data.path={datasets['a']}",
-           "train.iters=50", f"logging.dir={logdir}", f"checkpoint.save={ckpt}", "data.seq_length=512",
-           "data.num_workers=0", "data.max_tiles=1", "model.vision.num_layers=1", "model.language.num_layers=2"]
+           "train.iters=50", f"logging.dir={logdir}", f"checkpoint.save={ckpt}", "checkpoint.interval=1",
+           "checkpoint.keep_last=1", "data.seq_length=512", "data.num_workers=2", "data.max_tiles=1",
+           "model.vision.num_layers=1", "model.language.num_layers=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = logdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     steps = [r["step"] for r in _rows(logdir)]
@@ -168,3 +172,53 @@ def test_sigterm_saves_once_and_exits_zero(datasets, tmp_path):
     assert "SIGTERM: stopping after step" in stdout
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(steps[-1])
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == [f"iter_{steps[-1]:07d}"]
+    assert stdout.count(f"saved {ckpt}/iter_{steps[-1]:07d}") == 1  # saved once
+
+
+def test_kill9_during_a_save_then_resume_keeps_one_row_per_step_and_the_losses(datasets, tmp_path):
+    """pretrain_vlm.py with two loader workers, saving every 2 steps, killed with SIGKILL while step 4's
+    directory is still .tmp; the same command resumes from step 2. metrics.jsonl then has exactly one row
+    per step 1-6 (steps 3-4 of the killed run set aside in metrics.jsonl.stale), every process the trainer
+    started died with it, and the losses equal an uninterrupted run's.
+
+    Fails if resumed rows are appended after the killed run's (steps 3-4 twice), if a loader worker or
+    megatron's checkpoint writer outlives the trainer, or if the resumed run trains on other data or weights."""
+    from process_utils import assert_all_die, descendants
+
+    from megasail.training.checkpoint import PAUSE_ENV
+
+    def command(name):
+        return [sys.executable, "pretrain_vlm.py", "--config", "examples/configs/tiny.yaml",
+                f"data.path={datasets['a']}", "train.iters=6", "seed=4", f"logging.dir={tmp_path / name}",
+                f"checkpoint.save={tmp_path / name / 'ckpt'}", f"checkpoint.load={tmp_path / name / 'ckpt'}",
+                "checkpoint.interval=2", "data.seq_length=512", "data.num_workers=2", "data.max_tiles=1",
+                "model.vision.num_layers=1", "model.language.num_layers=2"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    whole = subprocess.run(command("whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = subprocess.Popen(command("killed"), cwd=REPO, env={**env, PAUSE_ENV: "3"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tmp4 = tmp_path / "killed" / "ckpt" / "iter_0000004.tmp" / "metadata.json"
+    deadline = time.time() + 400
+    try:
+        while not tmp4.exists():  # shards written, publishing paused: the step dir is still .tmp
+            assert proc.poll() is None and time.time() < deadline, "step 4 was never being saved"
+            time.sleep(0.1)
+        started = descendants(proc.pid)
+        assert len(started) >= 2, "expected the loader workers among the trainer's processes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert_all_die(started, 10.0, "processes the killed trainer started")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(tmp_path / "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    stale = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl.stale").read_text().splitlines()]
+    assert stale == [3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in _rows(tmp_path / "whole")], rel=1e-6)

@@ -78,7 +78,11 @@ def _foreign_linears(rank, world_size, out):
                              "model.language.num_attention_heads=4", "model.language.num_query_groups=2",
                              "model.language.ffn_hidden_size=96"])
     initialize(1, 1, seed=3)
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
 
     results = {}
     for name in ("megatron", "foreign"):
@@ -137,14 +141,17 @@ def _te_init(rank, world_size, out):
     torch.save(weights, out)
 
 
+def _have_te() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(not _have_te(), reason="needs Transformer Engine")
 def test_transformer_engine_weights_initialise_as_the_local_spec(tmp_path):
     """On a GPU with Transformer Engine: a fresh TE model's initial weights equal the local spec's, name for name
     (local names mapped to TE's). Fails if TE's linears are not initialised (or differently)."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformer_engine") is None:
-        pytest.skip("needs Transformer Engine")
     out = tmp_path / "te.pt"
     run_distributed_test(_te_init, 1, str(out))
     weights = torch.load(out, weights_only=True)

@@ -1,4 +1,5 @@
-"""Benchmark readers (JSONL, VLMEvalKit TSV), metrics with their published definitions, paired bootstrap."""
+"""Benchmark readers (JSONL, VLMEvalKit TSV), metrics with their published definitions, paired bootstrap,
+and the runner behind tools/evaluate.py."""
 
 from megasail.evaluation.benchmarks import default_prompt_suffix, format_prompt, load_benchmark
 from megasail.evaluation.bootstrap import paired_bootstrap
@@ -14,6 +15,7 @@ from megasail.evaluation.metrics import (
     score_benchmark,
     vqa_accuracy,
 )
+from megasail.evaluation.records import NEAR_TIE_THRESHOLD, read_records, score_records
 from megasail.evaluation.report import (
     build_scores,
     format_table,
@@ -22,12 +24,16 @@ from megasail.evaluation.report import (
     write_predictions,
     write_scores,
 )
+from megasail.evaluation.runner import EvalConfig, EvaluationError, rescore, run_evaluation
 
 __all__ = [
     "METRICS",
+    "NEAR_TIE_THRESHOLD",
     "Benchmark",
     "BenchmarkError",
     "BenchmarkItem",
+    "EvalConfig",
+    "EvaluationError",
     "anls_similarity",
     "average_score",
     "build_scores",
@@ -42,8 +48,12 @@ __all__ = [
     "paired_bootstrap",
     "pope_label",
     "read_predictions",
+    "read_records",
     "read_scores",
+    "rescore",
+    "run_evaluation",
     "score_benchmark",
+    "score_records",
     "vqa_accuracy",
     "write_predictions",
     "write_scores",

@@ -71,11 +71,20 @@ def format_prompt(item: BenchmarkItem, suffix: str) -> str:
     return "\n".join(parts)
 
 
-def load_benchmark(path: str, *, metric: str | None = None, prompt_suffix: str | None = None) -> Benchmark:
+def load_benchmark(
+    path: str,
+    *,
+    metric: str | None = None,
+    prompt_suffix: str | None = None,
+    require_images: bool = True,
+) -> Benchmark:
     """Read a benchmark file: `.jsonl` (this project's format) or `.tsv` (VLMEvalKit's offline files).
 
     metric: overrides the file's (JSONL `metric` field; TSV: inferred from the file name).
-    prompt_suffix: the instruction after each question; None takes default_prompt_suffix(metric).
+    prompt_suffix: the instruction after each question; None takes the file's (JSONL
+    `prompt_suffix` field), else default_prompt_suffix(metric).
+    require_images: False keeps a JSONL item whose image file is absent (its path as resolved), for
+    a runner that reports such items one by one, or for scoring without the images.
     Raises BenchmarkError naming `file:line` for a bad line, a missing image (with the path it was
     resolved to) or a duplicate id.
     """
@@ -84,8 +93,9 @@ def load_benchmark(path: str, *, metric: str | None = None, prompt_suffix: str |
     if not os.path.isfile(path):
         raise BenchmarkError(f"{path}: no such benchmark file")
     extension = os.path.splitext(path)[1].lower()
+    file_suffix = None
     if extension == ".jsonl":
-        metric, items = read_jsonl_items(path, metric)
+        metric, items, file_suffix = read_jsonl_items(path, metric, require_images)
     elif extension == ".tsv":
         from megasail.evaluation.tsv import read_tsv_items
 
@@ -95,7 +105,8 @@ def load_benchmark(path: str, *, metric: str | None = None, prompt_suffix: str |
     if not items:
         raise BenchmarkError(f"{path}: no questions in the file")
     name = os.path.splitext(os.path.basename(path))[0]
-    suffix = default_prompt_suffix(metric) if prompt_suffix is None else prompt_suffix
+    suffix = prompt_suffix if prompt_suffix is not None else file_suffix
+    suffix = default_prompt_suffix(metric) if suffix is None else suffix
     return Benchmark(name=name, path=os.path.abspath(path), metric=metric, items=items, prompt_suffix=suffix)
 
 
@@ -110,7 +121,7 @@ def _text(record: dict, key: str, where: str, required: bool) -> str | None:
     return str(value)
 
 
-def _image_paths(record: dict, folder: str, where: str) -> list[str]:
+def _image_paths(record: dict, folder: str, where: str, require_images: bool = True) -> list[str]:
     """The record's `image` (a path or a list of paths, relative to the benchmark file) as absolute paths."""
     value = record.get("image")
     if value is None:
@@ -123,7 +134,7 @@ def _image_paths(record: dict, folder: str, where: str) -> list[str]:
         if "://" in name:
             raise BenchmarkError(f"{where}: image {name!r} is a URL; benchmarks read local files only")
         resolved = os.path.normpath(os.path.join(folder, name))
-        if not os.path.isfile(resolved):
+        if require_images and not os.path.isfile(resolved):
             raise BenchmarkError(
                 f"{where}: image {name!r} not found (resolved to {resolved}, relative to the "
                 f"benchmark file's folder {folder})"
@@ -141,7 +152,7 @@ def _options(record: dict, where: str) -> dict[str, str] | None:
     return {str(k): str(value[k]) for k in sorted(value)}
 
 
-def _record_to_item(record: dict, folder: str, where: str) -> BenchmarkItem:
+def _record_to_item(record: dict, folder: str, where: str, require_images: bool = True) -> BenchmarkItem:
     answers = record.get("answers")
     if answers is None:
         hint = " (found 'answer': write it as a list, \"answers\": [...])" if "answer" in record else ""
@@ -150,7 +161,7 @@ def _record_to_item(record: dict, folder: str, where: str) -> BenchmarkItem:
         raise BenchmarkError(f"{where}: 'answers' must be a list of strings, got {answers!r}")
     return BenchmarkItem(
         id=_text(record, "id", where, required=True),
-        images=_image_paths(record, folder, where),
+        images=_image_paths(record, folder, where, require_images),
         question=_text(record, "question", where, required=True),
         answers=[str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in answers],
         options=_options(record, where),
@@ -159,11 +170,15 @@ def _record_to_item(record: dict, folder: str, where: str) -> BenchmarkItem:
     )
 
 
-def read_jsonl_items(path: str, metric: str | None) -> tuple[str, list[BenchmarkItem]]:
-    """The metric (the override, else the one the lines name) and the checked items of a JSONL file."""
+def read_jsonl_items(
+    path: str, metric: str | None, require_images: bool = True
+) -> tuple[str, list[BenchmarkItem], str | None]:
+    """The metric (the override, else the one the lines name), the checked items of a JSONL file, and
+    the file's `prompt_suffix` (None when no line has one; one value per file, as for `metric`)."""
     folder = os.path.dirname(os.path.abspath(path))
     records: list[tuple[str, BenchmarkItem]] = []
     file_metric, metric_where = None, None
+    file_suffix, suffix_where = None, None
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             where = f"{path}:{line_number}"
@@ -185,9 +200,20 @@ def read_jsonl_items(path: str, metric: str | None) -> tuple[str, list[Benchmark
                         f"{where}: metric {line_metric!r} differs from {file_metric!r} at {metric_where}; "
                         "one metric per file"
                     )
-            records.append((where, _record_to_item(record, folder, where)))
+            line_suffix = record.get("prompt_suffix")
+            if line_suffix is not None:
+                if not isinstance(line_suffix, str):
+                    raise BenchmarkError(f"{where}: 'prompt_suffix' must be a string, got {line_suffix!r}")
+                if file_suffix is None:
+                    file_suffix, suffix_where = line_suffix, where
+                elif line_suffix != file_suffix:
+                    raise BenchmarkError(
+                        f"{where}: prompt_suffix {line_suffix!r} differs from {file_suffix!r} at "
+                        f"{suffix_where}; one prompt suffix per file"
+                    )
+            records.append((where, _record_to_item(record, folder, where, require_images)))
     metric = metric or file_metric
     if metric is None:
         raise BenchmarkError(f"{path}:1: no 'metric' in the file; add one or pass metric=")
     check_unique_ids([(item.id, where) for where, item in records])
-    return metric, [check_item(item, metric, where) for where, item in records]
+    return metric, [check_item(item, metric, where) for where, item in records], file_suffix

@@ -109,6 +109,11 @@ def _details(result: dict) -> str:
         parts.append(f"hits of {result['n']} questions")
     if result.get("missing"):
         parts.append(f"missing {result['missing']}")
+    if result.get("errors"):  # questions without a prediction because of an error (records.score_records)
+        reasons = ", ".join(f"{k} {v}" for k, v in result.get("error_reasons", {}).items())
+        parts.append(f"errors {result['errors']} ({reasons})" if reasons else f"errors {result['errors']}")
+    if result.get("near_ties"):
+        parts.append(f"near-ties {result['near_ties']}")
     return ", ".join(parts)
 
 

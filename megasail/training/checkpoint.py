@@ -72,6 +72,31 @@ class CheckpointCorruptError(CheckpointError):
 
 
 _async_queue = None  # megatron-core AsyncCallsQueue, created on the first async save
+_writer_manager = None  # the Manager process serving megatron's write-results queue (see below)
+
+
+def _writer_queue_dies_with_this_process() -> None:
+    """megatron's torch_dist writer hands its results back through a queue served by a Manager process it
+    spawns once (``filesystem_async._results_queue``, megatron-core 0.16); that process never watches its
+    parent, so a trainer killed with SIGKILL left it running (~460 MB each), and a SIGTERM to the whole job
+    killed it before the trainer's last save. Seed the queue first, from a Manager whose process ignores
+    stop signals and dies with this one."""
+    global _writer_manager
+    import multiprocessing
+    import threading
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megasail.child_processes import worker_of
+
+    if _writer_manager is not None or getattr(filesystem_async, "_results_queue", 0) is not None:
+        return  # seeded already, or a megatron-core without this queue: nothing to do
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    main_thread = threading.current_thread() is threading.main_thread()  # the death signal follows the thread
+    manager.start(initializer=worker_of, initargs=(os.getpid(), main_thread))  # lives through a SIGTERM too
+    filesystem_async._results_queue = manager.Queue()
+    _writer_manager = manager
 
 
 def step_dir(root: str, iteration: int) -> str:
@@ -419,6 +444,7 @@ def save_checkpoint(
     Returns the step dir (published on return when synchronous).
     """
     finalize_async_saves(blocking=True)  # one save in flight at a time; its .tmp dir must not be swept
+    _writer_queue_dies_with_this_process()
     rank = dist.get_rank()
     weights_only = not _any_rank(_has_optimizer(optimizer))
     final = step_dir(root, iteration)

@@ -56,10 +56,11 @@ def _explicit(cfg: RunConfig, key: str) -> bool:
 
 
 def read_manifests(cfg: RunConfig) -> dict[str, dict]:
-    """PREFIX.manifest.json of every source of every stage, by prefix."""
+    """PREFIX.manifest.json of every source (training and validation) of every stage, by prefix.
+    A prefix without samples is refused (check_source_not_empty)."""
     out = {}
     for stage in cfg.data.stages:
-        for source in stage.sources:
+        for source in [*stage.sources, *stage.validation_sources]:
             path = f"{source.prefix}.manifest.json"
             if source.prefix in out:
                 continue
@@ -70,7 +71,20 @@ def read_manifests(cfg: RunConfig) -> dict[str, dict]:
                 )
             with open(path, encoding="utf-8") as f:
                 out[source.prefix] = json.load(f)
+            check_source_not_empty(stage.name, source.prefix, out[source.prefix])
     return out
+
+
+def check_source_not_empty(stage: str, prefix: str, manifest: dict) -> None:
+    """A prefix whose manifest counts 0 samples (every record rejected) cannot be drawn from."""
+    if manifest.get("num_samples") != 0:
+        return
+    from megasail.data.preprocess.rejects import empty_prefix_reason
+
+    raise StartupError(
+        f"data stage {stage!r}: source {prefix} holds no samples ({empty_prefix_reason(prefix, manifest)}): "
+        "fix its inputs and preprocess it again, or remove it from the stage"
+    )
 
 
 def check_tokenizer(cfg: RunConfig, manifests: dict[str, dict]) -> None:

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megasail.config import RunConfig, to_dict, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
+from megasail.data.loader.validation import build_validation_loader
 from megasail.models.flops import FlopsModel, StepFlops, run_peak, step_metrics
 from megasail.models.specs import use_transformer_engine
 from megasail.runtime import init_process_group, initialize
@@ -155,6 +156,7 @@ class Trainer:
         )
         self.run_state: StageRun | None = None
         self.stop = StopSignal()
+        self._validation = None  # (stage index, its ValidationLoader or None)
         self.stop_agreed = False
         wandb_run_id = self._resume()
         self.metrics.open(self.step, wandb_run_id)
@@ -293,6 +295,68 @@ class Trainer:
         return self.last_saved
 
     # ---- one step ----
+    def _schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        """megatron's forward(-backward) schedule over this rank's micro-batches; the per-micro-batch logs."""
+        r, cfg = self.run_state, self.cfg
+        seq, mbs = cfg.data.seq_length, cfg.data.micro_batch_size
+        if self.thd:  # THD flattens each micro-batch to one row: the stages exchange [mbs * s, 1, h]
+            seq, mbs = seq * mbs, 1
+        data = iter(batches) if len(r.model) == 1 else [iter(batches) for _ in r.model]
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step_func,
+            data_iterator=data,
+            model=r.model if len(r.model) > 1 else r.model[0],
+            num_microbatches=len(batches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    def _validation_loader(self):
+        """The current stage's validation loader (built on first use, on every rank), or None."""
+        r = self.run_state
+        if self._validation is None or self._validation[0] != r.index:
+            self._close_validation()
+            self._validation = (r.index, build_validation_loader(
+                self.cfg.data, r.index, self.cfg.train.eval_iters, cost_model=cost_model(self.cfg.model)))
+        return self._validation[1]
+
+    def _close_validation(self) -> None:
+        if self._validation is not None and self._validation[1] is not None:
+            self._validation[1].close()
+        self._validation = None
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Loss on the current stage's validation_sources (train.eval_iters global batches, the same ones
+        at every evaluation; token-weighted over all ranks), or None when the stage has none."""
+        val = self._validation_loader()
+        if val is None:
+            return None
+        r = self.run_state
+        for m in r.model:
+            m.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        steps = 0
+        for batches in val:  # each step a collective over the model-parallel group, before the schedule
+            logs = self._schedule(batches, forward_only=True)
+            total += _step_terms(batches, logs, self.cfg, self.flops, r.stage.trainable)[:2]
+            steps += 1
+        for m in r.model:
+            m.train()
+        total = total.to(_device())
+        dist.all_reduce(total)  # loss sums from the last pipeline stage of every data-parallel replica
+        loss_sum, loss_tokens = total.tolist()
+        loss = loss_sum / max(loss_tokens, 1.0)
+        coverage = val.coverage
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_loss_tokens": int(loss_tokens),
+            "val_samples": int(coverage.get("samples", 0) or 0),
+            "val_steps": steps,
+        }
+
     def _stage_fraction(self, position) -> float | None:
         r = self.run_state
         if r is None or not math.isfinite(r.clock.total) or position.stage != r.index:
@@ -317,19 +381,7 @@ class Trainer:
         for m in r.model:
             m.zero_grad_buffer()
         r.optimizer.zero_grad()
-        seq, mbs = cfg.data.seq_length, cfg.data.micro_batch_size
-        if self.thd:  # THD flattens each micro-batch to one row: the stages exchange [mbs * s, 1, h]
-            seq, mbs = seq * mbs, 1
-        data = iter(batches) if len(r.model) == 1 else [iter(batches) for _ in r.model]
-        logs = get_forward_backward_func()(
-            forward_step_func=self.forward_step_func,
-            data_iterator=data,
-            model=r.model if len(r.model) > 1 else r.model[0],
-            num_microbatches=len(batches),
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=False,
-        )
+        logs = self._schedule(batches, forward_only=False)
         terms = _step_terms(batches, logs, cfg, self.flops, r.stage.trainable, self.stop.requested)
         terms = terms.to(_device())
         dist.all_reduce(terms)
@@ -378,6 +430,10 @@ class Trainer:
             "step_time_spread": slowest / fastest if fastest > 0 else 1.0,
             "loader": self.loader.statistics(),
         }
+        stage_ended = after.stage != before.stage or after.finished
+        interval = cfg.train.eval_interval
+        if interval and (self.step % interval == 0 or stage_ended):
+            metrics.update(self.evaluate() or {})
         self.losses.append(loss)
         fraction = self._stage_fraction(after) if after.stage == before.stage else 1.0
         t0, f0 = self._stage_timer
@@ -385,6 +441,12 @@ class Trainer:
         if fraction is not None and fraction > f0:
             eta = (time.perf_counter() - t0) / (fraction - f0) * (1.0 - fraction)
         self.metrics.log(metrics, fraction, eta)
+        if "val_loss" in metrics:
+            self.metrics.print(
+                f"validation | step {self.step:>6} | {r.stage.name} | loss {metrics['val_loss']:.4f} | "
+                f"ppl {metrics['val_ppl']:.3f} | {metrics['val_samples']} samples, "
+                f"{metrics['val_loss_tokens']} loss tokens"
+            )
         if not updated and not overflow:
             self._check_divergence(loss, grad_norm)
         return metrics
@@ -442,6 +504,7 @@ class Trainer:
             raise
         finally:
             self.metrics.close()
+            self._close_validation()
         ckpt.finalize_async_saves(blocking=True)
         return {
             "step": self.step,
@@ -460,13 +523,16 @@ class Trainer:
 def _record_config(cfg: RunConfig) -> None:
     """The resolved config (unset values adopted from the manifests) in the log and LOGGING_DIR/config.yaml."""
     text = to_yaml(cfg)
-    log.info("resolved config:\n%s", text)
-    if cfg.logging.dir:
-        os.makedirs(cfg.logging.dir, exist_ok=True)
-        path = os.path.join(cfg.logging.dir, "config.yaml")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    if not cfg.logging.dir:
+        log.info("resolved config (set logging.dir to keep it in LOGGING_DIR/config.yaml):\n%s", text)
+        return
+    os.makedirs(cfg.logging.dir, exist_ok=True)
+    path = os.path.join(cfg.logging.dir, "config.yaml")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    log.info("resolved config: %s", path)
+    log.debug("resolved config:\n%s", text)
 
 
 def pretrain(cfg: RunConfig, *, forward_step_func=forward_step) -> dict:

@@ -19,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megasail.config import RunConfig
 from megasail.data.loader.config import StageConfig
+from megasail.training.model_builder import overlap_param_gather
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
@@ -51,7 +52,7 @@ def build_optimizer(cfg: RunConfig, model, stage: StageConfig):
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         use_distributed_optimizer=p.distributed_optimizer,
-        overlap_param_gather=p.distributed_optimizer and p.overlap_grad_reduce and torch.cuda.is_available(),
+        overlap_param_gather=overlap_param_gather(p),
     )
     return get_megatron_optimizer(config, model)
 

@@ -60,6 +60,7 @@ def _release(previous: StageRun, chunks) -> None:
         config = chunk.config
         config.grad_scale_func = None  # a bound method of the old optimizer
         config.no_sync_func = None  # the old DDP's no_sync
+        config.grad_sync_func = config.param_sync_func = None  # its start_grad_sync / start_param_sync
         for param in chunk.parameters():
             param.data = param.data.clone()
             for attr in ("main_grad", "grad_added_to_main_grad"):
