@@ -75,6 +75,10 @@ class TrainConfig:
     recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")
     recompute_num_layers: int = doc("with recompute=full: layers per recomputed block (megatron 'uniform')", 1)
     timeout_minutes: int = doc("collective timeout of the process group", 30)
+    memory_check: bool = doc(
+        "refuse at start-up a run whose estimated memory per rank (megasail.models.memory) exceeds the free "
+        "GPU memory, or the available host RAM shared by the local ranks on a CPU; false skips it", True
+    )
 
     def validate(self) -> None:
         if self.iters is not None and self.iters < 0:

@@ -153,6 +153,8 @@ def test_bench_train_table_beside_gpt_with_vit_aware_split(repo_root, tmp_path):
         assert r["tflops_per_device"] > 0 and r["mfu"] is None and r["hfu"] is None  # no peak on CPU
     sail = rows["sailvl"]
     assert 0 < sail["tokens_per_s"] < sail["slots_per_s"]  # padding is not counted as tokens
+    # megasail.models.memory's estimate of rank 0 beside the measured peak, which also holds the GPT model
+    assert 0 < sail["est_mem_gib"] < sail["mem_gb"] and "| est GiB | peak GB |" in out
     # the split for the synthetic captions: one 256-token tile per ~275-token sample
     assert sail["split"] in {
         suggest_first_stage_layers(cfg.model, 2, cfg.data.seq_length, t) for t in (3.0, 3.5, 3.7)

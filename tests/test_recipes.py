@@ -5,6 +5,7 @@ packing efficiency 0.99, the stage budgets of the SAIL-VL paper), not by the pla
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -229,6 +230,93 @@ def test_plan_pipeline_layout_bubble_and_sample_budgets():
     run.data.global_batch_size = 63
     with pytest.raises(ValueError, match="global_batch_size 63"):
         make_plan(run, nodes=2, gpus_per_node=8)
+
+
+def _memory_rows(out: str) -> dict[tuple[str, str], list[str]]:
+    """Rows of the plan's memory table by (pipeline rank, stage)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0].rstrip(" *").isdigit() and len(cells) == 11:
+            rows[(cells[0].rstrip(" *"), cells[1])] = cells
+    return rows
+
+
+def test_pretrain_dry_run_prints_memory_per_gpu():
+    """The 2B recipe (TP=1, DP=128, bf16) prints memory per GPU per stage: 2 bytes per parameter for the
+    weights, 4 per trained parameter for the fp32 gradient buffer, Adam's 12 bytes per trained parameter
+    over 128 DP ranks, and the fp32 logits softmax of an 8192-token micro-batch.
+
+    Fails if frozen parts are given gradients or optimizer state (alignment trains the projector only),
+    if the optimizer state is not divided over DP, or the logits are left out."""
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "2b", "--nodes", "16"])
+    assert proc.returncode == 0, proc.stderr
+    rows, stages = _memory_rows(proc.stdout), _stage_rows(proc.stdout)
+    gib, total = 2**30, 2_089_762_304
+    for name, trained in (("pretrain_alignment", 8_662_016), ("pretrain_advance", 8_662_016 + 304_012_288)):
+        cells = rows[("0", name)]
+        assert _num(cells[2].rstrip("B")) == pytest.approx(total / 1e9, abs=1e-3)
+        assert _num(cells[3]) == pytest.approx(total * 2 / gib, abs=0.006)
+        assert _num(cells[4]) == pytest.approx(trained * 4 / gib, abs=0.006)
+        assert _num(cells[5]) == pytest.approx(trained * 12 / 128 / gib, abs=0.006)
+        assert _num(cells[7]) == pytest.approx(8192 * 151936 * 4 / gib, abs=0.006)
+        assert _num(stages[name][10]) == pytest.approx(_num(cells[10]), abs=0.06)  # the stage table's
+    assert "DOES NOT FIT" not in proc.stdout and "WARNING" not in proc.stdout
+
+
+@pytest.mark.parametrize("gpu,fits", [("H100-SXM", False), ("H200", True)])
+def test_plan_flags_a_stage_that_does_not_fit_the_gpu(gpu, fits):
+    """SAIL-VL-8B at TP=1: the advance stage (ViT trains on 24 tiles, 8192 tokens) needs about 82 GiB per
+    GPU: flagged on an 80 GiB H100 with what to change, not on a 141 GiB H200.
+
+    Fails if the GPU memory table is wrong or a stage above --memory-fraction of it passes unflagged."""
+    script = ["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--nodes", "4", "--gpu", gpu]
+    proc = _run([*script, "--", "parallel.tensor=1", "parallel.sequence_parallel=false"])
+    assert proc.returncode == 0, proc.stderr
+    advance = _stage_rows(proc.stdout)["pretrain_advance"]
+    assert 0.9 * 80 < _num(advance[10]) < 0.9 * 141
+    assert ("DOES NOT FIT" in advance[10]) is not fits
+    warning = "WARNING: stage pretrain_advance needs"
+    assert (warning in proc.stdout) is not fits
+    if not fits:
+        assert "raise parallel.tensor or parallel.pipeline" in proc.stdout
+    assert "DOES NOT FIT" not in _stage_rows(proc.stdout)["pretrain_alignment"][10]
+
+
+def _write_metrics(path, rows):
+    with open(path, "w") as f:
+        for step, (stage, tokens_per_s) in enumerate(rows, 1):
+            f.write(json.dumps({"step": step, "stage": stage, "tokens_per_s": tokens_per_s,
+                                "loader": {"padding_fraction": 0.2}}) + "\n")
+
+
+def test_plan_from_metrics_times_each_stage_at_its_steady_median(tmp_path):
+    """--from-metrics: each stage's median tokens/s after its first --metrics-skip rows, per GPU of the
+    measured run (8 here), times that stage; a stage the metrics do not name takes the median of all
+    steady rows; the run's packing efficiency (1 - padding_fraction = 0.8) sets the sample tokens.
+
+    Fails if the warm-up rows stay in the median, one median serves every stage, the rate is not divided
+    by --metrics-gpus, or the default packing efficiency is kept."""
+    metrics = tmp_path / "metrics.jsonl"
+    _write_metrics(metrics, [("pretrain_alignment", x) for x in (100, 200, 4000, 4400, 4200)]
+                   + [("pretrain_advance", x) for x in (50, 60, 3300, 3100)])
+    base = [sys.executable, "-m", "megasail.plan", "--config", "examples/configs/sail_vl_2b.yaml",
+            "--nodes", "2", "--stage", "examples/configs/stages/pretrain_alignment.yaml",
+            "--stage", "examples/configs/stages/pretrain_advance.yaml",
+            "--stage", "examples/configs/stages/sft_knowledge.yaml", "data.global_batch_size=64"]
+    proc = _run([*base, "--from-metrics", str(metrics), "--metrics-gpus", "8", "--metrics-skip", "2"])
+    assert proc.returncode == 0, proc.stderr
+    rows = _stage_rows(proc.stdout)
+    sample_tokens = 64 * 8192 * 0.8
+    for name, per_gpu in (("pretrain_alignment", 4200 / 8), ("pretrain_advance", 3200 / 8),
+                          ("sft_knowledge", 4000 / 8)):
+        assert _num(rows[name][6]) == pytest.approx(sample_tokens / (per_gpu * 16), abs=0.006), rows[name]
+        assert f"{per_gpu:,.0f} tokens/s per GPU" in rows[name][9] and "metrics.jsonl" in rows[name][9]
+    assert "packing efficiency 0.8" in proc.stdout
+    missing = _run([*base, "--from-metrics", str(metrics)])
+    assert missing.returncode == 2 and "--metrics-gpus" in missing.stderr
+    short = _run([*base, "--from-metrics", str(metrics), "--metrics-gpus", "8", "--metrics-skip", "5"])
+    assert short.returncode == 2 and "none after the first 5" in short.stderr
 
 
 @pytest.mark.distributed
