@@ -45,12 +45,12 @@ def _runs(rank, world_size, prefixes, root, names):
 def _direct_loss(rank, world_size, prefixes, root, out):
     """The validation batches' token-weighted loss of the step-4 weights, by a plain forward of the model (no
     pipeline schedule, no DDP, no all-reduce)."""
+    from megasail.data.loader.validation import build_validation_loader
     from megasail.runtime import init_process_group, initialize
     from megasail.training.checkpoint import load_checkpoint
     from megasail.training.checks import check_run
     from megasail.training.costs import cost_model
     from megasail.training.model_builder import build_model_chunks
-    from megasail.data.loader.validation import build_validation_loader
 
     cfg = _config(prefixes, root, "dp1", evaluate=True)
     init_process_group()
