@@ -116,8 +116,7 @@ def _run_config_yaml(config, raw: dict) -> str:
     data = DataConfig(
         max_tiles=raw.get("max_dynamic_patch", DataConfig.max_tiles),
         min_tiles=raw.get("min_dynamic_patch", DataConfig.min_tiles),
-        tile_size=config.vision.image_size,
-    )
+    )  # the tile side follows the model (RunConfig derives data.tile_size)
     return to_yaml(RunConfig(model=config, data=data))
 
 
@@ -193,7 +192,7 @@ def to_hf(args) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
             f.write(meta["config"])
             f.flush()
-            run_config = load_config(f.name, ["model.transformer_impl=local"])
+            run_config = load_config(f.name, ["model.transformer_impl=local"], retired="ignore")
         config = run_config.model
         if args.precision:
             config.precision = args.precision

@@ -29,6 +29,7 @@ from megasail.convert.recipes import (
     recipes,
     unused_vit_layer,
 )
+from megasail.data.images.tiling import DEFAULT_MAX_TILES
 from megasail.data.text.tokenizer import MultimodalTokenizer
 from megasail.inference.prompt import PromptSettings
 from megasail.inference.prompt import stop_token_ids as stop_token_ids_of
@@ -225,7 +226,7 @@ def remote_code_config(
     config: ModelConfig,
     dtype: torch.dtype,
     template: str = "sailvl-chat",
-    max_tiles: int = 10,
+    max_tiles: int = DEFAULT_MAX_TILES,
     min_tiles: int = 1,
 ) -> dict:
     """config.json in InternVL-chat / SAIL-VL form (``model_type: internvl_chat``). No ``auto_map``:
