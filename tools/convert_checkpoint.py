@@ -28,8 +28,9 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megasail.models.config import PRECISIONS  # noqa: E402  (plain dataclasses: --help stays fast)
+
 log = logging.getLogger("convert")
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_size(text: str) -> int:
@@ -61,7 +62,7 @@ def parse_args(argv=None):
         choices=("transformers", "remote-code"),
         help="HF key layout written with --to hf (transformers loads 'transformers' without remote code)",
     )
-    p.add_argument("--precision", choices=tuple(_DTYPES), help="dtype written (default: the input's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="dtype written (default: the input's)")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json, sentencepiece .model or their directory, written into a HF export as "
@@ -175,8 +176,6 @@ def _tokenizer_for(args, data_tokenizer: str | None = None) -> str | None:
 
 
 def to_hf(args) -> None:
-    import torch
-
     from megasail.convert.hf_dir import write_hf_directory
 
     run_config = None
@@ -220,7 +219,9 @@ def to_hf(args) -> None:
         def produce(name):
             return hf.tensor(by_recipe[name])
 
-    dtype = getattr(torch, _DTYPES[config.precision])
+    from megasail.models.mcore_config import PRECISION_DTYPES
+
+    dtype = PRECISION_DTYPES[config.precision]
     from megasail.data.text.tokenizer import MultimodalTokenizer
     from megasail.inference.loading import data_settings, hf_prompt_settings
 

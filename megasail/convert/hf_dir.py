@@ -34,6 +34,7 @@ from megasail.data.text.tokenizer import MultimodalTokenizer
 from megasail.inference.prompt import PromptSettings
 from megasail.inference.prompt import stop_token_ids as stop_token_ids_of
 from megasail.models.config import ModelConfig
+from megasail.models.mcore_config import PRECISION_DTYPES
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -93,9 +94,8 @@ def hf_dtype(raw: dict) -> str:
         or raw.get("text_config", raw.get("llm_config", {})).get("torch_dtype")
         or "bfloat16"
     )
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-        str(text).replace("torch.", ""), "bf16"
-    )
+    by_name = {str(dtype).replace("torch.", ""): precision for precision, dtype in PRECISION_DTYPES.items()}
+    return by_name.get(str(text).replace("torch.", ""), "bf16")
 
 
 class HFSource:
