@@ -28,11 +28,11 @@ from megasail.config import RunConfig, to_dict, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
 from megasail.data.loader.validation import build_validation_loader
 from megasail.models.flops import FlopsModel, StepFlops, run_peak, step_metrics
+from megasail.models.init import init_weights
 from megasail.models.specs import use_transformer_engine
 from megasail.runtime import init_process_group, initialize
 from megasail.training.checks import StartupError, check_run
 from megasail.training.costs import cost_model
-from megasail.training.init import init_weights
 from megasail.training.metrics import MetricsLogger, memory_gb
 from megasail.training.model_builder import build_model_chunks
 from megasail.training.optim import optimizer_step
