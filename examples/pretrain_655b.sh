@@ -12,7 +12,8 @@
 # SAIL-VL pretraining, 655B tokens in one resumable run: Pretrain-Alignment (131B tokens, the projector
 # trains, ViT and LLM frozen) then Pretrain-Advance (524B tokens, the ViT unlocked), stages from
 # examples/configs/stages/. Prints the plan (GPUs, layout, tokens per step, iterations per stage,
-# estimated days: each stage's own FLOPs per step at one MFU, or a measured tokens/s) before it starts.
+# estimated days: each stage's own FLOPs per step at one MFU, or a measured tokens/s; memory per GPU of
+# every pipeline rank, flagged when it does not fit the GPU) before it starts.
 # The recipe's values (batch, schedule, layout per model, stage files, plan defaults) are in
 # examples/configs/recipes/pretrain_655b.yaml; this script adds the run directory and launches.
 #
@@ -35,6 +36,9 @@
 #                                                  GB200, A100: whose bf16/FP8 peaks the MFU applies to
 #   --tokens-per-s-per-gpu X TOKENS_PER_S_PER_GPU  instead of --mfu: measured sample tokens/s per GPU
 #                                                  (tools/bench_train.py), one figure for every stage
+#   --from-metrics FILE      FROM_METRICS          instead of --mfu: a run's metrics.jsonl (median tokens/s of
+#   --metrics-gpus N         METRICS_GPUS          each stage's steady steps), measured on N GPUs
+#   --gpu-memory-gb X        GPU_MEMORY_GB         memory per GPU instead of --gpu's (e.g. 40 for A100 40 GB)
 #   --run-dir DIR            RUN_DIR               checkpoints, metrics, composed config (default runs/pretrain_655b_MODEL)
 #   --recipe FILE            RECIPE                default examples/configs/recipes/pretrain_655b.yaml
 #   --dry-run                                      print the plan and the launch command, start nothing
@@ -44,6 +48,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/examples/pretrain_655b.sh" ] && repo="$SLURM_SUBMIT_DIR"
 model="${MODEL:-2b}" nodes="${NODES:-${SLURM_JOB_NUM_NODES:-}}" gpus="${GPUS_PER_NODE:-}" recipe_file="${RECIPE:-}"
 tps="${TOKENS_PER_S_PER_GPU:-}" mfu="${MFU:-}" gpu="${GPU:-}" run_dir="${RUN_DIR:-}" dry_run=0 extra=()
+metrics="${FROM_METRICS:-}" metrics_gpus="${METRICS_GPUS:-}" gpu_mem="${GPU_MEMORY_GB:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
@@ -52,6 +57,9 @@ while [ $# -gt 0 ]; do
     --tokens-per-s-per-gpu) tps="$2"; shift 2 ;;
     --mfu) mfu="$2"; shift 2 ;;
     --gpu) gpu="$2"; shift 2 ;;
+    --from-metrics) metrics="$2"; shift 2 ;;
+    --metrics-gpus) metrics_gpus="$2"; shift 2 ;;
+    --gpu-memory-gb) gpu_mem="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
     --recipe) recipe_file="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
@@ -86,6 +94,8 @@ recipe+=(checkpoint.save="$run_dir/checkpoints" checkpoint.load="$run_dir/checkp
 
 compose=("$python" -m megasail.plan --config "$config" "${stages[@]}" --nodes "$nodes" --gpus-per-node "$gpus"
          --model-name "SAIL-VL-${model^^}" --mfu "$mfu" --gpu "$gpu" ${tps:+--tokens-per-s-per-gpu "$tps"}
+         ${metrics:+--from-metrics "$metrics"} ${metrics_gpus:+--metrics-gpus "$metrics_gpus"}
+         ${gpu_mem:+--gpu-memory-gb "$gpu_mem"}
          "${recipe[@]}" "${extra[@]}")
 # one task per GPU; each exports torch.distributed's variables from Slurm's and becomes the trainer (exec)
 rank_env='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE'
