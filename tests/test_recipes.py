@@ -87,7 +87,7 @@ def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
         iters_total += iters
     assert rows["pretrain_alignment"][1] == "projector" and rows["pretrain_advance"][1] == "vision+projector"
     assert _num(rows["total"][3]) == iters_total and abs(_num(rows["total"][8]) - days_total) < 0.011
-    assert "pretrain_vlm.py --config" in out and f"--nnodes {nodes}" in out
+    assert "pretrain_vlm.py --config" in out and f"srun --nodes {nodes} --ntasks-per-node 8" in out
 
 
 def test_pretrain_dry_run_defaults_to_each_stage_at_one_mfu():
@@ -113,6 +113,67 @@ def test_pretrain_script_refuses_bad_arguments():
     assert bad.returncode == 2 and "unknown argument '--nodse'" in bad.stderr
     helped = _run(["bash", "examples/pretrain_655b.sh", "--help"])
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and "TOKENS_PER_S_PER_GPU" in helped.stdout
+
+
+def test_pretrain_script_reads_its_recipe_yaml(tmp_path):
+    """The recipe's values come from examples/configs/recipes/pretrain_655b.yaml: a copy with another
+    global batch, layout and plan default changes the plan.
+
+    Fault caught: the script ignoring the recipe's `setting` lines (its old values written in bash)."""
+    import yaml
+
+    recipe = yaml.safe_load(open(os.path.join(REPO, "examples/configs/recipes/pretrain_655b.yaml")))
+    recipe["settings"]["data.global_batch_size"] = 256
+    recipe["models"]["8b"]["settings"]["parallel.tensor"] = 2
+    recipe["plan"]["nodes"] = 4
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--recipe", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "on 32 GPUs (4 nodes x 8)" in proc.stdout and "TP=2, PP=1, CP=1, DP=16" in proc.stdout
+    assert f"{256 * 8192:,} token slots per step" in proc.stdout
+    del recipe["models"]["8b"]
+    path.write_text(yaml.safe_dump(recipe))
+    bad = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--recipe", str(path)])
+    assert bad.returncode == 2 and "no model '8b' under models" in bad.stderr
+
+
+def test_pretrain_launch_makes_every_rank_a_slurm_task_that_gets_sigterm(tmp_path):
+    """Under Slurm the script asks for SIGTERM 600 s before the time limit and launches one srun task per
+    GPU whose process becomes the trainer (exec), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM_*, so
+    Slurm's signal reaches the trainer itself (which saves and exits 0), not a torchrun that kills its
+    workers 30 s later. A stand-in srun runs task 9 of 16 (node 1, local 1); a stand-in trainer reports.
+
+    Fault caught: a command after the trainer in the task's shell (`...; echo done`: the signalled pid is
+    that bash, not the trainer), and RANK taken from SLURM_LOCALID."""
+    header = open(os.path.join(REPO, "examples/pretrain_655b.sh")).read().split("set -euo")[0]
+    assert "#SBATCH --signal=TERM@600" in header and "#SBATCH --ntasks-per-node=8" in header
+    bin_dir, trainer_dir, report = tmp_path / "bin", tmp_path / "trainer", tmp_path / "report"
+    bin_dir.mkdir()
+    trainer_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node-a\necho node-b\n")
+    # srun: run the task command as task 9 of 16, with the trainer stand-in first on PATH; report its pid
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nwhile [ \"$1\" != bash ]; do shift; done\n"
+        f"PATH={trainer_dir}:$PATH SLURM_PROCID=9 SLURM_LOCALID=1 SLURM_NTASKS=16 SLURM_NTASKS_PER_NODE=8 "
+        f"\"$@\" & echo \"task_pid=$!\" >> {report}; wait $!\n"
+    )
+    (trainer_dir / "python3").write_text(
+        f"#!/bin/bash\necho \"trainer_pid=$$ rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE "
+        f"master=$MASTER_ADDR:$MASTER_PORT args=$*\" >> {report}\n"
+    )
+    for f in (bin_dir / "scontrol", bin_dir / "srun", trainer_dir / "python3"):
+        f.chmod(0o755)
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--model", "2b", "--nodes", "2", "--run-dir",
+                 str(tmp_path / "run")],
+                env_extra={"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[a-b]",
+                           "PATH": f"{bin_dir}:{os.environ['PATH']}", "MEGASAIL_SYSTEM_PYTHON": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(item.split("=", 1) for item in report.read_text().split() if "=" in item)
+    assert lines["task_pid"] == lines["trainer_pid"]  # the signalled task is the trainer
+    assert (lines["rank"], lines["local"], lines["world"]) == ("9", "1", "16")
+    assert lines["master"] == "node-a:29500"
+    assert (tmp_path / "run" / "config.yaml").is_file()
 
 
 def _llm_forward_2b(tokens: float, pairs: float) -> float:

@@ -10,7 +10,7 @@ argmax predictions equal to the true token. "content" counts only tokens of the 
 depend on the picture (colours, shapes, places; --content-words), which grammar alone cannot
 predict. Rows:
 
-  untrained               the model a run with this config and seed starts from (megasail.training.init)
+  untrained               the model a run with this config and seed starts from (megasail.models.init)
   trained                 the checkpoint's weights
   trained, images swapped every caption scored against the previous sample's picture: content accuracy
                           falls toward chance if (and only if) the model reads the image
@@ -143,8 +143,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     cfg = run_config(args)
     from megasail.config import ParallelConfig
+    from megasail.models.init import init_weights
     from megasail.runtime import destroy, initialize
-    from megasail.training.init import init_weights
     from megasail.training.model_builder import build_model_chunks
 
     initialize(1, 1, seed=cfg.seed)

@@ -222,10 +222,6 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
             f"data.seq_length={data.seq_length} exceeds model.language.max_position_embeddings="
             f"{lm.max_position_embeddings}"
         )
-    if data.tile_size != vit.image_size:
-        raise StartupError(
-            f"data.tile_size={data.tile_size} differs from model.vision.image_size={vit.image_size}"
-        )
 
 
 def check_stages_train(cfg: RunConfig) -> None:

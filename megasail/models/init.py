@@ -183,7 +183,7 @@ def init_weights(chunks, seed: int) -> int:
                 raise NotImplementedError(
                     f"no layout-independent initialiser for parameter {key} "
                     f"({type(module).__name__}.{attr}: neither a megatron parallel weight nor the patch "
-                    "embedding); add one in megasail/training/init.py"
+                    "embedding); add one in megasail/models/init.py"
                 )
             redrawn += 1
     return redrawn
