@@ -5,18 +5,21 @@
 
 Writes, ready for tools/preprocess_data.py (caption JSONL, see docs/preprocessing.md):
 
-  DIR/captions.jsonl    {"id", "image": "images/train_000000.png", "caption": "a red circle at the top left and ..."}
+  DIR/captions.jsonl    {"id", "image": "images/train_000000.png", "caption": "a red circle at the top left"}
   DIR/heldout.jsonl     the same for --heldout samples drawn from their own random stream (evaluation)
   DIR/images/           PNG and JPEG pictures, 96-512 px on the long side, aspect ratio 1:2 to 2:1
-  DIR/tokenizer/        sp.model: a small sentencepiece unigram model trained on the training
+  DIR/tokenizer/        sp.model: a small sentencepiece BPE model trained on the training
                         captions; the chat and image tokens (<|im_start|>, <|im_end|>, <img>, </img>,
                         <IMG_CONTEXT>) are control symbols of the model, and id 0 is <pad>
   DIR/summary.json      counts, vocabulary size and the token ids a config needs (pad, image context)
 
-Each picture holds 1-3 shapes (circle, square, triangle, diamond; six colours) in distinct cells of
-a 3x3 grid, so a caption's content words (colour, shape, place) can only be predicted by looking at
-the image. Output is a function of --seed, --samples and --heldout only: the training split does not
-depend on --heldout, and two runs write identical files.
+Each picture holds one large shape (circle, square, triangle, diamond; six colours) in a cell of a 3x3
+grid (--max-shapes N: 1 to N shapes in distinct cells, named in reading order), so a caption's content
+words (colour, shape, place) can only be predicted by looking at the image. One shape is what the tiny
+quickstart model learns to read within minutes; with several, naming the first one's colour needs the
+colours bound to places in reading order, which it does not learn in that time. Output is a function of
+--seed, --samples, --heldout and --max-shapes only: the training split does not depend on --heldout,
+and two runs write identical files.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ PLACES = {
 # The words that depend on the picture (the rest of a caption is grammar); eval_captions scores them apart.
 CONTENT_WORDS = tuple(COLOURS) + SHAPES + ("top", "bottom", "left", "right", "center")
 PAD, UNK = "<pad>", "<unk>"
+# A shape's side as a share of its cell's shorter side: large, so that at 448px a shape spans several
+# ViT patches, yet inside its cell.
+SIDE = (0.7, 0.95)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
@@ -73,8 +79,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def make_sample(rng: random.Random) -> tuple[Image.Image, str, str]:
-    """One picture, its caption and its file format ("PNG" or "JPEG"), all drawn from `rng`."""
+def make_sample(rng: random.Random, max_shapes: int = 1) -> tuple[Image.Image, str, str]:
+    """One picture with 1..max_shapes shapes, its caption and its file format ("PNG" or "JPEG"), all
+    drawn from `rng`."""
     long_side = rng.randint(96, 512)
     aspect = 2 ** rng.uniform(-1, 1)  # width / height in [1/2, 2]
     width, height = (
@@ -83,13 +90,13 @@ def make_sample(rng: random.Random) -> tuple[Image.Image, str, str]:
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
-    cells = rng.sample(sorted(PLACES), rng.randint(1, 3))
+    cells = rng.sample(sorted(PLACES), rng.randint(1, max_shapes))
     cells.sort()  # captions name shapes in reading order: top to bottom, left to right
     cw, ch = width / 3, height / 3
     phrases = []
     for row, col in cells:
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-        side = rng.uniform(0.45, 0.9) * min(cw, ch)
+        side = rng.uniform(*SIDE) * min(cw, ch)
         cx = (col + 0.5) * cw + rng.uniform(-0.5, 0.5) * (cw - side)
         cy = (row + 0.5) * ch + rng.uniform(-0.5, 0.5) * (ch - side)
         box = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
@@ -99,14 +106,14 @@ def make_sample(rng: random.Random) -> tuple[Image.Image, str, str]:
     return image, caption, rng.choice(("PNG", "JPEG"))
 
 
-def write_split(out_dir: str, name: str, count: int, seed: int) -> list[str]:
+def write_split(out_dir: str, name: str, count: int, seed: int, max_shapes: int = 1) -> list[str]:
     """Write `count` pictures and DIR/{name}.jsonl (captions.jsonl for "train"); returns the captions."""
     rng = random.Random(f"megasail-synthetic:{seed}:{name}")  # one stream per split
     captions = []
     jsonl = os.path.join(out_dir, "captions.jsonl" if name == "train" else f"{name}.jsonl")
     with open(jsonl + ".tmp", "w") as f:
         for i in tqdm(range(count), desc=f"{name} images", unit="img", disable=count == 0):
-            image, caption, fmt = make_sample(rng)
+            image, caption, fmt = make_sample(rng, max_shapes)
             rel = f"images/{name}_{i:06d}.{'png' if fmt == 'PNG' else 'jpg'}"
             kwargs = {"quality": 90} if fmt == "JPEG" else {}
             image.save(os.path.join(out_dir, rel), format=fmt, **kwargs)
@@ -150,16 +157,22 @@ def train_tokenizer(captions: list[str], tokenizer_dir: str, vocab_size: int) ->
     return path
 
 
-def make_dataset(output: str, samples: int, heldout: int = 0, seed: int = 0, vocab_size: int = 128) -> dict:
+def make_dataset(
+    output: str, samples: int, heldout: int = 0, seed: int = 0, vocab_size: int = 128, max_shapes: int = 1
+) -> dict:
     """Write the whole directory (see the module docstring); returns the summary also saved as summary.json."""
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     if heldout < 0:
         raise ValueError(f"--heldout must be >= 0, got {heldout}")
+    if not 1 <= max_shapes <= len(PLACES):
+        raise ValueError(
+            f"--max-shapes must lie in 1..{len(PLACES)} (one shape per grid cell), got {max_shapes}"
+        )
     os.makedirs(os.path.join(output, "images"), exist_ok=True)
-    captions = write_split(output, "train", samples, seed)
+    captions = write_split(output, "train", samples, seed, max_shapes)
     if heldout:
-        write_split(output, "heldout", heldout, seed)
+        write_split(output, "heldout", heldout, seed, max_shapes)
     model = train_tokenizer(captions, os.path.join(output, "tokenizer"), vocab_size)
 
     from megasail.data.text.tokenizer import IMG_CONTEXT, MultimodalTokenizer
@@ -169,6 +182,7 @@ def make_dataset(output: str, samples: int, heldout: int = 0, seed: int = 0, voc
         "samples": samples,
         "heldout": heldout,
         "seed": seed,
+        "max_shapes": max_shapes,
         "captions": os.path.join(output, "captions.jsonl"),
         "heldout_captions": os.path.join(output, "heldout.jsonl") if heldout else None,
         "tokenizer": os.path.dirname(model),
@@ -192,9 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0, help="random seed: same seed and counts, same bytes")
     ap.add_argument("--vocab-size", type=int, default=128, help="sentencepiece pieces (a soft limit)")
+    ap.add_argument(
+        "--max-shapes",
+        type=int,
+        default=1,
+        help="shapes per picture are drawn from 1..N (distinct grid cells)",
+    )
     args = ap.parse_args(argv)
     try:
-        summary = make_dataset(args.output, args.samples, args.heldout, args.seed, args.vocab_size)
+        summary = make_dataset(
+            args.output, args.samples, args.heldout, args.seed, args.vocab_size, args.max_shapes
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
