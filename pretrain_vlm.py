@@ -63,24 +63,31 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"pretrain_vlm.py: {e}", file=sys.stderr)
         return 2
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from megasail.runtime import destroy
+    from megasail.runtime.logs import setup_logging
+
+    setup_logging()
+    from megasail.training.checkpoint import CheckpointError
     from megasail.training.checks import StartupError
     from megasail.training.loop import TrainingDiverged, pretrain
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+
+    def refuse(e: Exception, code: int) -> int:
+        # every rank refuses alike: one message (torchrun still reports exit 1 for the failed ranks)
+        if rank0:
+            print(f"pretrain_vlm.py: {e}", file=sys.stderr)
+        return code
+
     try:
         summary = pretrain(cfg)
-    except StartupError as e:
-        print(f"pretrain_vlm.py: {e}", file=sys.stderr)
-        return 2
+    except (StartupError, CheckpointError) as e:
+        return refuse(e, 2)
     except TrainingDiverged as e:
-        print(f"pretrain_vlm.py: {e}", file=sys.stderr)
-        return 3
+        return refuse(e, 3)
     finally:
         destroy()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not rank0:
         return 0
     print(
         f"[megasail] done: step {summary['step']}, stage '{summary['stage']}', "

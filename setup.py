@@ -32,14 +32,20 @@ extras = {
     "te": ["transformer-engine[pytorch]>=1.13"],
     # DALI image decoding. CUDA 12 wheel; on CUDA 13 clusters install nvidia-dali-cuda130 instead.
     "dali": ["nvidia-dali-cuda120>=1.40"],
-    # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers.
-    "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],
-    "wandb": ["wandb"],
+    # HuggingFace interop: InternVL/SAIL-VL checkpoints and tokenizers (protobuf reads a sentencepiece
+    # model's proto when an export converts it to tokenizer.json).
+    "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20", "protobuf"],
+    # tools/fit_scaling.py: scipy for the Chinchilla L-BFGS fit, matplotlib for fit.png (skipped without it)
+    "curation": ["scipy>=1.10", "matplotlib>=3.7"],
+    # `lmms-eval --model megasail --model_args load=CKPT` (megasail/evaluation/lmms_eval_plugin.py); lmms-eval
+    # brings torchvision and dozens more: on CPU machines pass the constraints file so torch stays CPU-only
+    "lmms-eval": ["lmms-eval>=0.6"],
 }
 extras["dev"] = sorted(
     set(
         extras["hf"]
         + extras["dali"]
+        + extras["curation"]
         + [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -66,8 +72,11 @@ setup(
         "pillow>=10",
         "psutil",  # megatron-core's dist_checkpointing needs it
         "sentencepiece",
+        "wandb",  # metrics mirror (offline unless logged in); logging.wandb=false turns it off
     ],
     extras_require=extras,
+    # lmms-eval reads this group when it lists its models; the module imports lmms-eval only then
+    entry_points={"lmms_eval.models": ["megasail = megasail.evaluation.lmms_eval_plugin:manifest"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

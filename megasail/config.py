@@ -66,6 +66,11 @@ class TrainConfig:
         "null = train every stage's budget to its end", None
     )
     log_interval: int = doc("optimizer steps between console lines (metrics.jsonl gets every step)", 1)
+    eval_interval: int = doc(
+        "optimizer steps between validation losses on the current stage's validation_sources (also at each "
+        "stage's last step); 0 = never", 0
+    )
+    eval_iters: int = doc("global batches per validation loss (the same ones at every evaluation)", 10)
     max_nan_steps: int = doc("consecutive steps with a non-finite loss or gradient before the run stops", 3)
     recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")
     recompute_num_layers: int = doc("with recompute=full: layers per recomputed block (megatron 'uniform')", 1)
@@ -76,7 +81,9 @@ class TrainConfig:
             raise ValueError(f"train.iters must be >= 0 or null, got {self.iters}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
-        for name in ("log_interval", "max_nan_steps", "recompute_num_layers"):
+        if self.eval_interval < 0:
+            raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        for name in ("log_interval", "max_nan_steps", "recompute_num_layers", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -96,13 +103,19 @@ class OptimConfig:
     adam_beta2: float = doc("Adam beta2", 0.95)
     adam_eps: float = doc("Adam epsilon", 1e-8)
     clip_grad: float = doc("clip the global gradient norm to this value (0 = no clipping)", 1.0)
-    warmup_steps: int | None = doc("linear warmup length in optimizer steps (token budgets: steps of full "
-                                   "global batches); null = warmup_fraction of each stage", None)
+    warmup_steps: int | None = doc("linear warmup length in optimizer steps, whatever the stage's budget unit "
+                                   "(the first step runs at lr / warmup_steps); null = warmup_fraction of each "
+                                   "stage", None)
     warmup_fraction: float = doc("warmup as a fraction of each stage's budget when warmup_steps is null", 0.0)
     schedule: str = doc("decay after warmup: cosine, wsd (constant then decay), linear or constant", "cosine")
     wsd_decay_fraction: float = doc("with schedule=wsd: the final fraction of each stage spent decaying", 0.1)
     wsd_decay_style: str = doc("with schedule=wsd: shape of the decay (linear, cosine, exponential, minus_sqrt)",
                                "linear")
+    override_scheduler: bool = doc(
+        "on resume, re-plan the current stage's schedule from this config (e.g. a longer train.iters for a "
+        "stage without budget) instead of the one saved in the checkpoint (megatron's "
+        "--override-opt_param-scheduler)", False
+    )
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -130,6 +143,11 @@ class CheckpointConfig:
     keep_last: int = doc("step directories kept under checkpoint.save (older ones are deleted)", 3)
     async_save: bool = doc("write checkpoints in the background (GPU only)", False)
     weights_only: bool = doc("load only the model weights: fresh optimizer, schedule and data position", False)
+    overwrite: bool = doc(
+        "start over in a checkpoint.save directory that holds later steps of an earlier run: its step dirs and "
+        "marker are moved aside into DIR/superseded_<time>/ first (without it such a run stops at start-up)",
+        False,
+    )
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
@@ -289,5 +307,11 @@ def config_help(schema=RunConfig) -> str:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML (logged at start and saved with checkpoints)."""
+    """The resolved config as YAML (logged at start, written to LOGGING_DIR/config.yaml, saved with
+    checkpoints)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain nested dicts and lists (wandb's run config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -11,15 +11,20 @@ Arithmetic (every number printed is one of these):
   token slots     = global_batch * seq_length                  per optimizer step
   sample tokens   = token slots * packing_efficiency           (padding is not budget)
   iterations      = ceil(budget_tokens / sample tokens)  or  ceil(budget_samples / (global_batch * samples_per_seq))
-  step FLOPs      = global_batch * executed FLOPs of one sequence (below)
-  tokens/s        = stated --tokens-per-s-per-gpu * gpus, or mfu * peak * gpus * token slots / step FLOPs
-  days            = iterations * token slots / tokens/s / 86400
+  step FLOPs      = global_batch * the stage's FLOPs of one packed sequence (below), split by precision
+  step seconds    = (bf16 step FLOPs / bf16 peak + fp8 step FLOPs / fp8 peak) / (mfu * gpus)   [default]
+                  or sample tokens / (--tokens-per-s-per-gpu * gpus)                            [stated]
+  tokens/s        = sample tokens / step seconds               (all GPUs; padding excluded, as metrics.jsonl)
+  days            = iterations * step seconds / 86400
   pipeline bubble = (pp - 1) / (vpp * micro-batches + pp - 1)  of a 1F1B step (0 at pp = 1)
 
-Executed FLOPs are the training loop's (megasail.training.costs.FlopsModel, the MFU numerator): a
-trained module costs 3x its forward, a frozen one that gradients flow through 2x, a frozen one with
-nothing trained before it (the ViT while only the projector trains) 1x; LLM attention is causal
-within each sample.
+Step FLOPs are the training loop's model FLOPs (megasail.models.flops, the MFU numerator), so each
+stage's time follows what its own trainable parts cost: a trained part 3x its forward, a frozen one that
+gradients flow through 2x (its attention core 3x), a frozen one with nothing trained before it (the ViT
+while only the projector trains) 1x; real tokens only, LLM attention causal within each sample. --mfu
+(default 0.35, the low end of open VLM trainers) is the share of --gpu's dense peak assumed for every
+stage; a measured --tokens-per-s-per-gpu (tools/bench_train.py's tokens/s, sample tokens) replaces it
+for every stage instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from megasail.models import flops
+from megasail.models.flops import GPU_PEAKS, Peak, StepFlops
 
 
 @dataclass
@@ -41,8 +47,10 @@ class StagePlan:
     budget_tokens: int | None
     budget_samples: int | None
     iterations: int
-    step_tflops: float  # executed, whole global batch
-    tokens_per_s: float  # token slots per second over all GPUs
+    step_tflops: float  # model FLOPs, whole global batch
+    gflops_per_token: float  # step FLOPs per sample token
+    step_seconds: float
+    tokens_per_s: float  # sample tokens per second over all GPUs
     tokens_per_s_source: str
     days: float
 
@@ -82,17 +90,28 @@ class RunPlan:
         return sum(s.iterations for s in self.stages)
 
 
-def executed_flops_per_sequence(
-    model_cfg, seq_length: int, tiles: float, samples: float, trainable: list[str]
-) -> float:
-    """Forward + backward FLOPs of one packed sequence, counted as the training loop counts them for
-    MFU (megasail.training.costs.FlopsModel): `samples` equal causal segments filling the sequence."""
-    from megasail.training.costs import FlopsModel
+def sequence_step_flops(
+    model_cfg,
+    seq_length: int,
+    tiles: float,
+    samples: float,
+    trainable: list[str],
+    packing_efficiency: float = 1.0,
+) -> StepFlops:
+    """FLOPs a training step spends on one packed sequence, counted as the loop counts them
+    (megasail.models.flops): `samples` equal causal samples holding seq_length x packing_efficiency
+    real tokens (the rest is padding, which never counts), and `tiles` image tiles."""
+    count = max(round(samples), 1)
+    lengths = [seq_length * packing_efficiency / count] * count
+    return flops.FlopsModel.from_config(model_cfg).step_flops(tiles, lengths, trainable)
 
-    model = FlopsModel.from_model_config(model_cfg)
-    whole = max(int(samples), 1)
-    segments = [seq_length // whole] * whole
-    return model.training_flops(model.forward_parts(tiles, segments, seq_length), trainable)
+
+def ideal_seconds(step: StepFlops, peak: Peak, gpu: str = "this GPU") -> float:
+    """Seconds the step's model FLOPs take on one GPU at 100% of its peaks (FP8 parts at the FP8 peak)."""
+    if step.model_fp8 and peak.fp8 is None:
+        raise ValueError(f"the run has FP8 parts (model.fp8) but {gpu} has no FP8 peak")
+    fp8 = step.model_fp8 / (peak.fp8 * 1e12) if step.model_fp8 else 0.0
+    return step.model_bf16 / (peak.bf16 * 1e12) + fp8
 
 
 def pipeline_bubble(pipeline: int, micro_batches: int, virtual_pipeline: int | None = None) -> float:
@@ -111,7 +130,8 @@ def make_plan(
     model_name: str = "",
     tokens_per_s_per_gpu: float | None = None,
     mfu: float = 0.35,
-    peak_tflops: float = 989.0,
+    gpu: str = "H100-SXM",
+    peak: Peak | None = None,
     packing_efficiency: float = 0.99,
     tiles_per_sequence: float | None = None,
     samples_per_sequence: float | None = None,
@@ -120,7 +140,9 @@ def make_plan(
 
     tiles_per_sequence defaults to 3/4 of a sequence being image tokens (caption pretraining);
     samples_per_sequence (for sample budgets) defaults to seq_length / 2048 (SFT samples average
-    about 2k tokens). Raises ValueError when the layout does not divide the GPUs or the batch."""
+    about 2k tokens). Each stage's time is its step FLOPs at `mfu` of `gpu`'s peaks (`peak` overrides
+    them), or its sample tokens at a stated tokens_per_s_per_gpu. Raises ValueError when the layout does
+    not divide the GPUs or the batch."""
     p, d = run.parallel, run.data
     gpus = nodes * gpus_per_node
     model_parallel = p.tensor * p.pipeline * p.context
@@ -137,6 +159,9 @@ def make_plan(
         )
     if not d.stages:
         raise ValueError("no stages: give data.stages in the config or --stage FILE")
+    if peak is None and gpu not in GPU_PEAKS:
+        raise ValueError(f"unknown GPU {gpu!r}; choose one of {sorted(GPU_PEAKS)} or give its peak")
+    peak = peak or GPU_PEAKS[gpu]
     micro_batches = d.global_batch_size // (d.micro_batch_size * dp)
     slots = d.global_batch_size * d.seq_length
     sample_tokens = slots * packing_efficiency
@@ -182,16 +207,18 @@ def make_plan(
             raise ValueError(
                 f"stage {stage.name!r} has no budget: a plan needs budget_tokens or budget_samples"
             )
-        step_flops = d.global_batch_size * executed_flops_per_sequence(
-            run.model, d.seq_length, tiles, per_seq, stage.trainable
+        per_sequence = sequence_step_flops(
+            run.model, d.seq_length, tiles, per_seq, stage.trainable, packing_efficiency
         )
+        step = StepFlops(*(d.global_batch_size * x for x in per_sequence.as_tuple()))
         if tokens_per_s_per_gpu is not None:
-            tokens_per_s = tokens_per_s_per_gpu * gpus
+            seconds = sample_tokens / (tokens_per_s_per_gpu * gpus)
             source = f"stated {tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
         else:
-            tokens_per_s = mfu * peak_tflops * 1e12 * gpus * slots / step_flops
-            source = f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s per GPU"
-        days = iterations * slots / tokens_per_s / 86400
+            seconds = ideal_seconds(step, peak, gpu) / (mfu * gpus)
+            fp8 = f" / {peak.fp8:g} FP8" if step.model_fp8 else ""
+            source = f"MFU {mfu:.0%} of {gpu} ({peak.bf16:g} bf16{fp8} TFLOP/s)"
+        days = iterations * seconds / 86400
         plan.stages.append(
             StagePlan(
                 stage.name,
@@ -199,8 +226,10 @@ def make_plan(
                 stage.budget_tokens,
                 stage.budget_samples,
                 iterations,
-                step_flops / 1e12,
-                tokens_per_s,
+                step.model / 1e12,
+                step.model / sample_tokens / 1e9,
+                seconds,
+                sample_tokens / seconds,
                 source,
                 days,
             )
@@ -222,8 +251,9 @@ def format_plan(plan: RunPlan) -> str:
         f"  FLOPs assume {plan.tiles_per_sequence:g} image tiles per sequence; sample budgets assume "
         f"{plan.samples_per_sequence:g} samples per sequence",
         "",
-        "| stage | trains | budget | iterations | TFLOP/step | tokens/s (all GPUs) | days | tokens/s from |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | trains | budget | iterations | TFLOP/step | GFLOP/token | step s | tokens/s (all GPUs) "
+        "| days | time from |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in plan.stages:
         budget = (
@@ -231,9 +261,10 @@ def format_plan(plan: RunPlan) -> str:
         )
         lines.append(
             f"| {s.name} | {'+'.join(s.trainable) or '-'} | {budget} | {s.iterations:,} | "
-            f"{s.step_tflops:,.0f} | {s.tokens_per_s:,.0f} | {s.days:.2f} | {s.tokens_per_s_source} |"
+            f"{s.step_tflops:,.0f} | {s.gflops_per_token:.2f} | {s.step_seconds:.2f} | "
+            f"{s.tokens_per_s:,.0f} | {s.days:.2f} | {s.tokens_per_s_source} |"
         )
-    lines.append(f"| total | | | {plan.total_iterations:,} | | | {plan.total_days:.2f} | |")
+    lines.append(f"| total | | | {plan.total_iterations:,} | | | | | {plan.total_days:.2f} | |")
     return "\n".join(lines)
 
 
@@ -286,6 +317,18 @@ def compose_run_config(config: str, stage_files: list[str], overrides: list[str]
         return load_config(f.name)
 
 
+def _parse_peak(text: str | None) -> Peak | None:
+    if text is None:
+        return None
+    values = text.split(",")
+    try:
+        if len(values) > 2:
+            raise ValueError
+        return Peak(float(values[0]), float(values[1]) if len(values) == 2 else None)
+    except ValueError:
+        raise ValueError(f"--peak-tflops {text!r}: give BF16 or BF16,FP8 TFLOP/s, e.g. 989,1979") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -303,13 +346,25 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens-per-s-per-gpu",
         type=float,
         default=None,
-        help="measured throughput (tools/bench_train.py) to estimate days with; default: from --mfu",
+        help="measured sample tokens/s per GPU (tools/bench_train.py) for every stage, instead of --mfu",
     )
     ap.add_argument(
-        "--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed without a stated tokens/s"
+        "--mfu",
+        type=float,
+        default=0.35,
+        help="model FLOPs utilisation assumed for every stage: each stage's time is its own step FLOPs "
+        "at this share of --gpu's peak (default 0.35)",
     )
     ap.add_argument(
-        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)"
+        "--gpu",
+        default="H100-SXM",
+        choices=sorted(GPU_PEAKS),
+        help="GPU whose dense bf16/FP8 peaks (megasail.models.flops.GPU_PEAKS) the MFU applies to",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        default=None,
+        help="dense peak per GPU instead of --gpu's: BF16 or BF16,FP8 TFLOP/s (e.g. 989,1979)",
     )
     ap.add_argument(
         "--packing-efficiency",
@@ -359,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             model_name=args.model_name,
             tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
             mfu=args.mfu,
-            peak_tflops=args.peak_tflops,
+            gpu=args.gpu,
+            peak=_parse_peak(args.peak_tflops),
             packing_efficiency=args.packing_efficiency,
             tiles_per_sequence=args.tiles_per_sequence,
             samples_per_sequence=args.samples_per_sequence,

@@ -3,6 +3,9 @@ import sys
 
 import pytest
 
+# Nothing in the tests reaches for the HuggingFace Hub: every model and tokenizer is a local directory.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # tests/ on sys.path so test modules share helpers (dist_utils, model_utils) and spawned ranks find them
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -115,7 +115,12 @@ def _tool(*args, timeout=120, stdin=None):
 
 def test_chat_tool_prompt_and_batch_jsonl(chat_dir, chat, tmp_path):
     """Fails if the tool prints anything besides the answer, drops or reorders batch lines, hides a
-    bad line, or answers differently in a batch than transformers does one prompt at a time."""
+    bad line, or answers differently in a batch than transformers does one prompt at a time. Faults
+    caught: an error row without the input's "id" (or, for a line that is no JSON, its index);
+    "line" counting non-empty lines instead of the file's lines; image paths resolved against the
+    working directory instead of the JSONL's (the tool runs elsewhere; --help says which)."""
+    helptext = _tool("--help").stdout
+    assert "relative to the directory of the JSONL file" in " ".join(helptext.split())
     directory, hf = chat_dir
     proc = _tool(
         "--load",
@@ -141,7 +146,9 @@ def test_chat_tool_prompt_and_batch_jsonl(chat_dir, chat, tmp_path):
         {"id": "c", "images": ["square.png"]},  # no prompt: reported, not dropped
         {"id": "d", "prompt": "What?", "images": ["square.png"]},
     ]
-    (directory / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = [json.dumps(x) + "\n" for x in lines]
+    text.insert(2, "\n")  # a blank line is skipped; "line" stays the file's line number
+    (directory / "in.jsonl").write_text("".join(text) + '{"id": "e", "prompt": \n')  # not JSON
     out = tmp_path / "out.jsonl"
     proc = _tool(
         "--load",
@@ -155,11 +162,13 @@ def test_chat_tool_prompt_and_batch_jsonl(chat_dir, chat, tmp_path):
         "--batch-size",
         "2",
     )
-    assert proc.returncode == 1, proc.stderr  # one bad line
+    assert proc.returncode == 1, proc.stderr  # bad lines
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r.get("id") for r in records] == ["a", "b", None, "d"]
-    assert "error" in records[2] and records[2]["line"] == 3
-    for record, item in zip(records, lines, strict=True):
+    assert [r.get("id") for r in records] == ["a", "b", "c", "d", 4]  # a line without JSON: its index
+    assert ["error" in r for r in records] == [False, False, True, False, True]
+    assert "error" in records[2] and records[2]["line"] == 4
+    assert "error" in records[4] and records[4]["line"] == 6
+    for record, item in zip(records, lines, strict=False):
         if "error" in record:
             continue
         images = [(directory / p).read_bytes() for p in item.get("images", [])]

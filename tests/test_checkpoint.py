@@ -18,6 +18,7 @@ import pytest
 import torch
 from dist_utils import run_distributed_test
 from model_utils import multimodal_batch, shard_state_dict, tiny_model_config
+from process_utils import assert_all_die, descendants
 
 SEQ = 48
 LM_LAYERS = 4
@@ -335,7 +336,9 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
     .tmp dir and keep_last=2 prunes iteration 1.
 
     Fails if: shards are written straight into the step dir instead of under .tmp + rename; stale .tmp
-    dirs are kept; keep_last does not prune.
+    dirs are kept; keep_last does not prune; megatron's write-results Manager (a process dist_checkpointing's
+    writer spawns, which does not watch its parent) outlives the killed trainer (planted: the queue not
+    seeded with a Manager that dies with the trainer), or its resource tracker does not exit by itself.
     """
     from megasail.training.checkpoint import MARKER, META, latest_checkpoint, step_dir
 
@@ -346,6 +349,7 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: nothing it started outlives a failing test
     )
     tmp2 = step_dir(str(root), 2) + ".tmp"
     deadline = time.monotonic() + 240
@@ -355,11 +359,17 @@ def test_kill9_during_save_leaves_previous_checkpoint_latest(tmp_path):
             assert proc.poll() is None, f"save process exited early:\n{proc.stdout.read()[-3000:]}"
             assert time.monotonic() < deadline, "iteration 2 was never written"
             time.sleep(0.2)
+        left = descendants(proc.pid)
+        assert left, "the saving process started no writer process"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        assert_all_die(left, 10.0, "processes the killed trainer started")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert latest_checkpoint(str(root)) == step_dir(str(root), 1)
@@ -416,7 +426,7 @@ def _single_process(rank, world_size, root, out_path):
     def error_of(name, fn):
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - the message is what is checked
+        except BaseException as e:  # noqa: BLE001 - the message is what is checked (DCP raises BaseExceptions)
             errors[name] = f"{type(e).__name__}: {e}"
 
     error_of("optimizer_from_weights_only", lambda: load_checkpoint(root, wrapped, opt))
@@ -430,8 +440,48 @@ def _single_process(rank, world_size, root, out_path):
         error_of(name, lambda other=other: load_checkpoint(root, [SailVLModel(other)], weights_only=True))
     error_of("empty_root", lambda: load_checkpoint(os.path.join(root, "nothing"), chunks, weights_only=True))
     result["errors"] = errors
+    result["damaged"] = _damaged_shard(os.path.join(root, "damaged"), chunks, error_of, errors)
+    result["publish"] = _rename_fails_in_publishing(os.path.join(root, "publish"), chunks)
     result["bf16"] = _bf16_weights_only(os.path.join(root, "bf16"))
     torch.save(result, out_path)
+
+
+def _damaged_shard(root, chunks, error_of, errors) -> dict:
+    """Steps 1 and 2 saved, one .distcp file of step 2 cut to half its length, step 2 loaded."""
+    from megasail.training.checkpoint import load_checkpoint, save_checkpoint
+
+    for step in (1, 2):
+        save_checkpoint(root, step, chunks, meta={"stage": 0})
+    step2 = os.path.join(root, "iter_0000002")
+    shard = sorted(n for n in os.listdir(step2) if n.endswith(".distcp"))[0]
+    with open(os.path.join(step2, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(step2, shard)) // 2)
+    error_of("damaged", lambda: load_checkpoint(root, chunks, weights_only=True))
+    return {"shard": os.path.join(step2, shard), "step1": os.path.join(root, "iter_0000001")}
+
+
+def _rename_fails_in_publishing(root, chunks) -> dict:
+    """Step 1 saved; the rename of step 2's tmp dir into place fails: what the marker names after."""
+    from megasail.training import checkpoint
+
+    checkpoint.save_checkpoint(root, 1, chunks, meta={"stage": 0})
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if str(dst).endswith("iter_0000002"):
+            raise OSError("rename refused (planted)")
+        return real_rename(src, dst)
+
+    os.rename = failing
+    try:
+        checkpoint.save_checkpoint(root, 2, chunks, meta={"stage": 0})
+        raised = False
+    except OSError:
+        raised = True
+    finally:
+        os.rename = real_rename
+    with open(os.path.join(root, checkpoint.MARKER)) as f:
+        return {"raised": raised, "marker": f.read().strip(), "latest": checkpoint.latest_checkpoint(root)}
 
 
 def _bf16_weights_only(root) -> dict:
@@ -598,11 +648,34 @@ def test_bad_loads_name_what_is_wrong(single_process):
     assert "weights_only=True" in errors["optimizer_from_weights_only"]
     assert "language_model.decoder.layers.3.self_attention.linear_qkv.weight" in errors["fewer_layers"]
     assert "match no parameter of this model" in errors["fewer_layers"]
-    assert (
-        "language_model.embedding.word_embeddings.weight: checkpoint shape (256, 64), model shape (320, 64)"
-        in (errors["bigger_vocab"])
-    )
+    vocab = errors["bigger_vocab"]
+    assert "has a vocabulary of 256 (language_model.embedding.word_embeddings.weight), this run builds 320" in vocab
+    assert vocab.endswith("set model.language.vocab_size=256") and "\n" not in vocab  # one line
     assert errors["empty_root"].startswith("FileNotFoundError") and "nothing" in errors["empty_root"]
+
+
+@pytest.mark.distributed
+def test_a_damaged_shard_names_the_file_and_the_step_to_fall_back_to(single_process):
+    """A .distcp file of the newest step cut short (a copy or a write interrupted): the load error names
+    that file, the step and the previous published step (one line), not a bare EOFError.
+
+    Fails if shard lengths are not checked against the checkpoint's metadata on a failed load."""
+    error, damaged = single_process["errors"]["damaged"], single_process["damaged"]
+    assert error.startswith("CheckpointCorruptError") and "\n" not in error
+    assert damaged["shard"] in error and "its metadata needs" in error
+    assert f"checkpoint.load={damaged['step1']}" in error
+
+
+@pytest.mark.distributed
+def test_marker_moves_only_after_the_step_dir_is_in_place(single_process):
+    """The rename of a step's tmp dir into place fails inside publishing: the marker still names the
+    previous step, which still loads.
+
+    Fails if the marker is written before the step dir is renamed into place (it would name step 2,
+    whose directory does not exist)."""
+    publish = single_process["publish"]
+    assert publish["raised"] and publish["marker"] == "1"
+    assert publish["latest"].endswith("iter_0000001")
 
 
 @pytest.mark.distributed

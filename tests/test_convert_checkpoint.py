@@ -460,3 +460,32 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     # always separates streaming from holding the model: under 90% of the whole model.
     for proc in (to_ms, to_hf):
         assert _rss_above_baseline(proc.stderr) < 0.9 * total_mb, proc.stderr[-500:]
+
+
+def test_hf_directory_without_config_json_is_a_one_line_error(dirs, tmp_path):
+    """A HuggingFace directory holding weights but no config.json stops both tools with one 'error:'
+    line naming DIR/config.json, a non-zero exit status and no traceback. Faults caught: the
+    converter opening config.json unchecked (a 20-line FileNotFoundError traceback), chat.py taking
+    the directory for a megasail checkpoint ('no checkpoint under DIR' in a traceback)."""
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(dirs / "hf", weights_only)
+    (weights_only / "config.json").unlink()
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["OMP_NUM_THREADS"] = "1"
+    commands = {
+        "convert_checkpoint.py": ["--from", "hf", "--to", "megasail", "--input", str(weights_only),
+                                  "--output", str(tmp_path / "out")],
+        "chat.py": ["--load", str(weights_only), "--prompt", "Hi"],
+    }  # fmt: skip
+    for tool, args in commands.items():
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", tool), *args],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert proc.returncode != 0, tool
+        assert "Traceback" not in proc.stderr, (tool, proc.stderr[-3000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{weights_only / 'config.json'} not found" in errors[0], (tool, proc.stderr)
+        assert ".safetensors" in errors[0]  # what the directory does hold
+    assert not (tmp_path / "out").exists()

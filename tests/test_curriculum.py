@@ -132,14 +132,15 @@ def test_balancing_evens_out_image_heavy_sequences():
 
 
 def test_cost_model_matches_the_model_flops():
-    """The loader's 2B prices are the model's FLOPs with the LLM's attention counted causal (half the square).
+    """The loader's 2B prices are the model's forward FLOPs with the LLM's attention counted causal.
 
     Fails if the token, tile or attention price drifts from megasail.models.flops."""
     model = sail_vl_2b()
     cost = SequenceCostModel.from_preset("sail_vl_2b")
     lm = model.language
-    full_attention = lm.num_layers * 4 * 8192 * 8192 * lm.hidden_size  # models.flops counts the full square
-    expected = sequence_flops(model, 8192, 7) - full_attention / 2
+    # models.flops counts l (l + 1) / 2 causal pairs of a sample; the cost model prices l^2 / 2
+    pair = lm.num_layers * 4 * lm.hidden_size
+    expected = sequence_flops(model, 8192, 7) - 8192 / 2 * pair
     assert cost.sequence_cost([8192], 7, 8192) == pytest.approx(expected, rel=1e-12)
     seq = PlannedSequence(0, 0, 0, (0, 0), (1, 2), (4000, 4192), (3, 4))
     assert cost.costs([seq], 8192)[0] < expected  # attention within samples only

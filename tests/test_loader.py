@@ -335,7 +335,8 @@ def test_bench_loader_quick_runs(repo_root):
     proc = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "bench_loader.py"), "--quick"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for title in ("## Packing efficiency", "## DP cost imbalance", "## Loader vs decode alone"):
+    for title in ("## Packing efficiency", "## DP cost imbalance", "## Loader vs decode alone",
+                  "## Validation: reuse vs rebuild"):
         assert title in proc.stdout
     assert "| 8192 |" in proc.stdout and "LPT by estimated FLOPs" in proc.stdout
     help_text = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "bench_loader.py"), "--help"],

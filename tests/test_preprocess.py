@@ -23,6 +23,7 @@ from fixtures.multimodal_data import (
     write_webdataset,
 )
 from PIL import Image
+from process_utils import assert_all_die, descendants
 
 from megasail.data.format.reader import IndexedMultimodalDataset
 from megasail.data.images.tiling import num_image_tokens
@@ -370,7 +371,7 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
             "--output-prefix",
             str(killed),
         ],
-        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="2.0"),  # units outlast a loaded machine's polling
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -396,7 +397,7 @@ def test_kill9_then_resume_and_two_workers_give_identical_bytes(tmp_path, tiny_t
             str(killed),
             "--resume",
         ],
-        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.5"),
+        env=tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="5.0"),  # >= 3 units left, 2 at a time: one still runs
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -462,7 +463,9 @@ def test_killed_anywhere_then_resumed_gives_identical_bytes(tmp_path, kill_run, 
 
     Fails if resume trusts a half-published output of the killed run (planted: resume skipping the merge
     when PREFIX.bin exists), if a kill after the manifest leaves .parts/ behind (planted: no cleanup on
-    resuming a finished prefix), or if a prefix without its manifest looks complete."""
+    resuming a finished prefix), or if a prefix without its manifest looks complete. The unit workers
+    and the resource tracker die with the main process (only it is killed; planted: no die_with_parent
+    in the pool initializer)."""
     common, expected, duration = kill_run
     prefix = tmp_path / "ds"
     env = tool_env(MEGASAIL_PREPROCESS_UNIT_DELAY="0.1")
@@ -485,11 +488,16 @@ def test_killed_anywhere_then_resumed_gives_identical_bytes(tmp_path, kill_run, 
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the unit workers are killed with it
     )
+    seen: dict[int, object] = {}  # every process the run started, for the check that none outlives it
+    deadline = time.monotonic() + (delay or 120)
     try:
-        proc.wait(timeout=delay or 120)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen.update((p.pid, p) for p in descendants(proc.pid))
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        assert_all_die(list(seen.values()), timeout=5.0, what="unit workers or resource trackers")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

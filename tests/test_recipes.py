@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -49,8 +50,8 @@ def _num(text: str) -> float:
 @pytest.mark.parametrize("model,nodes,tp,tps", [("2b", 16, 1, 20000), ("8b", 32, 4, 7000)])
 def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
     """Fails if the plan's GPU count, data-parallel size, micro-batches, tokens per step, iterations
-    (ceil of budget over packed sample tokens) or days at the stated tokens/s are computed wrongly,
-    e.g. the packing efficiency left out, iterations rounded down, or days from another GPU count."""
+    (ceil of budget over packed sample tokens) or days at the stated sample tokens/s are computed
+    wrongly, e.g. the packing efficiency left out, iterations rounded down, or days from another GPU count."""
     proc = _run(
         [
             "bash",
@@ -76,16 +77,31 @@ def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
     days_total, iters_total = 0.0, 0
     for name, budget in (("pretrain_alignment", 131e9), ("pretrain_advance", 524e9)):
         iters = math.ceil(budget / (slots * 0.99))
-        days = iters * slots / (tps * gpus) / 86400
+        days = iters * slots * 0.99 / (tps * gpus) / 86400  # stated tokens/s are sample tokens
         cells = rows[name]
         assert _num(cells[3]) == iters, cells
-        assert _num(cells[5]) == tps * gpus, cells
-        assert abs(_num(cells[6]) - days) < 0.006, (cells, days)
+        assert _num(cells[7]) == tps * gpus, cells
+        assert abs(_num(cells[8]) - days) < 0.006, (cells, days)
         days_total += days
         iters_total += iters
     assert rows["pretrain_alignment"][1] == "projector" and rows["pretrain_advance"][1] == "vision+projector"
-    assert _num(rows["total"][3]) == iters_total and abs(_num(rows["total"][6]) - days_total) < 0.011
+    assert _num(rows["total"][3]) == iters_total and abs(_num(rows["total"][8]) - days_total) < 0.011
     assert "pretrain_vlm.py --config" in out and f"--nnodes {nodes}" in out
+
+
+def test_pretrain_dry_run_defaults_to_each_stage_at_one_mfu():
+    """Without a stated tokens/s the script's plan times each stage by its own FLOPs at --mfu of --gpu
+    (MFU / GPU in the environment work too).
+
+    Fails if the script still passes one tokens/s figure for every stage, or drops --mfu / --gpu."""
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "2b", "--gpu", "B200"],
+                env_extra={"MFU": "0.4"})
+    assert proc.returncode == 0, proc.stderr
+    rows = _stage_rows(proc.stdout)
+    align, advance = rows["pretrain_alignment"], rows["pretrain_advance"]
+    assert align[9] == advance[9] == "MFU 40% of B200 (2250 bf16 TFLOP/s)"
+    assert _num(advance[6]) / _num(align[6]) == pytest.approx(_num(advance[4]) / _num(align[4]), rel=0.02)
+    assert _num(advance[6]) > 1.3 * _num(align[6])  # the ViT's backward in the advance stage
 
 
 def test_pretrain_script_refuses_bad_arguments():
@@ -98,31 +114,95 @@ def test_pretrain_script_refuses_bad_arguments():
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and "TOKENS_PER_S_PER_GPU" in helped.stdout
 
 
+def _llm_forward_2b(tokens: float, pairs: float) -> float:
+    """SAIL-VL-2B's LLM forward FLOPs, written out: 28 layers, hidden 1536, 12 heads of 128, 2 KV groups,
+    SwiGLU 8960, vocab 151936."""
+    per_token = 28 * (2 * 1536 * (12 + 2 * 2) * 128 + 2 * 12 * 128 * 1536 + 2 * 3 * 1536 * 8960)
+    per_token += 2 * 1536 * 151936  # logits
+    return tokens * per_token + pairs * 28 * 4 * 12 * 128
+
+
+def _vit_projector_forward_2b(tiles: float) -> tuple[float, float]:
+    """(ViT, projector) forward FLOPs of SAIL-VL-2B for ``tiles`` 448px tiles, written out."""
+    s, h = 1025, 1024
+    vit = 2 * 1024 * 3 * 14 * 14 * h + 24 * (2 * s * (4 * h * h + 2 * h * 4096) + 4 * s * s * h)
+    projector = 2 * 256 * (4096 * 1536 + 1536 * 1536)
+    return tiles * vit, tiles * projector
+
+
 def test_plan_flops_are_the_training_loops_executed_flops():
     """Fails if the plan charges a stage other FLOPs than the loop's MFU counts for the same packed
-    sequence (e.g. a frozen ViT charged a backward in alignment, or the trainable set ignored)."""
-    from megasail.models import flops
+    sequence (e.g. a frozen ViT charged a backward in alignment, padding counted, the trainable set
+    ignored, or the frozen LLM's attention core charged 2x)."""
     from megasail.models.presets import sail_vl_2b
-    from megasail.plan import executed_flops_per_sequence
+    from megasail.plan import sequence_step_flops
 
     cfg, s, tiles = sail_vl_2b(), 8192, 24
-    lm_h, width = cfg.language.hidden_size, cfg.projector_input_size
-    proj = tiles * 2 * cfg.tokens_per_tile * (width * lm_h + lm_h * lm_h)
-    vit = tiles * flops.vision_flops_per_tile(cfg) - proj
-    # LLM over 4 causal samples of 2048 tokens: full-square attention minus the masked half of each block
-    lm = cfg.language
-    square = flops.sequence_flops(cfg, s, 0)
-    attention_full = lm.num_layers * 4 * s * s * lm.num_attention_heads * lm.kv_channels
-    pairs = 4 * 2048 * 2049 // 2
-    lang = square - attention_full + attention_full * pairs / (s * s)
+    vit, proj = _vit_projector_forward_2b(tiles)
+    length = s * 0.99 / 4  # 4 samples share the row's real tokens; the rest is padding
+    linear = _llm_forward_2b(4 * length, 0)
+    core = _llm_forward_2b(0, 4 * length * (length + 1) / 2)
     every = ["vision", "projector", "language"]
-    assert executed_flops_per_sequence(cfg, s, tiles, 4, every) == pytest.approx(3 * (vit + proj + lang))
-    assert executed_flops_per_sequence(cfg, s, tiles, 4, ["projector"]) == pytest.approx(
-        vit + 3 * proj + 2 * lang
+    assert sequence_step_flops(cfg, s, tiles, 4, every, 0.99).model == pytest.approx(
+        3 * (vit + proj + linear + core)
     )
-    assert executed_flops_per_sequence(cfg, s, tiles, 4, ["vision", "projector"]) == pytest.approx(
-        3 * vit + 3 * proj + 2 * lang
+    assert sequence_step_flops(cfg, s, tiles, 4, ["projector"], 0.99).model == pytest.approx(
+        vit + 3 * proj + 2 * linear + 3 * core
     )
+    assert sequence_step_flops(cfg, s, tiles, 4, ["vision", "projector"], 0.99).model == pytest.approx(
+        3 * vit + 3 * proj + 2 * linear + 3 * core
+    )
+
+
+@pytest.mark.parametrize("gpu,peak", [("H100-SXM", 989.0), ("B200", 2250.0)])
+def test_plan_times_each_stage_by_its_own_flops_at_one_mfu(gpu, peak):
+    """Without a stated tokens/s, each stage's step time is its own step FLOPs at --mfu of the GPU's
+    dense peak: the advance stage (ViT trains) takes longer per step than alignment.
+
+    Fails if one tokens/s figure is applied to both stages, or the time ignores the MFU or peak."""
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "megasail.plan",
+            "--config",
+            "examples/configs/sail_vl_2b.yaml",
+            "--stage",
+            "examples/configs/stages/pretrain_alignment.yaml",
+            "--stage",
+            "examples/configs/stages/pretrain_advance.yaml",
+            "--nodes",
+            "16",
+            "--mfu",
+            "0.4",
+            "--gpu",
+            gpu,
+            "--tiles-per-sequence",
+            "24",
+            "data.seq_length=8192",
+            "data.global_batch_size=512",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = _stage_rows(proc.stdout)
+    vit, proj = _vit_projector_forward_2b(24)
+    length = 8192 * 0.99 / 4
+    linear = _llm_forward_2b(4 * length, 0)
+    core = _llm_forward_2b(0, 4 * length * (length + 1) / 2)
+    per_sequence = {
+        "pretrain_alignment": vit + 3 * proj + 2 * linear + 3 * core,
+        "pretrain_advance": 3 * vit + 3 * proj + 2 * linear + 3 * core,
+    }
+    steps = {}
+    for name, flops in per_sequence.items():
+        step_flops = 512 * flops
+        seconds = step_flops / (0.4 * peak * 1e12 * 128)
+        cells = rows[name]
+        assert _num(cells[4]) == pytest.approx(step_flops / 1e12, abs=0.5), cells
+        assert _num(cells[6]) == pytest.approx(seconds, abs=0.006), cells
+        assert _num(cells[8]) == pytest.approx(_num(cells[3]) * seconds / 86400, abs=0.006), cells
+        steps[name] = seconds
+    assert steps["pretrain_advance"] > 1.3 * steps["pretrain_alignment"]
 
 
 def test_plan_pipeline_layout_bubble_and_sample_budgets():
@@ -154,7 +234,9 @@ def test_plan_pipeline_layout_bubble_and_sample_budgets():
 @pytest.mark.distributed
 def test_sft_curriculum_runs_three_stages_on_cpu(tmp_path):
     """Fails if the SFT recipe does not run knowledge, instruction and preference in that order in one run,
-    each to its budget with its own schedule restarting from warmup, or if the loss does not fall across them."""
+    each to its budget with its own schedule restarting from warmup (a stage keeping the previous stage's
+    schedule runs its first step at the peak; a first step at lr 0 wastes it), or if the loss does not fall
+    across them."""
     import json
 
     proc = _run(
@@ -180,7 +262,8 @@ def test_sft_curriculum_runs_three_stages_on_cpu(tmp_path):
     assert [r["stage"] for r in rows] == ["sft_knowledge"] * 2 + ["sft_instruction"] * 2 + [
         "sft_preference"
     ] * 2
-    assert [r["lr"] for r in rows][::2] == [0.0, 0.0, 0.0]  # every stage starts its own warmup
+    # every stage restarts tiny.yaml's 2-step warmup to lr 1e-3: its first step at lr / 2, never at 0
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3] * 3, rel=1e-9)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
     assert (tmp_path / "run" / "checkpoints" / "iter_0000006").is_dir()
 

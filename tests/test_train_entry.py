@@ -63,7 +63,7 @@ def test_single_process_run_writes_metrics_and_a_checkpoint(datasets, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step      1 | first" in proc.stdout and "step      2 | second" in proc.stdout
-    assert "FLOPs per step = 1 x ViT" in proc.stdout and "FLOPs per step = 3 x ViT" in proc.stdout
+    assert "FLOPs per step = tiles x (1 x ViT" in proc.stdout and "FLOPs per step = tiles x (3 x ViT" in proc.stdout
     lines = (logdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

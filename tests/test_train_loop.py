@@ -69,21 +69,24 @@ def layouts(datasets, tmp_path_factory):
     one = train(1, [(three + [f"logging.dir={root}"], []), (two, [])], root / "one.json")
     pair = train(
         2,
-        [(three + ["parallel.tensor=2"], []), (three + ["parallel.pipeline=2"], []), (two, [])],
+        [(three + ["parallel.tensor=2"], []), (three + ["parallel.pipeline=2"], []), (two, []),
+         (three + ["parallel.pipeline=2", "parallel.overlap_grad_reduce=true"], [])],
         root / "two.json",
     )
-    return {"tp1": one[0], "dp1": one[1], "tp2": pair[0], "pp2": pair[1], "dp2": pair[2], "logdir": root}
+    return {"tp1": one[0], "dp1": one[1], "tp2": pair[0], "pp2": pair[1], "dp2": pair[2],
+            "pp2_overlap": pair[3], "logdir": root}
 
 
 def test_tp_and_pp_layouts_log_the_same_losses(layouts):
-    """TP=1, TP=2 and PP=2 from one seed: the same three losses (rtol 1e-4), on the real loader.
+    """TP=1, TP=2 and PP=2 (also with overlapped grad reduce, whose 1F1B schedule starts the reduce through
+    grad_sync_func) from one seed: the same three losses (rtol 1e-4), on the real loader.
 
     Fails if the initial weights depend on the layout (init_weights skipped: TP=2 differs at step 1),
     or if the logged loss is one rank's share instead of the token-weighted global mean."""
     reference = layouts["tp1"]["losses"]
     assert len(reference) == 3 and all(math.isfinite(x) for x in reference)
     assert reference[2] < reference[0]  # it trains
-    for name in ("tp2", "pp2"):
+    for name in ("tp2", "pp2", "pp2_overlap"):
         torch.testing.assert_close(layouts[name]["losses"], reference, rtol=1e-4, atol=0, msg=name)
 
 

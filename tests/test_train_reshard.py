@@ -17,7 +17,8 @@ STEPS, SPLIT = 4, 2
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    return make_datasets(str(tmp_path_factory.mktemp("reshard_data")))
+    # 300 + 5 tokens: megatron's padding to 128 x TP would give 384 at TP=1 and 512 at TP=2
+    return make_datasets(str(tmp_path_factory.mktemp("reshard_data")), vocab_size=300)
 
 
 def _run(prefixes, root: str, name: str, overrides: list[str]) -> None:
@@ -46,23 +47,30 @@ def _two_process_runs(rank, world_size, prefixes, root, layout):
 
 def _one_process_resume(rank, world_size, prefixes, root):
     _run(prefixes, root, "second", [f"train.iters={STEPS}", f"checkpoint.load={root}/ckpt"])
+    _run(prefixes, root, "whole_tp1", [f"train.iters={STEPS}"])
 
 
 @pytest.mark.parametrize(
     "layout", [["parallel.tensor=2"], ["parallel.tensor=1"]], ids=["tp2_to_tp1", "dp2_to_dp1"]
 )
 def test_checkpoint_continues_at_another_layout(datasets, tmp_path, layout):
-    """Steps 1-2 on two processes (TP=2, or DP=2), a save, then steps 3-4 in one process (TP=1, DP=1).
+    """Steps 1-2 on two processes (TP=2, or DP=2), a save, then steps 3-4 in one process (TP=1, DP=1); and
+    the whole run at TP=1 from scratch logs the two-process run's losses. The vocabulary is left unset, as
+    tiny.yaml leaves it (taken from the dataset's 305-token tokenizer).
 
-    Fails if the model or optimizer state is not resharded on load (the TP=1 loss differs), or if the
+    Fails if the model or optimizer state is not resharded on load (the TP=1 loss differs), if the
     data position restores at another point at DP=1 (the sample tokens of steps 3-4 differ; planted:
-    the loader state dropped on load)."""
+    the loader state dropped on load), or if the padded vocabulary depends on TP (padded to 128 x TP:
+    the TP=2 checkpoint holds 512 rows and does not load into TP=1's 384; a fresh TP=1 run trains
+    another model than TP=2)."""
     root = str(tmp_path)
     run_distributed_test(_two_process_runs, 2, datasets, root, layout)
     run_distributed_test(_one_process_resume, 1, datasets, root)
-    whole, first, second = (
-        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "first", "second")
+    whole, first, second, whole_tp1 = (
+        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "first", "second", "whole_tp1")
     )
+    assert whole_tp1["tokens"] == whole["tokens"]
+    assert whole_tp1["losses"] == pytest.approx(whole["losses"], rel=1e-4)
     assert first["losses"] == whole["losses"][:SPLIT]
     assert len(second["losses"]) == STEPS - SPLIT
     assert second["tokens"] == whole["tokens"][SPLIT:]

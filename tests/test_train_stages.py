@@ -68,8 +68,9 @@ def _stage_switch(rank, world_size, prefixes, out):
             for n, p in c.named_parameters()
             if not n.startswith("projector.") and hasattr(p, "main_grad")
         ),
-        # the stage's schedule has run out exactly with its budget: the next lr would be min_lr
-        "lr_after_stage_1": trainer.run_state.optimizer.param_groups[0]["lr"],
+        # the stage's schedule clock has run out exactly with its budget (1 sample)
+        "clock_after_stage_1": trainer.run_state.scheduler.num_steps,
+        "clock_total_1": trainer.run_state.clock.total,
     }
     m2 = trainer.train_step()
     after2 = {p: _weights(chunks, p) for p in start}
@@ -96,7 +97,8 @@ def test_stage_switch_changes_what_trains_and_restarts_the_schedule(datasets, tm
     """After an alignment-stage step the ViT and LLM are bitwise unchanged and hold no gradient
     buffer or optimizer state (Adam state covers the projector only); the stage's LR reached min_lr
     with its budget. After the switch the ViT changes, the LLM still does not, the optimizer holds
-    vision + projector state, and the advance stage starts at its own peak LR.
+    vision + projector state, and the advance stage starts at its own peak LR (no warmup: a step runs at
+    the decay's value at the start of its data).
 
     Fails if freezing is skipped (ViT/LLM change in alignment), if the switch does not rebuild DDP
     and optimizer (the ViT stays unchanged in advance), or if the schedule ignores the budget."""
@@ -108,7 +110,7 @@ def test_stage_switch_changes_what_trains_and_restarts_the_schedule(datasets, tm
     assert r["projector_changed_1"] > 0
     assert r["state_numel_1"] == r["projector_numel"]
     assert r["frozen_with_grad_buffer_1"] == []
-    assert r["lr1"] == pytest.approx(1e-3) and r["lr_after_stage_1"] == pytest.approx(1e-5)
+    assert r["lr1"] == pytest.approx(1e-3) and r["clock_after_stage_1"] == r["clock_total_1"] == 1
     assert r["vision_changed_2"] > 0 and r["language_changed_2"] == []
     assert r["state_numel_2"] == r["projector_numel"] + r["vision_numel"]
     assert r["language_with_grad_buffer_2"] == []
@@ -170,3 +172,61 @@ def test_a_stage_starts_from_another_runs_weights(datasets, tmp_path):
     assert r["differs"] == [] and r["stage"] == "align"
     assert r["scheduler_steps"] == 0 and r["optimizer_state"] == 0 and r["step"] == 0
     assert r["weights_only_differs"] == [] and r["weights_only_step"] == 1
+
+
+def _three_stages(rank, world_size, prefixes, overlap, out):
+    """Alignment, advance and SFT (each one or two global batches) with parallel.overlap_grad_reduce as
+    given: per-step losses, the final weights, and whether each stage's DDP and optimizer outlived it."""
+    import gc
+    import weakref
+
+    from megasail.data.loader.config import SourceConfig, StageConfig
+    from megasail.runtime import init_process_group, initialize
+    from megasail.training.checks import check_run
+    from megasail.training.loop import Trainer
+
+    cfg = tiny_run_config(["optim.lr=1e-3", f"parallel.overlap_grad_reduce={str(overlap).lower()}"])
+    stages = two_stages(prefixes, budget_samples=6)
+    stages[1].budget_samples = 6
+    stages.append(StageConfig(name="sft", sources=[SourceConfig(prefixes["a"])], budget_samples=6,
+                              trainable=["vision", "projector", "language"]))
+    cfg.data.stages = stages
+    init_process_group()
+    check_run(cfg, 1)
+    initialize(1, 1, seed=cfg.seed)
+    trainer = Trainer(cfg)
+    losses, stages_seen, survivors = [], [], []
+    watched = None
+    while (metrics := trainer.train_step()) is not None:
+        losses.append(metrics["loss"])
+        stages_seen.append(metrics["stage"])
+        if watched is not None and metrics["stage"] != watched[0]:
+            gc.collect()
+            survivors.append([watched[0], [ref() is not None for ref in watched[1]]])
+        state = trainer.run_state
+        watched = (state.stage.name, [weakref.ref(m) for m in state.model] + [weakref.ref(state.optimizer)])
+    weights = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+    torch.save({"losses": losses, "stages": stages_seen, "survivors": survivors, "weights": weights}, out)
+
+
+def test_stage_switches_with_overlapped_grad_reduce_train_as_without_it(datasets, tmp_path):
+    """Three stages (projector; vision + projector; all) with parallel.overlap_grad_reduce on and off: the same
+    loss at every step and the same final weights, and after each switch the previous stage's DDP and
+    optimizer are gone (their weak references are dead).
+
+    Fails if a switch leaves the old DDP alive (its gradient hooks still fire after the new DDP's: with the
+    overlap on, the next stage's first backward stops with 'param.grad being None is not safe'; with it off,
+    the old DDP and its gradient buffers survive every switch)."""
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap_{overlap}.pt"
+        run_distributed_test(_three_stages, 1, datasets, overlap, str(out))
+        runs[overlap] = torch.load(out, weights_only=False)
+    off, on = runs[False], runs[True]
+    assert on["stages"] == off["stages"] and {"align", "advance", "sft"} <= set(on["stages"])
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-5)
+    for name, weight in off["weights"].items():
+        torch.testing.assert_close(on["weights"][name], weight, rtol=1e-5, atol=1e-7, msg=name)
+    for run in (off, on):
+        assert [s for s, _ in run["survivors"]] == ["align", "advance"]
+        assert all(not any(alive) for _, alive in run["survivors"]), run["survivors"]

@@ -50,9 +50,9 @@ def make_dataset(root: str, name: str, n: int, seed: int, tokenizer: str | None 
     return prefix
 
 
-def make_datasets(root: str) -> dict[str, str]:
+def make_datasets(root: str, vocab_size: int = 400) -> dict[str, str]:
     """Two prefixes made with one tokenizer: 'a' (alignment stage) and 'b' (advance stage)."""
-    tokenizer = make_tiny_tokenizer(os.path.join(root, "tokenizer"))
+    tokenizer = make_tiny_tokenizer(os.path.join(root, "tokenizer"), vocab_size=vocab_size)
     return {"a": make_dataset(root, "a", 48, 1, tokenizer), "b": make_dataset(root, "b", 48, 2, tokenizer)}
 
 

@@ -21,6 +21,10 @@ Tables (markdown):
    only the index.
 5. Worker start: time to the first micro-batch with 2 workers started by fork and by spawn (the
    start method GPU decoding in workers needs); skipped by --quick.
+6. Validation: seconds per evaluation of a stage's validation data (a few global batches), reusing
+   one ValidationReader (plan made once, persistent workers, reset()) against building a new one for
+   every evaluation (opening and planning again, starting workers), with 0 workers and 2 forked or
+   spawned ones.
 """
 
 from __future__ import annotations
@@ -174,6 +178,49 @@ def worker_start_table(num_samples: int, repeats: int, workers: int = 2) -> list
         for start, values in times.items():
             first, later = (float(np.median(v)) for v in zip(*values, strict=True))
             rows.append(f"| {start} | {workers} | {first:.2f} | {later:.2f} |")
+    return rows
+
+
+def validation_table(num_samples: int, eval_iters: int, repeats: int, settings: list[tuple[int, str]]) -> list[str]:
+    """Seconds per evaluation, reuse (reset) vs rebuild (a new ValidationReader), per (workers, start)."""
+    from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
+    from megasail.data.loader.validation import ValidationReader
+
+    def evaluate(reader) -> int:
+        reader.reset()
+        steps = 0
+        while True:
+            try:
+                reader.next_step()
+                steps += 1
+            except StopIteration:
+                return steps
+
+    rows = ["| workers | start | reuse s / evaluation (median) | rebuild s / evaluation (median) | rebuild / reuse |",
+            "| --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as root:
+        prefix = os.path.join(root, "held_out")
+        write_bench_prefix(prefix, num_samples)
+        for workers, start in settings:
+            config = DataConfig(
+                stages=[StageConfig("bench", [SourceConfig(prefix)], validation_sources=[SourceConfig(prefix)])],
+                seq_length=8192, global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=workers,
+                decode_backend="pil", build_attention_mask=False, worker_start=start)
+            kept = ValidationReader(config, 0, eval_iters)
+            evaluate(kept)  # the first evaluation starts the workers in both cases
+            reuse, rebuild = [], []
+            for _ in range(repeats):  # alternating, so load changes hit both
+                started = time.perf_counter()
+                evaluate(kept)
+                reuse.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                fresh = ValidationReader(config, 0, eval_iters)
+                evaluate(fresh)
+                fresh.close()
+                rebuild.append(time.perf_counter() - started)
+            kept.close()
+            a, b = float(np.median(reuse)), float(np.median(rebuild))
+            rows.append(f"| {workers} | {start if workers else '-'} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
     return rows
 
 
@@ -481,6 +528,9 @@ def main(argv=None) -> None:
     if not args.quick:
         print("\n## Worker start (fork vs spawn)\n")
         print("\n".join(worker_start_table(args.loader_samples, args.repeats)))
+    print("\n## Validation: reuse vs rebuild per evaluation\n")
+    settings = [(0, "fork")] if args.quick else [(0, "fork"), (2, "fork"), (2, "spawn")]
+    print("\n".join(validation_table(24 if args.quick else 48, 2, args.repeats, settings)))
     print("\n## Loader start-up\n")
     print("\n".join(startup_table(args.startup_entries, args.workdir, attribute=not args.quick)))
 

@@ -6,8 +6,10 @@ Rows (measured side by side in one process, medians of --repeats):
   vision         ViT + projector alone on the batch's tiles
   sailvl_images  SailVLModel with images spliced at <IMG_CONTEXT> (overhead = this - gpt - vision)
 
-On CUDA it also reports tokens/s, TFLOP/s and MFU (bf16 peak from --peak-tflops), and with
-Transformer Engine an FP8 row. On CPU it runs the tiny config and reports the ratios only.
+On CUDA it also reports tokens/s, TFLOP/s and MFU, and with Transformer Engine an FP8 row. FLOPs follow
+the training loop's convention (megasail.models.flops: real tokens, causal attention per sample, every part
+trained: 3x forward), against the peak of this GPU by name (FP8 parts against the FP8 peak). On CPU it runs
+the tiny config and reports the ratios only.
 
     python tools/bench_model.py --config examples/configs/tiny.yaml
     python tools/bench_model.py --config examples/configs/sail_vl_2b.yaml --seq-length 8192 --tiles 10   # one GPU
@@ -32,7 +34,6 @@ def parse_args(argv):
     ap.add_argument("--tiles", type=int, default=2, help="image tiles per sequence (448px -> 256 tokens each)")
     ap.add_argument("--repeats", type=int, default=5, help="timed iterations per row (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations per row")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100 SXM: 989)")
     ap.add_argument("--fp8", action="store_true", help="add an FP8 row (needs CUDA and Transformer Engine)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.language.num_layers=2")
@@ -66,6 +67,19 @@ def _fwd_bwd(model, batch):
     return run
 
 
+def count_flops(model_cfg, batch: dict, trainable=("vision", "projector", "language")):
+    """The training loop's count (megasail.models.flops.FlopsModel.batch_flops) of one micro-batch: a
+    packed batch by its cu_seqlens / num_samples, a synthetic one (neither) as one sample per row."""
+    import torch
+
+    from megasail.models.flops import FlopsModel
+
+    if batch.get("cu_seqlens") is None:
+        rows, s = batch["input_ids"].shape
+        batch = {**batch, "cu_seqlens": torch.arange(0, (rows + 1) * s, s), "num_samples": torch.ones(rows)}
+    return FlopsModel.from_config(model_cfg).batch_flops(batch, list(trainable))
+
+
 def build(cfg_model, device, dtype):
     from megatron.core.models.gpt import GPTModel
 
@@ -90,7 +104,7 @@ def build(cfg_model, device, dtype):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     from megasail.config import load_config
-    from megasail.models.flops import sequence_flops, vision_flops_per_tile
+    from megasail.models.flops import FlopsModel, run_peak, step_metrics
     from megasail.runtime import destroy, initialize
     from megasail.training.synthetic import synthetic_batch
 
@@ -136,19 +150,22 @@ def main(argv=None) -> list[dict]:
     seconds.setdefault("vision", 0.0)
     tokens = b * s
     flops = {
-        "gpt": 3 * b * sequence_flops(cfg.model, s, 0),
-        "sailvl_text": 3 * b * sequence_flops(cfg.model, s, 0),
-        "vision": 3 * b * tiles * vision_flops_per_tile(cfg.model),
-        "sailvl_images": 3 * b * sequence_flops(cfg.model, s, tiles),
+        "gpt": count_flops(cfg.model, txt, ["language"]),
+        "sailvl_text": count_flops(cfg.model, txt),
+        "vision": FlopsModel.from_config(cfg.model).step_flops(b * tiles, [], ["vision", "projector"]),
+        "sailvl_images": count_flops(cfg.model, img),
     }
-    flops["sailvl_images_fp8"] = flops["sailvl_images"]
+    if "sailvl_images_fp8" in seconds:
+        flops["sailvl_images_fp8"] = count_flops(cfg8, img)  # the LLM's linear layers against the FP8 peak
+    peak = run_peak(cfg.model)
     rows = []
     for name, sec in seconds.items():
+        measured = step_metrics(flops[name], sec, 1, peak) if sec else {"tflops_per_device": 0.0, "mfu": None}
         row = {"row": name, "ms": sec * 1e3, "tokens_per_s": tokens / sec if sec else 0.0,
-               "tflops": flops[name] / sec / 1e12 if sec else 0.0}
+               "tflops": measured["tflops_per_device"]}
         row["ratio_vs_gpt"] = sec / seconds["gpt"]
         if device.type == "cuda":
-            row["mfu"] = row["tflops"] / args.peak_tflops
+            row["mfu"] = measured["mfu"]
         rows.append(row)
     overhead_text = seconds["sailvl_text"] / seconds["gpt"] - 1
     overhead_images = (seconds["sailvl_images"] - seconds["gpt"] - seconds["vision"]) / seconds["gpt"]
@@ -161,7 +178,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         line = f"| {r['row']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {r['ratio_vs_gpt']:.3f} |"
         if device.type == "cuda":
-            line += f" {r['mfu']:.1%} |"
+            line += f" {r['mfu']:.1%} |" if r["mfu"] is not None else " n/a |"
         print(line)
     print(f"wrapper overhead, text-only: {overhead_text:+.1%}; with images beyond GPT + ViT alone: {overhead_images:+.1%}")
     if args.fp8 and not (device.type == "cuda" and vlm.use_te):

@@ -15,9 +15,11 @@ alike. Rows report medians over the timed steps:
   step s            wall time of one optimizer step (slowest rank)
   tokens/s          sample tokens per second (padding excluded; GPT: every slot is a token)
   slots/s           token slots (global batch x seq_length) per second
-  TFLOP/s/device    executed FLOPs (the loop's FlopsModel: ViT counted, causal attention, frozen parts
-                    charged forward and activation gradients) per second per process
-  MFU               TFLOP/s/device over the device's dense peak (n/a on CPU)
+  TFLOP/s/device    model FLOPs per second per process, by the one convention of megasail.models.flops
+                    (real tokens only, causal attention per sample, ViT per tile, frozen parts charged
+                    what their backward runs), as the loop logs them
+  MFU / HFU         the loop's mfu / hfu (HFU adds train.recompute's recomputation): FLOPs over this GPU's
+                    dense peak, FP8 parts against the FP8 peak (n/a on CPU)
   bubble            1F1B pipeline idle share (p - 1) / (v m + p - 1) at PP > 1
   split             LLM layers on pipeline stage 0 (which also runs the ViT): the ViT-aware split of
                     megasail.models.flops.suggest_first_stage_layers unless --even-split or
@@ -120,6 +122,7 @@ def gpt_step(cfg, trainer):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megasail.models import specs
+    from megasail.models.flops import FlopsModel
     from megasail.models.mcore_config import language_transformer_config
     from megasail.training.model_builder import wrap_ddp
     from megasail.training.optim import build_optimizer, optimizer_step
@@ -177,9 +180,13 @@ def gpt_step(cfg, trainer):
         )
         optimizer_step(optimizer)
 
-    slots = d.global_batch_size * d.seq_length
-    parts = trainer.flops.forward_parts(0, [d.seq_length] * d.global_batch_size, slots)
-    return step, trainer.flops.training_flops(parts, ["language"])
+    # GPT runs without recomputation: its hardware FLOPs are its model FLOPs
+    flops = FlopsModel.from_config(cfg.model).step_flops(0, [d.seq_length] * d.global_batch_size, ["language"])
+    return step, flops
+
+
+def _median_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
 
 
 def slowest_seconds(fn) -> float:
@@ -203,7 +210,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from megasail.config import load_config
-    from megasail.models.flops import suggest_first_stage_layers
+    from megasail.models.flops import step_metrics, suggest_first_stage_layers
     from megasail.plan import pipeline_bubble
     from megasail.runtime import destroy, init_process_group, initialize
     from megasail.training.checks import check_run
@@ -248,7 +255,6 @@ def worker(args) -> None:
         "split": p.first_stage_llm_layers,
         "bubble": pipeline_bubble(p.pipeline, trainer.loader.microbatches_per_step, p.virtual_pipeline),
     }
-    peak = trainer.peak
     rows = [
         {
             "model": "sailvl",
@@ -256,20 +262,22 @@ def worker(args) -> None:
             "tokens_per_s": med["tokens_per_s"],
             "slots_per_s": slots / med["step_time"],
             "tflops_per_device": med["tflops_per_device"],
-            "mfu": med["tflops_per_device"] / peak if peak else None,
+            "mfu": _median_or_none([x["mfu"] for x in metrics]),
+            "hfu": _median_or_none([x["hfu"] for x in metrics]),
             "losses": [x["loss"] for x in metrics],
         }
     ]
     gpt_s = statistics.median(gpt_times)
-    gpt_tflops = gpt_flops / gpt_s / dist.get_world_size() / 1e12
+    gpt_measured = step_metrics(gpt_flops, gpt_s, dist.get_world_size(), trainer.peak)
     rows.append(
         {
             "model": "gpt",
             "step_s": gpt_s,
             "tokens_per_s": slots / gpt_s,
             "slots_per_s": slots / gpt_s,
-            "tflops_per_device": gpt_tflops,
-            "mfu": gpt_tflops / peak if peak else None,
+            "tflops_per_device": gpt_measured["tflops_per_device"],
+            "mfu": gpt_measured["mfu"],
+            "hfu": gpt_measured["hfu"],
         }
     )
     if dist.get_rank() == 0:
@@ -281,8 +289,8 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- launcher
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | bubble | split |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | HFU | bubble | split |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         layout = (
@@ -290,12 +298,12 @@ def format_table(rows: list[dict]) -> str:
             + (f" VPP={r['vpp']}" if r["vpp"] else "")
             + (" FP8" if r["fp8"] else "")
         )
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        mfu, hfu = (f"{r[k]:.1%}" if r[k] is not None else "n/a" for k in ("mfu", "hfu"))
         bubble = f"{r['bubble']:.1%}" if r["pp"] > 1 else "-"
         split = (str(r["split"] or "even")) if r["pp"] > 1 and r["model"] == "sailvl" else "-"
         lines.append(
             f"| {r['model']} | {layout} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {bubble} | {split} |"
+            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {hfu} | {bubble} | {split} |"
         )
     return "\n".join(lines)
 

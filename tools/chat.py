@@ -6,10 +6,20 @@
     python tools/chat.py --load ckpt/ --batch-jsonl questions.jsonl --output answers.jsonl
     torchrun --nproc-per-node 2 tools/chat.py --load ckpt/ --tensor-parallel 2 --prompt "..."
 
-Prompts go through the dataset's chat template and InternVL dynamic tiling, as in training.
+Prompts go through the chat template and InternVL dynamic tiling the checkpoint's training data was
+prepared with: the template its samples were rendered with (a checkpoint trained on image-caption
+data only gets the caption template, whose prompt is the images alone: the question text is not
+used), the system message and tile limits of the dataset manifest; --template, --system and
+--max-tiles override them. A HuggingFace directory names its template and tiling in config.json
+("template", "max_dynamic_patch"), as megasail's exports do.
+
 Only the answer is printed (rank 0); tokens/s goes to the log (stderr). Batch input: one JSON object
-per line with "prompt" (or "question"), optional "images" (paths) and "id"; each output line has
-"id", "answer", "token_ids", "stopped", or "error" for a line that could not be answered.
+per line with "prompt" (or "question"), optional "images" (paths; a relative path is relative to the
+directory of the JSONL file) and "id". Each output line, in input order, has "id" (the input's, or
+the line's 0-based index among non-empty lines), "answer", "token_ids", "stopped"; a line that could
+not be answered has "id", "line" (its line number in the file) and "error" instead, and the exit
+status is 1. A checkpoint that cannot be opened (no config.json in a HuggingFace directory, no
+megasail checkpoint) is one "error:" line and exit status 2.
 --bench times 64 new tokens with and without the KV cache.
 """
 
@@ -38,7 +48,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--interactive", action="store_true", help="keep a conversation on stdin (/reset clears it)"
     )
-    p.add_argument("--batch-jsonl", help="answer every prompt of this JSONL file (see above)")
+    p.add_argument(
+        "--batch-jsonl",
+        help="answer every prompt of this JSONL file (see above; image paths relative to its directory)",
+    )
     p.add_argument("--output", help="where --batch-jsonl answers go (JSONL)")
     p.add_argument(
         "--batch-size", type=int, default=8, help="prompts generated together in --batch-jsonl mode"
@@ -50,7 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
-    p.add_argument("--template", help="chat template name (default: the checkpoint's data template)")
+    p.add_argument(
+        "--template",
+        help="prompt template: sailvl-chat, internvl2_5, caption (default: the template the checkpoint's "
+        "training data was rendered with; caption for image-caption data only)",
+    )
     p.add_argument("--system", help="system message (default: the template's)")
     p.add_argument(
         "--max-tiles", type=int, help="most tiles per image (default: the checkpoint's data setting)"
@@ -75,6 +92,11 @@ def parse_args(argv=None):
         p.error("give exactly one of --prompt, --interactive or --batch-jsonl")
     if args.batch_jsonl and not args.output:
         p.error("--batch-jsonl needs --output")
+    if args.template is not None:
+        from megasail.data.text.template import TEMPLATES
+
+        if args.template not in TEMPLATES:
+            p.error(f"--template {args.template!r}: choose from {', '.join(sorted(TEMPLATES))}")
     return args
 
 
@@ -106,6 +128,14 @@ class Chat:
                 if v is not None
             },
         )
+        log.info(
+            "prompt template %r, %d-%d tiles per image",
+            self.prompt.template,
+            self.prompt.min_tiles,
+            self.prompt.max_tiles,
+        )
+        if self.prompt.template == "caption":
+            log.warning("the caption template's prompt is the images alone: question text is not used")
         pad = self.tokenizer.token_id("<|endoftext|>") if self._has("<|endoftext|>") else 0
         self.generator = Generator(loaded.model, pad_token_id=pad)
         self.params = SamplingParams(
@@ -164,32 +194,35 @@ def run_batch(chat: Chat, args, is_main: bool) -> int:
     from tqdm import tqdm
 
     with open(args.batch_jsonl) as f:
-        lines = [line for line in f if line.strip()]
-    records, failed = [], 0
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    base = os.path.dirname(os.path.abspath(args.batch_jsonl))  # relative image paths start here
+    failed = 0
     pending: list[tuple[int, object]] = []
+    items: dict[int, dict] = {}
     out: list[dict | None] = [None] * len(lines)
-    for n, line in enumerate(lines):
+    for n, (number, line) in enumerate(lines):
+        item = None
         try:
             item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("not a JSON object")
             question = item.get("prompt", item.get("question"))
             if not isinstance(question, str):
                 raise ValueError('no "prompt" string')
-            base = os.path.dirname(os.path.abspath(args.batch_jsonl))
             images = [_read(p if os.path.isabs(p) else os.path.join(base, p)) for p in item.get("images", [])]
-            records.append(item)
             pending.append((n, chat.request(question, images)))
+            items[n] = item
         except Exception as e:  # noqa: BLE001 - a bad line is reported in the output, never dropped
             failed += 1
-            out[n] = {"line": n + 1, "error": f"{type(e).__name__}: {e}"}
-            log.warning("%s:%d: %s", args.batch_jsonl, n + 1, out[n]["error"])
-    items = {n: json.loads(lines[n]) for n, _ in pending}
+            given = item.get("id", n) if isinstance(item, dict) else n
+            out[n] = {"id": given, "line": number, "error": f"{type(e).__name__}: {e}"}
+            log.warning("%s:%d: %s", args.batch_jsonl, number, out[n]["error"])
     bar = tqdm(total=len(pending), desc="answering", unit="prompt", disable=not is_main)
     for start in range(0, len(pending), args.batch_size):
         chunk = pending[start : start + args.batch_size]
         for (n, _), result in zip(chunk, chat.answer([r for _, r in chunk]), strict=True):
-            item = items[n]
             out[n] = {
-                "id": item.get("id", n),
+                "id": items[n].get("id", n),
                 "answer": chat.text(result),
                 "token_ids": result.token_ids,
                 "stopped": result.stopped,
@@ -241,7 +274,14 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megasail import runtime
+    from megasail.inference.loading import checkpoint_kind
 
+    try:
+        checkpoint_kind(args.load)
+    except FileNotFoundError as e:  # the user's path, not a bug: one line, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     runtime.initialize(args.tensor_parallel, args.pipeline_parallel, seed=args.seed)
     is_main = dist.get_rank() == 0
     try:

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=tuple(_DTYPES), help="dtype written (default: the input's)")
     p.add_argument(
         "--tokenizer",
-        help="tokenizer dir/tokenizer.json copied into a HF export (default: the "
+        help="tokenizer.json, sentencepiece .model or their directory, written into a HF export as "
+        "tokenizer.json + tokenizer_config.json + chat template + image processor config (default: the "
         "checkpoint's dataset tokenizer, or the input HF directory's)",
     )
     p.add_argument(
@@ -122,11 +123,10 @@ def _run_config_yaml(config, raw: dict) -> str:
 
 def hf_to_megasail(args) -> None:
     from megasail.convert.dist import checkpoint_names, meta_model, write_weights_checkpoint
-    from megasail.convert.hf_dir import HFSource, hf_dtype, read_hf_config
+    from megasail.convert.hf_dir import HFSource, read_hf_config
     from megasail.convert.recipes import recipes
 
-    precision = args.precision or hf_dtype(raw_config(args.input))
-    config, raw = read_hf_config(args.input, precision=precision, transformer_impl="local")
+    config, raw = read_hf_config(args.input, precision=args.precision, transformer_impl="local")
     _check_layout(config, args.tensor_parallel, args.pipeline_parallel)
     source = HFSource(args.input, config, args.allow_pickle)
     model = meta_model(config)
@@ -161,32 +161,18 @@ def hf_to_megasail(args) -> None:
     )
 
 
-def raw_config(directory: str) -> dict:
-    import json
-
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)
-
-
-def _tokenizer_for(args, run_config=None) -> str | None:
+def _tokenizer_for(args, data_tokenizer: str | None = None) -> str | None:
+    """--tokenizer, else the training data's (a megasail checkpoint) or ROOT/tokenizer (a converted
+    one), else the input HF directory's tokenizer.json."""
     if args.tokenizer:
         return args.tokenizer
-    if run_config is not None:
-        from megasail.inference.loading import _manifest_settings, checkpoint_tokenizer
+    if args.source == "megasail":
+        from megasail.inference.loading import checkpoint_tokenizer
 
-        return _manifest_settings(run_config)[0] or checkpoint_tokenizer(args.input)
-    if args.source == "hf" and os.path.isfile(os.path.join(args.input, "tokenizer.json")):
+        return data_tokenizer or checkpoint_tokenizer(args.input)
+    if os.path.isfile(os.path.join(args.input, "tokenizer.json")):
         return args.input
     return None
-
-
-def _stop_ids(tokenizer_path: str | None) -> tuple[int, ...]:
-    if not tokenizer_path:
-        return ()
-    from megasail.data.text.tokenizer import MultimodalTokenizer
-    from megasail.inference.prompt import stop_token_ids
-
-    return stop_token_ids(MultimodalTokenizer.load(tokenizer_path))
 
 
 def to_hf(args) -> None:
@@ -203,8 +189,9 @@ def to_hf(args) -> None:
         step = latest_checkpoint(args.input)
         if step is None:
             raise SystemExit(f"error: no checkpoint under {args.input}")
+        meta = read_meta(step)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            f.write(read_meta(step)["config"])
+            f.write(meta["config"])
             f.flush()
             run_config = load_config(f.name, ["model.transformer_impl=local"])
         config = run_config.model
@@ -220,13 +207,10 @@ def to_hf(args) -> None:
         def produce(name):
             return source.read(by_name[name])
     else:
-        from megasail.convert.hf_dir import HFSource, hf_dtype, read_hf_config
+        from megasail.convert.hf_dir import HFSource, read_hf_config
         from megasail.convert.recipes import recipes
 
-        raw = raw_config(args.input)
-        config, _ = read_hf_config(
-            args.input, precision=args.precision or hf_dtype(raw), transformer_impl="local"
-        )
+        config, _ = read_hf_config(args.input, precision=args.precision, transformer_impl="local")
         hf = HFSource(args.input, config, args.allow_pickle)
         by_recipe = {r.megasail: r for r in recipes(config)}
         from megasail.convert.dist import checkpoint_names, meta_model
@@ -238,12 +222,16 @@ def to_hf(args) -> None:
             return hf.tensor(by_recipe[name])
 
     dtype = getattr(torch, _DTYPES[config.precision])
-    tokenizer = _tokenizer_for(args, run_config)
-    prompt = None
-    if run_config is not None:
-        from megasail.inference.loading import _manifest_settings
+    from megasail.data.text.tokenizer import MultimodalTokenizer
+    from megasail.inference.loading import data_settings, hf_prompt_settings
 
-        prompt = _manifest_settings(run_config)[1]
+    data_tokenizer = None
+    if run_config is not None:  # the template and tiling the checkpoint's data was prepared with
+        data_tokenizer, prompt = data_settings(run_config, meta.get("stage", {}).get("index"))
+    else:
+        prompt = hf_prompt_settings(args.input, config)
+    tokenizer_path = _tokenizer_for(args, data_tokenizer)
+    tokenizer = MultimodalTokenizer.load(tokenizer_path) if tokenizer_path else None
     from megasail.convert.recipes import hf_file_plan
 
     total = len(hf_file_plan(config, shapes, args.layout))
@@ -256,16 +244,22 @@ def to_hf(args) -> None:
             dtype=dtype,
             layout=args.layout,
             max_shard_bytes=args.max_shard_size,
-            tokenizer_dir=tokenizer,
-            stop_token_ids=_stop_ids(tokenizer),
-            template=prompt.template if prompt else "sailvl-chat",
-            max_tiles=prompt.max_tiles if prompt else 10,
+            tokenizer=tokenizer,
+            prompt=prompt,
             progress=bar,
         )
     if tokenizer is None:
-        log.warning("no tokenizer copied: pass --tokenizer (the run's dataset manifest names none)")
+        log.warning(
+            "no tokenizer or processor written: pass --tokenizer (the run's dataset manifest names none)"
+        )
     log.info(
-        "wrote %d safetensors file(s), config.json, generation_config.json to %s", len(files), args.output
+        "wrote %d safetensors file(s), config.json, generation_config.json%s to %s (template %s, %d-%d tiles)",
+        len(files),
+        ", tokenizer and processor files" if tokenizer is not None else "",
+        args.output,
+        prompt.template,
+        prompt.min_tiles,
+        prompt.max_tiles,
     )
 
 
@@ -286,6 +280,13 @@ def main(argv=None) -> int:
         raise SystemExit(
             "error: --from megasail --to megasail: a torch_dist checkpoint already loads at any layout"
         )
+    from megasail.convert.hf_dir import MissingConfigError, require_hf_directory
+
+    if args.source == "hf":
+        try:
+            require_hf_directory(args.input)
+        except MissingConfigError as e:  # the user's directory, not a bug: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
     from megasail import runtime
 
     runtime.initialize(1, 1)  # one process: sharded state dicts read megatron's parallel state

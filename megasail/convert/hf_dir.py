@@ -4,8 +4,8 @@
 every key before any tensor is read (an unknown key names the closest known one; a missing one
 names the megasail tensor that needs it) and makes megasail tensors one at a time.
 ``write_hf_directory`` writes config.json, generation_config.json, safetensors shards + index and
-the tokenizer files from megasail tensors produced one at a time. JSON is read as data: no
-``auto_map`` code is imported or run.
+the tokenizer and processor files (``hf_processor``) from megasail tensors produced one at a time.
+JSON is read as data: no ``auto_map`` code is imported or run.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from megasail.convert import safetensors_io as st
 from megasail.convert.hf_internvl import model_config_from_hf, model_config_from_remote_code
+from megasail.convert.hf_processor import write_processor_files
 from megasail.convert.recipes import (
     Recipe,
     closest,
@@ -28,6 +29,9 @@ from megasail.convert.recipes import (
     recipes,
     unused_vit_layer,
 )
+from megasail.data.text.tokenizer import MultimodalTokenizer
+from megasail.inference.prompt import PromptSettings
+from megasail.inference.prompt import stop_token_ids as stop_token_ids_of
 from megasail.models.config import ModelConfig
 
 TOKENIZER_FILES = (
@@ -44,13 +48,35 @@ TOKENIZER_FILES = (
 )
 
 
-def read_hf_config(directory: str, **overrides) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, raw config.json) of a HF InternVL (transformers) or InternVL-chat (remote code) dir."""
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+class MissingConfigError(FileNotFoundError):
+    """A HuggingFace directory without its config.json (the message is one line naming the file)."""
+
+
+def require_hf_directory(directory: str) -> str:
+    """``directory``/config.json, or MissingConfigError saying what is missing (one line)."""
     path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: no config.json (not a HuggingFace model directory)")
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(directory):
+        raise MissingConfigError(f"{directory}: no such directory")
+    weights = sorted(n for n in os.listdir(directory) if n.endswith(_WEIGHT_SUFFIXES))
+    held = f" (it holds {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''})" if weights else ""
+    raise MissingConfigError(
+        f"{path} not found{held}: a HuggingFace model directory needs the config.json its weights were "
+        "saved with; copy it from the source model"
+    )
+
+
+def read_hf_config(directory: str, precision: str | None = None, **overrides) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, raw config.json) of a HF InternVL (transformers) or InternVL-chat (remote code) dir;
+    ``precision`` None: the dtype config.json declares."""
+    path = require_hf_directory(directory)
     with open(path) as f:
         raw = json.load(f)
+    overrides["precision"] = precision or hf_dtype(raw)
     make = model_config_from_remote_code if "llm_config" in raw else model_config_from_hf
     try:
         return make(raw, **overrides), raw
@@ -196,7 +222,11 @@ def transformers_config(config: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def remote_code_config(
-    config: ModelConfig, dtype: torch.dtype, template: str = "sailvl-chat", max_tiles: int = 10
+    config: ModelConfig,
+    dtype: torch.dtype,
+    template: str = "sailvl-chat",
+    max_tiles: int = 10,
+    min_tiles: int = 1,
 ) -> dict:
     """config.json in InternVL-chat / SAIL-VL form (``model_type: internvl_chat``). No ``auto_map``:
     the modelling code is not shipped; add the upstream remote-code files to load it that way."""
@@ -213,7 +243,7 @@ def remote_code_config(
         "template": template,
         "dynamic_image_size": True,
         "use_thumbnail": True,
-        "min_dynamic_patch": 1,
+        "min_dynamic_patch": min_tiles,
         "max_dynamic_patch": max_tiles,
         "vision_config": {
             "model_type": "intern_vit_6b",
@@ -254,10 +284,11 @@ def remote_code_config(
 
 
 def copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
-    """Copy the tokenizer files that exist in ``tokenizer_dir`` (or a tokenizer.json path)."""
+    """Copy the tokenizer files that exist in ``tokenizer_dir`` (or a tokenizer.json / .model path)."""
     if os.path.isfile(tokenizer_dir):
-        shutil.copyfile(tokenizer_dir, os.path.join(out_dir, "tokenizer.json"))
-        return ["tokenizer.json"]
+        name = "tokenizer.json" if tokenizer_dir.endswith(".json") else os.path.basename(tokenizer_dir)
+        shutil.copyfile(tokenizer_dir, os.path.join(out_dir, name))
+        return [name]
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
     if "tokenizer.json" not in copied and not any(n.endswith(".model") for n in os.listdir(tokenizer_dir)):
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json to copy")
@@ -276,15 +307,20 @@ def write_hf_directory(
     dtype: torch.dtype,
     layout: str = "transformers",
     max_shard_bytes: int = 5 << 30,
-    tokenizer_dir: str | None = None,
-    stop_token_ids: tuple[int, ...] = (),
-    template: str = "sailvl-chat",
-    max_tiles: int = 10,
+    tokenizer: MultimodalTokenizer | None = None,
+    prompt: PromptSettings | None = None,
     progress=None,
 ) -> list[str]:
     """Write a HF directory from megasail tensors: ``produce(megasail_name)`` is called once per
-    megasail tensor (TP=1 names, ``shapes`` gives each one's shape), in file order."""
+    megasail tensor (TP=1 names, ``shapes`` gives each one's shape), in file order. With a
+    ``tokenizer``, the tokenizer and processor files for ``prompt`` (template, tiling) as well."""
+    prompt = prompt or PromptSettings(
+        tile_size=config.vision.image_size, tokens_per_tile=config.tokens_per_tile
+    )
+    template, max_tiles = prompt.template, prompt.max_tiles
     os.makedirs(out_dir, exist_ok=True)
+    if tokenizer is not None:  # first: a tokenizer that does not fit the model stops before the weights
+        write_processor_files(out_dir, tokenizer, prompt, config)
     by_recipe = {r.megasail: r for r in recipes(config)}
     owner: dict[str, tuple[Recipe, int]] = {}
     for recipe in by_recipe.values():
@@ -308,12 +344,13 @@ def write_hf_directory(
     cfg = (
         transformers_config(config, dtype)
         if layout != "remote-code"
-        else remote_code_config(config, dtype, template, max_tiles)
+        else remote_code_config(config, dtype, template, max_tiles, prompt.min_tiles)
     )
-    if layout != "remote-code":
-        cfg["max_dynamic_patch"], cfg["template"] = max_tiles, template  # read by tools/chat.py
+    if layout != "remote-code":  # read by tools/chat.py
+        cfg.update(max_dynamic_patch=max_tiles, min_dynamic_patch=prompt.min_tiles, template=template)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+    stop_token_ids = stop_token_ids_of(tokenizer) if tokenizer is not None else ()
     generation = {
         "do_sample": False,
         "eos_token_id": list(stop_token_ids) or None,
@@ -321,6 +358,4 @@ def write_hf_directory(
     }
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
-    if tokenizer_dir:
-        copy_tokenizer(tokenizer_dir, out_dir)
     return files

@@ -27,6 +27,8 @@ _EXPORTS = {
     "SourceConfig": "loader.config",
     "MultimodalDataLoader": "loader.data_loader",
     "build_data_loader": "loader.model_parallel",
+    "build_validation_loader": "loader.validation",
+    "ValidationReader": "loader.validation",
 }
 
 __all__ = sorted(_EXPORTS)

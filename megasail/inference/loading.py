@@ -3,7 +3,8 @@
 - megasail (``latest_checkpointed_iteration.txt`` / ``megasail.json``): the run's config comes from
   the checkpoint's metadata; weights load through ``megasail.training.checkpoint.load_checkpoint``
   (dist_checkpointing reshards to this run's TP/PP); the tokenizer, template and tiling come from
-  the first dataset manifest the run trained on, unless given.
+  the dataset manifests of the stage the checkpoint was saved in, unless given: the template is the
+  one its samples were rendered with (the caption template for image-caption data only).
 - HuggingFace (``config.json`` + safetensors, either key layout): converted in memory and sliced
   for this rank; the tokenizer is the directory's ``tokenizer.json`` unless given.
 
@@ -13,6 +14,7 @@ Call ``megasail.runtime.initialize(tp, pp)`` first.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 
@@ -23,6 +25,9 @@ from megasail.data.text.tokenizer import MultimodalTokenizer
 from megasail.inference.prompt import PromptSettings
 from megasail.models.config import ModelConfig
 
+log = logging.getLogger(__name__)
+_MODES_CHUNK = 1 << 24  # segment modes scanned at a time by trained_template
+
 
 @dataclass
 class LoadedModel:
@@ -32,8 +37,31 @@ class LoadedModel:
     prompt: PromptSettings
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """``path`` is neither a HuggingFace model directory nor a megasail checkpoint (one-line message)."""
+
+
 def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def checkpoint_kind(path: str) -> str:
+    """The kind of checkpoint at ``path``, "hf" or "megasail"; CheckpointNotFoundError naming what
+    is missing otherwise."""
+    from megasail.convert.hf_dir import require_hf_directory
+    from megasail.training.checkpoint import latest_checkpoint
+
+    if is_hf_directory(path):
+        return "hf"
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if latest_checkpoint(path) is not None:
+        return "megasail"
+    require_hf_directory(path)  # weights without config.json: name the missing file
+    raise CheckpointNotFoundError(
+        f"{path}: neither a HuggingFace model directory (no config.json) nor a megasail checkpoint "
+        "(no latest_checkpointed_iteration.txt and no iter_* directory with megasail.json)"
+    )
 
 
 def _build(config: ModelConfig, tensor: int, pipeline: int):
@@ -52,8 +80,11 @@ def _build(config: ModelConfig, tensor: int, pipeline: int):
     return model.eval()
 
 
-def _hf_prompt_settings(path: str, config: ModelConfig) -> PromptSettings:
-    cfg = json.loads(open(os.path.join(path, "config.json")).read())
+def hf_prompt_settings(path: str, config: ModelConfig) -> PromptSettings:
+    """Template and tiling a HF directory's config.json names (InternVL-chat's ``template``,
+    ``max_dynamic_patch``, ``min_dynamic_patch``; sailvl-chat and 10 tiles when absent)."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
     from megasail.data.text.template import TEMPLATES
 
     template = cfg.get("template") if cfg.get("template") in TEMPLATES else "sailvl-chat"
@@ -66,34 +97,81 @@ def _hf_prompt_settings(path: str, config: ModelConfig) -> PromptSettings:
     )
 
 
-def _manifest_settings(run_config) -> tuple[str | None, PromptSettings]:
-    """(tokenizer path, prompt settings) from the first source of the run's first data stage."""
+def _stage_prefixes(run_config, stage_index: int | None) -> list[str]:
+    """Dataset prefixes of the checkpoint's stage (the first stage when unknown), or data.path."""
     stages = run_config.data.stages
-    prefix = (
-        stages[0].sources[0].prefix
-        if stages and stages[0].sources
-        else getattr(run_config.data, "path", None)
-    )
+    if stages:
+        index = stage_index if stage_index is not None and 0 <= stage_index < len(stages) else 0
+        return [source.prefix for source in stages[index].sources]
+    path = getattr(run_config.data, "path", None)
+    return [path] if path else []
+
+
+def trained_template(prefix: str, manifest: dict) -> tuple[str, str]:
+    """(template name, sample kind) of the dataset ``prefix``: kind "chat" when any sample has prompt
+    text (the conversation template rendered it), "caption" when the samples are image slots and
+    captions only (the caption template: the prompt is the images), else "text"."""
+    from megasail.data.format.codes import SegmentMode
+    from megasail.data.format.reader import read_token_index, token_idx_path
+
+    templates = manifest.get("templates", {})
+    conversation = templates.get("conversation", {}).get("name", "sailvl-chat")
+    try:
+        modes = read_token_index(token_idx_path(prefix)).modes
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot read the sample modes (%s); assuming conversations", prefix, e)
+        return conversation, "chat"
+    has_image = False
+    for start in range(0, len(modes), _MODES_CHUNK):  # one byte per segment; stops at the first prompt
+        chunk = modes[start : start + _MODES_CHUNK]
+        if (chunk == SegmentMode.PROMPT).any():
+            return conversation, "chat"
+        has_image = has_image or bool((chunk == SegmentMode.IMAGE).any())
+    if has_image:
+        return templates.get("caption", {}).get("name", "caption"), "caption"
+    return conversation, "text"
+
+
+def data_settings(run_config, stage_index: int | None = None) -> tuple[str | None, PromptSettings]:
+    """(tokenizer path, prompt settings) of the data a checkpoint trained on: the dataset manifests
+    of its stage ``stage_index`` (megasail.json's stage; the first when None) or of data.path.
+    The template is the one those samples were rendered with (``trained_template``): the
+    conversation template if any source holds conversations, the caption template if the sources
+    hold image-caption samples only."""
     base = PromptSettings(
         max_tiles=run_config.data.max_tiles,
         min_tiles=run_config.data.min_tiles,
         tile_size=run_config.model.vision.image_size,  # the tiles the model was built for
         tokens_per_tile=run_config.model.tokens_per_tile,
     )
-    if not prefix or not os.path.isfile(prefix + ".manifest.json"):
+    found = []
+    for prefix in _stage_prefixes(run_config, stage_index):
+        if os.path.isfile(prefix + ".manifest.json"):
+            with open(prefix + ".manifest.json") as f:
+                manifest = json.load(f)
+            found.append((prefix, manifest, *trained_template(prefix, manifest)))
+    if not found:
         return None, base
-    manifest = json.loads(open(prefix + ".manifest.json").read())
-    template = manifest.get("templates", {}).get("conversation", {}).get("name", base.template)
-    return manifest.get("tokenizer", {}).get("path"), replace(
-        base, template=template, system_message=manifest.get("system_message")
-    )
+    rank = {"chat": 0, "caption": 1, "text": 2}
+    prefix, manifest, template, kind = min(found, key=lambda f: rank[f[3]])
+    log.info("prompt template %r: the training data's (%s samples in %s)", template, kind, prefix)
+    settings = replace(base, template=template, system_message=manifest.get("system_message"))
+    return found[0][1].get("tokenizer", {}).get("path"), settings
 
 
 def checkpoint_tokenizer(path: str) -> str | None:
-    """ROOT/tokenizer of a checkpoint converted from HuggingFace (path: ROOT or one of its step dirs)."""
+    """ROOT/tokenizer of a checkpoint converted from HuggingFace (path: ROOT or one of its step dirs):
+    a tokenizer.json or a sentencepiece .model there."""
+    from megasail.data.text.tokenizer import TokenizerError, resolve_tokenizer_file
+
     for root in (path, os.path.dirname(os.path.abspath(path))):
-        if os.path.isfile(os.path.join(root, "tokenizer", "tokenizer.json")):
-            return os.path.join(root, "tokenizer")
+        candidate = os.path.join(root, "tokenizer")
+        if os.path.isdir(candidate):
+            try:
+                resolve_tokenizer_file(candidate)
+            except TokenizerError:
+                continue
+            return candidate
     return None
 
 
@@ -104,7 +182,7 @@ def load_for_generation(
     tensor = parallel_state.get_tensor_model_parallel_world_size()
     pipeline = parallel_state.get_pipeline_model_parallel_world_size()
     precision = precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    if is_hf_directory(path):
+    if checkpoint_kind(path) == "hf":
         from megasail.convert.hf_internvl import load_hf_checkpoint
         from megasail.convert.sharding import load_full_state_dict
 
@@ -112,7 +190,7 @@ def load_for_generation(
         model = _build(config, tensor, pipeline)
         load_full_state_dict(model, full)
         del full
-        prompt = _hf_prompt_settings(path, config)
+        prompt = hf_prompt_settings(path, config)
         tokenizer_path = tokenizer or path
     else:
         from megasail.config import load_config
@@ -131,7 +209,7 @@ def load_for_generation(
         config = run_config.model
         model = _build(config, tensor, pipeline)
         load_checkpoint(step_dir, [model], weights_only=True)
-        manifest_tokenizer, prompt = _manifest_settings(run_config)
+        manifest_tokenizer, prompt = data_settings(run_config, meta.get("stage", {}).get("index"))
         tokenizer_path = tokenizer or manifest_tokenizer or checkpoint_tokenizer(path)
         if tokenizer_path is None:
             raise ValueError(

@@ -78,6 +78,18 @@ def build_prompt(
         min_tiles=settings.min_tiles,
         on_error="raise",
     )
+    return build_prompt_from_tiles(tokenizer, settings, question, [t.cpu() for t in tiles], history)
+
+
+def build_prompt_from_tiles(
+    tokenizer: MultimodalTokenizer,
+    settings: PromptSettings,
+    question: str,
+    tiles: Sequence[torch.Tensor] = (),
+    history: Sequence[tuple[str, str]] = (),
+) -> tuple[list[int], torch.Tensor | None]:
+    """``build_prompt`` for images already decoded and tiled (one [n_i, 3, T, T] tensor per image,
+    e.g. from one ``decode_tiles`` call over a whole batch); pixel_values stay on their device."""
     turns = []
     for q, a in history:
         turns += [Turn("user", q), Turn("assistant", a)]
@@ -89,5 +101,5 @@ def build_prompt(
     segments = tokenize_pieces(pieces, tokenizer)
     image_tokens = [t.shape[0] * settings.tokens_per_tile + 2 for t in tiles]
     input_ids, _ = expand_segments(segments, tokenizer, image_tokens)
-    pixels = torch.cat([t.cpu() for t in tiles]) if tiles else None
+    pixels = torch.cat(list(tiles)) if len(tiles) else None
     return input_ids, pixels

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -107,6 +108,11 @@ def install() -> bool:
         return False
 
     cuda = torch.cuda
+    # Reads of .grad that megatron makes (None-checked) reach torch through the mode below, which then warns
+    # once per rank that the tensor is not a leaf: nothing is wrong, so the warning is not shown.
+    warnings.filterwarnings(
+        "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor", category=UserWarning
+    )
     # Device management: a CPU process has one "device", index 0.
     cuda.current_device = lambda: 0
     cuda.set_device = lambda *a, **k: None

@@ -41,6 +41,7 @@ from megatron.core.dist_checkpointing.serialization import (
 )
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,47 @@ _NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 _MAX_LISTED = 20
 
 
-class CheckpointMismatchError(KeyError):
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used as asked; the message says which, why, and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError, KeyError):
     """The checkpoint's keys or shapes differ from the model's (the message lists them, one per line)."""
 
     def __str__(self) -> str:
         return str(self.args[0])  # KeyError would print the repr, newlines escaped
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is shorter than its metadata says (a copy or a write cut short)."""
+
+
 _async_queue = None  # megatron-core AsyncCallsQueue, created on the first async save
+_writer_manager = None  # the Manager process serving megatron's write-results queue (see below)
+
+
+def _writer_queue_dies_with_this_process() -> None:
+    """megatron's torch_dist writer hands its results back through a queue served by a Manager process it
+    spawns once (``filesystem_async._results_queue``, megatron-core 0.16); that process never watches its
+    parent, so a trainer killed with SIGKILL left it running (~460 MB each), and a SIGTERM to the whole job
+    killed it before the trainer's last save. Seed the queue first, from a Manager whose process ignores
+    stop signals and dies with this one."""
+    global _writer_manager
+    import multiprocessing
+    import threading
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megasail.child_processes import worker_of
+
+    if _writer_manager is not None or getattr(filesystem_async, "_results_queue", 0) is not None:
+        return  # seeded already, or a megatron-core without this queue: nothing to do
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    main_thread = threading.current_thread() is threading.main_thread()  # the death signal follows the thread
+    manager.start(initializer=worker_of, initargs=(os.getpid(), main_thread))  # lives through a SIGTERM too
+    filesystem_async._results_queue = manager.Queue()
+    _writer_manager = manager
 
 
 def step_dir(root: str, iteration: int) -> str:
@@ -112,6 +146,39 @@ def latest_checkpoint(root: str) -> str | None:
         )
     steps = _published_steps(root)
     return steps[-1][1] if steps else None
+
+
+def _marked_iteration(root: str) -> int | None:
+    """The iteration the marker names, or None without a (readable) marker."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def steps_after(root: str, iteration: int) -> list[int]:
+    """Published iterations under ``root`` later than ``iteration`` (the marker's included)."""
+    later = {it for it, _ in _published_steps(root) if it > iteration}
+    marked = _marked_iteration(root) if os.path.isdir(root) else None
+    if marked is not None and marked > iteration:
+        later.add(marked)
+    return sorted(later)
+
+
+def supersede(root: str) -> str | None:
+    """Move every step dir and the marker of ``root`` into ROOT/superseded_<UTC time>/ (rank 0), so a run
+    can start over in the directory without deleting what was there; returns that dir (None if empty)."""
+    names = [n for n in os.listdir(root) if _STEP_DIR.match(n) or n == MARKER] if os.path.isdir(root) else []
+    if not names:
+        return None
+    aside = os.path.join(root, "superseded_" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    os.makedirs(aside, exist_ok=True)
+    for name in sorted(names, key=lambda n: n == MARKER, reverse=True):  # the marker first
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
+    _fsync_dir(root)
+    return aside
 
 
 def read_meta(path: str) -> dict:
@@ -312,13 +379,19 @@ def _publish(root: str, tmp: str, final: str, iteration: int, meta: dict, keep_l
         os.rename(final, final + ".replaced.tmp")
     os.rename(tmp, final)
     _fsync_dir(root)
-    marker_tmp = os.path.join(root, MARKER + ".tmp")
-    with open(marker_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(marker_tmp, os.path.join(root, MARKER))
-    _fsync_dir(root)
+    marked = _marked_iteration(root)
+    if marked is not None and marked > iteration:
+        # the marker never moves backwards: a later step of this directory stays the one a resume takes
+        log.warning("%s names iteration %d, later than %d: left as it is", os.path.join(root, MARKER), marked,
+                    iteration)
+    else:
+        marker_tmp = os.path.join(root, MARKER + ".tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(marker_tmp, os.path.join(root, MARKER))
+        _fsync_dir(root)
     if os.path.exists(final + ".replaced.tmp"):
         shutil.rmtree(final + ".replaced.tmp")
     prune(root, keep_last)
@@ -371,6 +444,7 @@ def save_checkpoint(
     Returns the step dir (published on return when synchronous).
     """
     finalize_async_saves(blocking=True)  # one save in flight at a time; its .tmp dir must not be swept
+    _writer_queue_dies_with_this_process()
     rank = dist.get_rank()
     weights_only = not _any_rank(_has_optimizer(optimizer))
     final = step_dir(root, iteration)
@@ -458,6 +532,23 @@ def _checkpoint_keys(step: str) -> dict:
     return {key.split("/shard_")[0]: value for key, value in load_sharded_metadata(step).items()}
 
 
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _vocab_mismatch(step: str, merged: dict, ckpt: dict) -> str | None:
+    """One line when the checkpoint's padded vocabulary differs from the model's, else None."""
+    for key, value in merged.items():
+        if key.endswith(_VOCAB_KEYS) and key in ckpt and hasattr(ckpt[key], "global_shape"):
+            saved = tuple(ckpt[key].global_shape)
+            for shape in _global_shapes(value):
+                if shape != saved and shape[1:] == saved[1:]:
+                    return (
+                        f"checkpoint {step} has a vocabulary of {saved[0]} ({key}), this run builds "
+                        f"{shape[0]}: set model.language.vocab_size={saved[0]}"
+                    )
+    return None
+
+
 def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
     """Raise on every rank, naming keys, when the checkpoint's model keys or shapes differ from the model's.
 
@@ -465,14 +556,15 @@ def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
     either side, so CPU checkpoints load with TE and back; the caller drops those not in the checkpoint.
     """
     ckpt_model = {k for k in ckpt if not k.startswith(_NON_MODEL_PREFIXES)}
-    problems = []
+    vocab = _vocab_mismatch(step, merged, ckpt)
+    problems = [vocab] if vocab else []
     lacking = [k for k in merged if k not in ckpt and not k.endswith("_extra_state")]
     if lacking:
         problems.append(f"{len(lacking)} model keys are not in the checkpoint: {_listed(lacking)}")
     for key, value in merged.items():
         if key in ckpt and hasattr(ckpt[key], "global_shape"):
             for shape in _global_shapes(value):
-                if shape != tuple(ckpt[key].global_shape):
+                if shape != tuple(ckpt[key].global_shape) and not (vocab and key.endswith(_VOCAB_KEYS)):
                     problems.append(
                         f"{key}: checkpoint shape {tuple(ckpt[key].global_shape)}, model shape {shape}"
                     )
@@ -487,6 +579,9 @@ def _check_model_keys(step: str, merged: dict, ckpt: dict) -> None:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
     messages = sorted({m for rank_problems in gathered for m in rank_problems})
+    vocab_lines = [m for m in messages if "has a vocabulary of" in m]
+    if vocab_lines and len(messages) == 1:
+        raise CheckpointMismatchError(vocab_lines[0])
     if messages:
         raise CheckpointMismatchError(
             f"checkpoint {step} does not match the model:\n  " + "\n  ".join(messages)
@@ -519,6 +614,43 @@ def _load_chunks(model_chunks, per_chunk: list[dict], loaded: dict, step: str) -
             raise CheckpointMismatchError(
                 f"{step}: model chunk {i} missing {_listed(missing)}; unexpected {_listed(unexpected)}"
             )
+
+
+def short_shard_files(step: str) -> list[tuple[str, int, int]]:
+    """(file, size, size the metadata needs) of every shard file of a step dir shorter than its metadata
+    says; [] when all are whole (or the metadata itself cannot be read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(step).read_metadata()
+    except Exception:  # noqa: BLE001 - an unreadable .metadata is reported by the load itself
+        return []
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    short = []
+    for name, end in sorted(needed.items()):
+        path = os.path.join(step, name)
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if size < end:
+            short.append((path, size, end))
+    return short
+
+
+def _corrupt_message(step: str, short: list[tuple[str, int, int]]) -> str:
+    path, size, end = short[0]
+    what = "is missing" if size < 0 else f"has {size} bytes, its metadata needs {end}"
+    more = f" (and {len(short) - 1} more files)" if len(short) > 1 else ""
+    root = os.path.dirname(os.path.abspath(step))
+    m = _STEP_DIR.match(os.path.basename(os.path.abspath(step)))
+    earlier = [p for it, p in _published_steps(root) if m and it < int(m[1])]
+    fallback = (
+        f"load the previous published step instead: checkpoint.load={earlier[-1]}"
+        if earlier
+        else "no earlier published step exists in this directory"
+    )
+    return f"checkpoint {step} is damaged: {path} {what}{more}; {fallback}"
 
 
 def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weights_only=False) -> dict:
@@ -566,7 +698,13 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, weigh
         _materialize_adam_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
     _check_optimizer_keys(step, request.get("optimizer", {}), ckpt_keys)
-    loaded = dist_checkpointing.load(request, step, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        loaded = dist_checkpointing.load(request, step, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a short shard: EOFError deep inside DCP
+        short = short_shard_files(step)
+        if not short:
+            raise
+        raise CheckpointCorruptError(_corrupt_message(step, short)) from e
     _load_chunks(model_chunks, per_chunk, loaded["model"], step)
     if want_optimizer:
         with _torch_adam_load_fixes(optimizer):

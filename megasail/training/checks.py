@@ -12,21 +12,24 @@ import logging
 import os
 
 from megasail.config import RunConfig
-from megasail.data.loader.config import SourceConfig, StageConfig
+from megasail.data.loader.config import TRAINABLE_MODULES, SourceConfig, StageConfig
 from megasail.models.specs import use_transformer_engine
 
 log = logging.getLogger(__name__)
 
-VOCAB_DIVISOR = 128  # megatron pads the vocabulary to a multiple of 128 x TP (make_vocab_size_divisible_by)
+# An unset vocabulary is padded to a multiple of 128, whatever the layout: megatron pads to 128 x TP
+# (make_vocab_size_divisible_by), which makes the model (and a TP=2 checkpoint) depend on the TP a
+# run started at. Every power-of-two TP up to 128 divides 128, so each rank's shard stays whole.
+VOCAB_DIVISOR = 128
 
 
 class StartupError(ValueError):
     """A setting that cannot work; the message names the key, the other side, and the fix."""
 
 
-def padded_vocab_size(vocab: int, tensor_parallel: int) -> int:
-    multiple = VOCAB_DIVISOR * tensor_parallel
-    return -(-vocab // multiple) * multiple
+def padded_vocab_size(vocab: int) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of VOCAB_DIVISOR (layout-independent)."""
+    return -(-vocab // VOCAB_DIVISOR) * VOCAB_DIVISOR
 
 
 def resolve_stages(cfg: RunConfig) -> None:
@@ -53,10 +56,11 @@ def _explicit(cfg: RunConfig, key: str) -> bool:
 
 
 def read_manifests(cfg: RunConfig) -> dict[str, dict]:
-    """PREFIX.manifest.json of every source of every stage, by prefix."""
+    """PREFIX.manifest.json of every source (training and validation) of every stage, by prefix.
+    A prefix without samples is refused (check_source_not_empty)."""
     out = {}
     for stage in cfg.data.stages:
-        for source in stage.sources:
+        for source in [*stage.sources, *stage.validation_sources]:
             path = f"{source.prefix}.manifest.json"
             if source.prefix in out:
                 continue
@@ -67,7 +71,20 @@ def read_manifests(cfg: RunConfig) -> dict[str, dict]:
                 )
             with open(path, encoding="utf-8") as f:
                 out[source.prefix] = json.load(f)
+            check_source_not_empty(stage.name, source.prefix, out[source.prefix])
     return out
+
+
+def check_source_not_empty(stage: str, prefix: str, manifest: dict) -> None:
+    """A prefix whose manifest counts 0 samples (every record rejected) cannot be drawn from."""
+    if manifest.get("num_samples") != 0:
+        return
+    from megasail.data.preprocess.rejects import empty_prefix_reason
+
+    raise StartupError(
+        f"data stage {stage!r}: source {prefix} holds no samples ({empty_prefix_reason(prefix, manifest)}): "
+        "fix its inputs and preprocess it again, or remove it from the stage"
+    )
 
 
 def check_tokenizer(cfg: RunConfig, manifests: dict[str, dict]) -> None:
@@ -100,9 +117,9 @@ def check_tokenizer(cfg: RunConfig, manifests: dict[str, dict]) -> None:
         prefix, vocab = max(vocabs.items(), key=lambda kv: kv[1])
         lm = model.language
         if not _explicit(cfg, "model.language.vocab_size"):
-            lm.vocab_size = padded_vocab_size(vocab, cfg.parallel.tensor)
+            lm.vocab_size = padded_vocab_size(vocab)
             log.info(
-                "model.language.vocab_size=%d (tokenizer's %d padded to a multiple of %d x TP)",
+                "model.language.vocab_size=%d (tokenizer's %d padded to a multiple of %d)",
                 lm.vocab_size,
                 vocab,
                 VOCAB_DIVISOR,
@@ -211,6 +228,31 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+def check_stages_train(cfg: RunConfig) -> None:
+    """Every stage trains something: an empty ``trainable`` would build an empty optimizer."""
+    for index, stage in enumerate(cfg.data.stages):
+        if not stage.trainable:
+            raise StartupError(
+                f"data stage {index} {stage.name!r} trains nothing (its trainable: list is empty or missing): "
+                f"add trainable: with any of {list(TRAINABLE_MODULES)}"
+            )
+
+
+def check_fp8(cfg: RunConfig) -> None:
+    """FP8 runs in Transformer Engine's layers: refuse it where they are not what gets built."""
+    model = cfg.model
+    if model.fp8 is not None and not use_transformer_engine(model.transformer_impl):
+        reason = (
+            "Transformer Engine is not installed (model.transformer_impl=auto builds local layers)"
+            if model.transformer_impl == "auto"
+            else f"model.transformer_impl={model.transformer_impl}"
+        )
+        raise StartupError(
+            f"model.fp8={model.fp8} needs Transformer Engine layers but {reason}: install "
+            "transformer-engine[pytorch] (pip install -e '.[te]') or set model.fp8=null"
+        )
+
+
 def check_run(cfg: RunConfig, world_size: int) -> None:
     """All start-up checks, in order; adopts unset values from the manifests. Raises StartupError."""
     resolve_stages(cfg)
@@ -220,6 +262,12 @@ def check_run(cfg: RunConfig, world_size: int) -> None:
         cfg.data.validate()
     except ValueError as e:
         raise StartupError(str(e)) from None
+    check_stages_train(cfg)
+    try:
+        use_transformer_engine(cfg.model.transformer_impl)
+    except RuntimeError as e:  # transformer_impl=te without TE
+        raise StartupError(f"{e}: install transformer-engine[pytorch] or set model.transformer_impl=auto") from None
+    check_fp8(cfg)
     check_tokenizer(cfg, read_manifests(cfg))
     check_packing(cfg)
     check_layout(cfg, world_size)

@@ -18,11 +18,6 @@ import re
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 
 _COLUMN = re.compile(
     r"(linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$"
@@ -154,18 +149,12 @@ def init_weights(chunks, seed: int) -> int:
                 continue
             module, attr = owner[local]
             key = names[local]
-            if (
-                isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
-                and attr == "weight"
-            ):
-                config = getattr(
-                    module, "config", chunk.config
-                )  # the embedding lives in the LLM (chunk.config)
-                init_fn = (
-                    config.output_layer_init_method
-                    if isinstance(module, RowParallelLinear)
-                    else config.init_method
-                )
+            if attr == "weight" and getattr(param, "partition_dim", -1) in (0, 1):
+                # megatron's parallel weight (local or Transformer Engine linears, the vocabulary-parallel
+                # embedding): megatron sets tensor_model_parallel / partition_dim / partition_stride on
+                # every one, and inits row-parallel (partition_dim 1) weights with output_layer_init_method
+                config = getattr(module, "config", chunk.config)  # the embedding lives in the LLM (chunk.config)
+                init_fn = config.output_layer_init_method if param.partition_dim == 1 else config.init_method
                 full_shape = _full_shape(param, tp_size)
                 if _elementwise(init_fn) and getattr(param, "tensor_model_parallel", False):
                     dim = param.partition_dim
@@ -176,7 +165,8 @@ def init_weights(chunks, seed: int) -> int:
                     param.copy_(torch.cat(local, dim))
                 else:
                     full = _draw(seed, key, init_fn, full_shape, param.dtype)
-                    param.copy_(tp_shard(key, full, tp_rank, tp_size))
+                    sharded = getattr(param, "tensor_model_parallel", False)
+                    param.copy_(tp_shard(key, full, tp_rank, tp_size) if sharded else full)
             elif isinstance(module, torch.nn.Conv2d):  # ViT patch embedding: torch's own init, replicated
                 prefix = key[: -len(attr)]
                 with torch.random.fork_rng(devices=[]):
@@ -192,7 +182,8 @@ def init_weights(chunks, seed: int) -> int:
             else:
                 raise NotImplementedError(
                     f"no layout-independent initialiser for parameter {key} "
-                    f"({type(module).__name__}.{attr}); add one in megasail/training/init.py"
+                    f"({type(module).__name__}.{attr}: neither a megatron parallel weight nor the patch "
+                    "embedding); add one in megasail/training/init.py"
                 )
             redrawn += 1
     return redrawn

@@ -1,9 +1,8 @@
 """Per-step metrics: LOGGING_DIR/metrics.jsonl, a compact console line with ETA, a wandb mirror.
 
-Throughput and MFU count FLOPs actually executed (``megasail.training.costs``): the ViT and the
-projector per tile, the LLM per token slot plus causal attention pairs, each part times 3, 2 or 1
-by whether it trains, passes gradients, or only runs forward. Peak FLOP/s per device come from
-the GPU's name (dense bf16 / fp8 tensor-core peaks); on a CPU, or an unknown GPU, MFU is null.
+TFLOP/s per device, ``mfu`` and ``hfu`` (recomputation included) follow the one FLOPs convention and
+peak table of ``megasail.models.flops`` (real tokens only, causal attention per sample, frozen parts
+charged what their backward runs); on a CPU, or an unknown GPU, MFU and HFU are null.
 """
 
 from __future__ import annotations
@@ -19,18 +18,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# dense tensor-core peak TFLOP/s per device: (bf16/fp16, fp8)
-PEAK_TFLOPS = {
-    "H200": (989.0, 1979.0),
-    "H100": (989.0, 1979.0),
-    "H800": (989.0, 1979.0),
-    "A100": (312.0, None),
-    "A800": (312.0, None),
-    "L40S": (362.0, 733.0),
-    "B200": (2250.0, 4500.0),
-    "GB200": (2500.0, 5000.0),
-}
-
 REQUIRED_KEYS = (
     "step",
     "stage",
@@ -41,21 +28,11 @@ REQUIRED_KEYS = (
     "tokens_per_s",
     "tflops_per_device",
     "mfu",
+    "hfu",
     "mem_gb",
     "skipped_samples",
     "step_time_spread",
 )
-
-
-def peak_tflops(fp8: bool) -> float | None:
-    """This device's dense peak TFLOP/s (fp8 when the run uses FP8), or None when unknown (CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, (bf16, f8) in PEAK_TFLOPS.items():
-        if key in name:
-            return f8 if fp8 and f8 else bf16
-    return None
 
 
 def _format_eta(seconds: float) -> str:
@@ -81,7 +58,12 @@ def console_line(m: dict, stage_fraction: float | None, eta_s: float | None) -> 
 
 
 class MetricsLogger:
-    """Writes metrics on one rank (``active``); every other rank's calls are no-ops."""
+    """Writes metrics on one rank (``active``); every other rank's calls are no-ops.
+
+    ``open(step, wandb_run_id)`` starts the outputs once the run knows the step it starts at: rows of
+    metrics.jsonl after that step (left by a run killed after its last checkpoint) are moved to
+    metrics.jsonl.stale, so every step has exactly one row; a resumed run continues its wandb run.
+    """
 
     def __init__(
         self,
@@ -94,29 +76,31 @@ class MetricsLogger:
         log_interval: int = 1,
     ):
         self.active = active
+        self.directory = directory
+        self.use_wandb = use_wandb
+        self.project, self.run_name, self.config = project, run_name, config
         self.log_interval = log_interval
         self.file = None
         self.wandb = None
-        if not active:
-            return
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-            self.file = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
-        if use_wandb:
-            self.wandb = self._start_wandb(directory, project, run_name, config)
 
-    @staticmethod
-    def _start_wandb(directory, project, run_name, config):
-        try:
-            import wandb
-        except ImportError:
-            log.warning(
-                "logging.wandb=true but wandb is not installed: metrics go to metrics.jsonl only "
-                "(pip install wandb, or set logging.wandb=false)"
-            )
-            return None
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        return wandb.init(project=project, name=run_name, dir=directory, mode=mode, config=config)
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def open(self, step: int, wandb_run_id: str | None = None) -> None:
+        """Start writing: rows after ``step`` set aside, metrics.jsonl opened, wandb started or resumed."""
+        if not self.active:
+            return
+        if self.directory:
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, "metrics.jsonl")
+            moved = set_aside_rows_after(path, step)
+            if moved:
+                log.warning("%s: %d rows after step %d (steps not in the checkpoint resumed from) moved to "
+                            "%s.stale", path, moved, step, path)
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if self.use_wandb:
+            self.wandb = start_wandb(self.directory, self.project, self.run_name, self.config, wandb_run_id)
 
     def log(self, metrics: dict, stage_fraction: float | None = None, eta_s: float | None = None) -> None:
         if not self.active:
@@ -148,6 +132,76 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def set_aside_rows_after(path: str, step: int) -> int:
+    """Move the rows of a metrics.jsonl whose step is after ``step`` to PATH.stale (appended, nothing
+    deleted); the file is rewritten through a temp file and a rename. Returns the rows moved."""
+    if not os.path.isfile(path):
+        return 0
+    kept, stale = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step")
+            except json.JSONDecodeError:  # a row torn by a kill: set aside too
+                row_step = None
+            (kept if isinstance(row_step, int) and row_step <= step else stale).append(line.rstrip("\n") + "\n")
+    if not stale:
+        return 0
+    with open(path + ".stale", "a", encoding="utf-8") as f:
+        f.writelines(stale)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return len(stale)
+
+
+def _logged_in_to_wandb() -> bool:
+    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_directory(directory: str | None) -> str:
+    """Where wandb writes its files: LOGGING_DIR, else $WANDB_DIR, else ~/.cache/megasail (never the cwd)."""
+    where = directory or os.environ.get("WANDB_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "megasail")
+    os.makedirs(where, exist_ok=True)
+    return where
+
+
+def start_wandb(directory, project, run_name, config, run_id: str | None = None):
+    """wandb.init offline unless logged in (WANDB_MODE wins when set); ``run_id`` continues that run."""
+    try:
+        import wandb
+    except ImportError:
+        log.warning(
+            "logging.wandb=true but wandb is not installed: metrics go to metrics.jsonl only "
+            "(pip install wandb, or set logging.wandb=false)"
+        )
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("online" if _logged_in_to_wandb() else "offline")
+    run = wandb.init(
+        project=project,
+        name=run_name,
+        dir=wandb_directory(directory),
+        mode=mode,
+        config=config,
+        id=run_id,
+        resume="allow" if run_id else None,
+    )
+    log.info("wandb run %s (%s) in %s", run.id, mode, run.dir)
+    return run
 
 
 def memory_gb() -> float:

@@ -57,14 +57,20 @@ def freeze(chunks: list[SailVLModel], trainable: list[str]) -> None:
                 module.requires_grad_(part in trainable)
 
 
+def overlap_param_gather(parallel: ParallelConfig) -> bool:
+    """Whether the distributed optimizer's parameter all-gather overlaps the next forward (GPU streams only)."""
+    return parallel.overlap_grad_reduce and parallel.distributed_optimizer and torch.cuda.is_available()
+
+
 def wrap_ddp(chunks: list[SailVLModel], parallel: ParallelConfig, *, bucket_size: int | None = None):
-    """Wrap each chunk in megatron DDP and hook megatron's grad finalisation into the schedule."""
+    """Wrap each chunk in megatron DDP and hook megatron's grad finalisation and overlapped communication
+    into the schedule, as Megatron-LM's training loop does."""
+    gather = overlap_param_gather(parallel)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
-        # the parameter all-gather of the distributed optimizer overlaps the next forward (GPU streams only)
-        overlap_param_gather=parallel.overlap_grad_reduce and parallel.distributed_optimizer
-        and torch.cuda.is_available(),
+        overlap_param_gather=gather,
+        align_param_gather=gather,  # the schedule starts each chunk's all-gather (param_sync_func below)
         use_distributed_optimizer=parallel.distributed_optimizer,
         bucket_size=bucket_size,
     )
@@ -72,9 +78,19 @@ def wrap_ddp(chunks: list[SailVLModel], parallel: ParallelConfig, *, bucket_size
         DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=(i > 0))
         for i, chunk in enumerate(chunks)
     ]
+
+    def per_chunk(name: str):
+        funcs = [getattr(w, name) for w in wrapped]
+        return funcs if len(funcs) > 1 else funcs[0]
+
     for chunk in chunks:
+        config = chunk.config
         # all-reduce of sequence-parallel norm grads over TP, embedding grads over PP, DP reduce
-        chunk.config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = finalize_model_grads
         if len(wrapped) > 1 or parallel.overlap_grad_reduce:
-            chunk.config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+            config.no_sync_func = per_chunk("no_sync")
+        if parallel.overlap_grad_reduce:  # each chunk's DP reduce starts as soon as its last backward ends
+            config.grad_sync_func = per_chunk("start_grad_sync")
+        if gather:  # each chunk's parameter all-gather starts ahead of its first forward
+            config.param_sync_func = per_chunk("start_param_sync")
     return wrapped

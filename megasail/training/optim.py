@@ -1,8 +1,9 @@
 """Optimizer and per-stage learning-rate schedule on megatron-core's own classes.
 
-Each curriculum stage gets its own ``OptimizerParamScheduler`` whose clock is the stage's budget:
-it advances by the tokens (or samples) each global batch consumed, so warmup and decay end
-exactly when the loader reports the budget spent, whatever the packing made of the steps.
+Each curriculum stage gets its own scheduler (megatron's ``OptimizerParamScheduler``) whose clock is
+the stage's budget: it advances by the tokens (or samples) each global batch consumed, so the decay
+ends exactly when the loader reports the budget spent, whatever the packing made of the steps.
+Warmup is counted in optimizer steps (``optim.warmup_steps``) or as a fraction of the clock.
 A stage without a budget runs on optimizer steps up to ``train.iters``.
 """
 
@@ -18,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megasail.config import RunConfig
 from megasail.data.loader.config import StageConfig
+from megasail.training.model_builder import overlap_param_gather
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
@@ -50,7 +52,7 @@ def build_optimizer(cfg: RunConfig, model, stage: StageConfig):
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         use_distributed_optimizer=p.distributed_optimizer,
-        overlap_param_gather=p.distributed_optimizer and p.overlap_grad_reduce and torch.cuda.is_available(),
+        overlap_param_gather=overlap_param_gather(p),
     )
     return get_megatron_optimizer(config, model)
 
@@ -92,39 +94,97 @@ def stage_clock(cfg: RunConfig, stage: StageConfig, stage_start_step: int) -> St
     return StageClock("steps", float(max(cfg.train.iters - stage_start_step, 1)))
 
 
+class StageScheduler(OptimizerParamScheduler):
+    """megatron's ``OptimizerParamScheduler`` on a stage clock, with warmup counted in optimizer steps.
+
+    The loop calls ``advance(units)`` once per optimizer step, before the update, with the clock units
+    (tokens, samples or steps) the step's data consumes, and the step runs at the learning rate it sets:
+    - warmup counts the step's own data: step k of a W-step warmup runs at lr * k / W, so a stage's first
+      step learns (megatron's scheduler gives it ``init_lr`` = 0, one wasted step per stage) and step W
+      runs at the peak; a clock warmup (``optim.warmup_fraction``) likewise uses the clock at the end of
+      the step's data;
+    - the decay reads the clock at the start of the step's data, as megatron's does: the first step
+      after warmup runs at the peak and the one that spends the budget just above min_lr.
+
+    ``warmup_optimizer_steps`` > 0: the warmup rises over that many optimizer steps whatever the clock's
+    unit (a packed step holds a varying number of samples and tokens), and the decay runs on the clock
+    from where the warmup ended. 0: megatron's warmup over ``lr_warmup_steps`` clock units.
+    """
+
+    def __init__(self, optimizer, *, warmup_optimizer_steps: int = 0, **kwargs):
+        self.warmup_optimizer_steps = int(warmup_optimizer_steps)
+        self.optimizer_steps = 0
+        self.step_start = 0.0  # the clock where the current step's data starts
+        super().__init__(optimizer, **kwargs)
+
+    def advance(self, units: float) -> None:
+        """Count one optimizer step that consumes ``units`` of the clock and set its learning rate."""
+        self.step_start = float(self.num_steps)
+        self.optimizer_steps += 1
+        if self.warmup_optimizer_steps and self.optimizer_steps == self.warmup_optimizer_steps + 1:
+            self.lr_warmup_steps = self.step_start  # the decay starts where the step warmup ended
+        self.step(increment=units)
+
+    def get_lr(self, param_group: dict) -> float:
+        if self.warmup_optimizer_steps:
+            if self.optimizer_steps <= self.warmup_optimizer_steps:
+                max_lr = param_group.get("max_lr", self.max_lr)
+                return self.init_lr + (max_lr - self.init_lr) * self.optimizer_steps / self.warmup_optimizer_steps
+        elif self.lr_warmup_steps > 0 and self.num_steps <= self.lr_warmup_steps:
+            return super().get_lr(param_group)  # clock warmup at the end of the step's data
+        # megatron's decay at the start of the step's data (never inside a finished warmup)
+        end, self.num_steps = self.num_steps, max(self.step_start, self.lr_warmup_steps)
+        try:
+            return super().get_lr(param_group)
+        finally:
+            self.num_steps = end
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            "warmup_optimizer_steps": self.warmup_optimizer_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
+        if not self.override_opt_param_scheduler:
+            self.warmup_optimizer_steps = int(state_dict.get("warmup_optimizer_steps", self.warmup_optimizer_steps))
+        super().load_state_dict(state_dict)  # megatron's: restores the clock (num_steps) and the plan
+        if self.warmup_optimizer_steps and self.optimizer_steps > self.warmup_optimizer_steps:
+            # where the step warmup ended on the clock is run state, not a setting: kept when re-planning
+            self.lr_warmup_steps = state_dict["lr_warmup_steps"]
+        self.step_start = float(self.num_steps)  # the next advance() sets the next step's lr
+
+
 def build_scheduler(
     cfg: RunConfig, optimizer, stage: StageConfig, clock: StageClock
-) -> OptimizerParamScheduler:
-    """Warmup then ``optim.schedule`` decay to min_lr over the stage's clock."""
+) -> StageScheduler:
+    """Warmup (optimizer steps, or a fraction of the clock) then ``optim.schedule`` decay to min_lr
+    over the stage's clock."""
     o = cfg.optim
     lr, min_lr = stage_lr(cfg, stage)
     warmup_steps = stage.warmup_steps if stage.warmup_steps is not None else o.warmup_steps
     finite = math.isfinite(clock.total)
-    if warmup_steps is not None:
-        per_step = {
-            "steps": 1.0,
-            "samples": float(cfg.data.global_batch_size),
-            "tokens": float(cfg.data.global_batch_size * cfg.data.seq_length),
-        }[clock.unit]
-        warmup = warmup_steps * per_step  # token budgets: steps of full global batches
-    else:
-        warmup = o.warmup_fraction * clock.total if finite else 0.0
+    clock_warmup = 0.0 if warmup_steps is not None else (o.warmup_fraction * clock.total if finite else 0.0)
     style = _STYLES[o.schedule] if finite else "constant"
-    total = clock.total if finite else max(warmup, 1.0) * 2
-    warmup = min(warmup, total * 0.999)
-    return OptimizerParamScheduler(
+    total = clock.total if finite else max(clock_warmup, 1.0) * 2
+    return StageScheduler(
         optimizer,
+        warmup_optimizer_steps=warmup_steps or 0,
         init_lr=0.0,
         max_lr=lr,
         min_lr=min_lr,
-        lr_warmup_steps=warmup,
+        lr_warmup_steps=min(clock_warmup, total * 0.999),
         lr_decay_steps=total,
         lr_decay_style=style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
         wd_incr_steps=total,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
+        # a resumed stage keeps the schedule it was planned with, unless optim.override_scheduler
+        use_checkpoint_opt_param_scheduler=not o.override_scheduler,
+        override_opt_param_scheduler=o.override_scheduler,
         wsd_decay_steps=o.wsd_decay_fraction * total if style == "WSD" else None,
         lr_wsd_decay_style=o.wsd_decay_style if style == "WSD" else None,
     )

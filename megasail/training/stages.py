@@ -39,14 +39,28 @@ class StageRun:
 def _release(previous: StageRun, chunks) -> None:
     """Drop a stage's DDP and optimizer so nothing of them survives into the next stage.
 
-    DDP points every parameter's ``.data`` into its contiguous buffer and gives it ``main_grad``;
-    each parameter gets its own storage back, so the old buffers are freed, and the gradient
-    hooks go with the DDP objects (the autograd accumulator nodes they hang on die with them).
+    megatron's DDP hangs its gradient hooks on each parameter's autograd accumulator node and keeps
+    those nodes alive (``grad_accs``); the hooks hold the DDP, a cycle through C++ that Python's
+    collector cannot see, so neither would ever die, and a new DDP would hook the same nodes: the old
+    hooks would fire after the new ones (with overlap_grad_reduce: "param.grad being None is not
+    safe") and the old grad buffers would stay. So the nodes are let go (the hooks die with them), the
+    hooks are made inert in case something still holds one, every other reference to the old DDP and
+    optimizer goes (the schedule's config callbacks hold the optimizer, which holds the DDP), and the
+    old ones are collected before the next DDP is built.
+    DDP also points every parameter's ``.data`` into its contiguous buffer and gives it ``main_grad``:
+    each parameter gets its own storage back, so the old buffers are freed.
     """
     for wrapped in previous.model:
         if getattr(wrapped, "use_forward_hook", False):
             wrapped.disable_forward_pre_hook(param_sync=True)  # the last update reaches the params first
+        wrapped.param_to_bucket_group = {}  # its backward hooks do nothing for a parameter not in here
+        # the accumulator nodes die with their last reference, and the hooks (which hold the DDP) with them
+        wrapped.grad_accs = []
     for chunk in chunks:
+        config = chunk.config
+        config.grad_scale_func = None  # a bound method of the old optimizer
+        config.no_sync_func = None  # the old DDP's no_sync
+        config.grad_sync_func = config.param_sync_func = None  # its start_grad_sync / start_param_sync
         for param in chunk.parameters():
             param.data = param.data.clone()
             for attr in ("main_grad", "grad_added_to_main_grad"):

@@ -2,10 +2,11 @@
 
 Packed sequences all have seq_length token slots, so the LLM's linear layers cost the same for each;
 what differs is the vision tower (tiles) and attention within samples (sum of squared sample
-lengths). `SequenceCostModel` prices both in forward FLOPs (a training run builds it from its own
-model config, `megasail.training.costs.cost_model`), and `assign_to_ranks` spreads a global batch over
-ranks by LPT (longest processing time first, capacity-limited so every rank gets the same number of
-sequences).
+lengths). `SequenceCostModel` prices both in forward FLOPs by the one convention of
+`megasail.models.flops` (a training run builds it from its own model config,
+`megasail.training.costs.cost_model`; `PRESET_COSTS` is generated from the same module), and
+`assign_to_ranks` spreads a global batch over ranks by LPT (longest processing time first,
+capacity-limited so every rank gets the same number of sequences).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class SequenceCostModel:
         return np.array([self.sequence_cost(s.lengths, s.num_tiles, seq_length) for s in sequences])
 
 
-# megasail.training.costs.cost_model(PRESETS[name]()) written out (tests hold them equal), so that the data
-# layer imports nothing from megasail.models: per token slot, per causal (l^2 / 2) pair, per 448px tile
+# BEGIN PRESET_COSTS: written by tools/generate_preset_costs.py from megasail.models.flops
+# (a test fails when they differ; do not edit by hand), so that the data layer imports nothing from
+# megasail.models: per token slot, per squared sample length (l^2 / 2 causal pairs), per 448px tile
 PRESET_COSTS = {
     "sail_vl_2b": SequenceCostModel(token_flops=3087138816.0, pair_flops=86016.0, tile_flops=728022220800.0),
     "sail_vl_8b": SequenceCostModel(
@@ -53,6 +55,7 @@ PRESET_COSTS = {
     ),
     "tiny": SequenceCostModel(token_flops=19742720.0, pair_flops=512.0, tile_flops=759824896.0),
 }
+# END PRESET_COSTS
 
 
 def assign_to_ranks(costs: np.ndarray, dp_size: int, balance: bool = True) -> list[list[int]]:

@@ -64,17 +64,17 @@ class StageConfig:
         "start this stage from another run's checkpoint, weights only (fresh optimizer and schedule); null = "
         "continue from the previous stage's weights", None
     )
+    validation_sources: list[SourceConfig] = doc(
+        "held-out prefixes whose loss is reported every train.eval_interval steps (blended by weight like "
+        "sources); empty = no validation for this stage", []
+    )
 
     def validate(self) -> None:
         if not self.sources:
             raise ValueError(f"data stage {self.name!r} has no sources")
-        for source in self.sources:
-            if source.prefix in ("", "???"):
-                raise ValueError(f"data stage {self.name!r}: a source has no prefix")
-            if not source.weight >= 0:
-                raise ValueError(f"data stage {self.name!r}: source {source.prefix!r} has negative weight")
-        if not any(s.weight > 0 for s in self.sources):
-            raise ValueError(f"data stage {self.name!r}: all source weights are zero")
+        _validate_sources(self.name, "sources", self.sources)
+        if self.validation_sources:
+            _validate_sources(self.name, "validation_sources", self.validation_sources)
         unknown = [m for m in self.trainable if m not in TRAINABLE_MODULES]
         if unknown:
             raise ValueError(
@@ -84,6 +84,16 @@ class StageConfig:
             value = getattr(self, budget)
             if value is not None and value < 1:
                 raise ValueError(f"data stage {self.name!r}: {budget} must be >= 1 or null, got {value}")
+
+
+def _validate_sources(stage: str, key: str, sources: list[SourceConfig]) -> None:
+    for source in sources:
+        if source.prefix in ("", "???"):
+            raise ValueError(f"data stage {stage!r}: an entry of {key} has no prefix")
+        if not source.weight >= 0:
+            raise ValueError(f"data stage {stage!r}: {key} entry {source.prefix!r} has negative weight")
+    if not any(s.weight > 0 for s in sources):
+        raise ValueError(f"data stage {stage!r}: all weights of {key} are zero")
 
 
 @dataclass

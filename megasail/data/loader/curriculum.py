@@ -48,10 +48,30 @@ class SourceIndex:
         return len(self.dataset)
 
 
-def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20) -> SourceIndex:
-    """Open a prefix and check that every sample packs (1..seq_length tokens at the run's tiling),
-    reading the index in blocks so memory stays flat whatever its size."""
+class EmptySourceError(ValueError):
+    """A source prefix that holds no sample (its preprocessing kept none)."""
+
+
+def open_nonempty(source: SourceConfig, stage_name: str) -> IndexedMultimodalDataset:
+    """Open a prefix; an empty one is refused, naming the stage, the prefix and its manifest's rejects."""
     dataset = IndexedMultimodalDataset(source.prefix)
+    if len(dataset) == 0:
+        from megasail.data.preprocess.rejects import empty_prefix_reason
+
+        raise EmptySourceError(
+            f"data stage {stage_name!r}: source {source.prefix} holds no samples "
+            f"({empty_prefix_reason(source.prefix, dataset.manifest)}); fix its inputs and preprocess it "
+            "again, or remove it from the stage"
+        )
+    return dataset
+
+
+def open_source(source: SourceConfig, data: DataConfig, block: int = 1 << 20,
+                dataset: IndexedMultimodalDataset | None = None) -> SourceIndex:
+    """Open a prefix (or take `dataset`, opened already) and check that every sample packs
+    (1..seq_length tokens at the run's tiling), reading the index in blocks so memory stays flat
+    whatever its size."""
+    dataset = dataset if dataset is not None else IndexedMultimodalDataset(source.prefix)
     counter = SampleCounter(dataset, data.max_tiles, data.min_tiles, data.tile_size)
     bad_count, first_bad = 0, None
     for lo in range(0, len(dataset), block):
@@ -119,6 +139,25 @@ class Chunk:
         return len(self.offsets) - 1
 
 
+def blend_chunk(weights: np.ndarray, sizes: np.ndarray, chunk_samples: int) -> np.ndarray:
+    """int32[chunk_samples]: the source of each slot of every chunk of a stage's blend."""
+    blend_source, _ = index_helpers.blend_indices(weights, chunk_samples, np.maximum(sizes, 1))
+    return blend_source.astype(np.int32)
+
+
+def samples_before_repeat(weights: np.ndarray, sizes: np.ndarray, chunk_samples: int) -> int:
+    """Blended samples of a stage before any of its sources starts its second epoch: one pass, in
+    which no sample is drawn twice (every sample of every source once when weights follow sizes)."""
+    blend = blend_chunk(weights, sizes, chunk_samples)
+    picks = np.bincount(blend, minlength=len(sizes))
+    first_repeat = []
+    for k, size in enumerate(sizes.tolist()):
+        if picks[k]:  # a source of weight 0 is never drawn
+            chunks, rest = divmod(size, int(picks[k]))
+            first_repeat.append(chunks * chunk_samples + int(np.flatnonzero(blend == k)[rest]))
+    return min(first_repeat)
+
+
 class StagePlan:
     """The packed-sequence stream of one stage, chunk by chunk (docs/loader.md, "Order")."""
 
@@ -131,8 +170,7 @@ class StagePlan:
         self.chunk_samples = data.pack_chunk_samples
         weights = np.array([s.config.weight for s in sources], dtype=np.float64)
         self.sizes = np.array([s.size for s in sources], dtype=np.int64)
-        blend_source, _ = index_helpers.blend_indices(weights, self.chunk_samples, np.maximum(self.sizes, 1))
-        self.blend_source = blend_source.astype(np.int32)  # int32[C] source of each slot of every chunk
+        self.blend_source = blend_chunk(weights, self.sizes, self.chunk_samples)  # int32[C]
         self.picks_per_chunk = np.bincount(self.blend_source, minlength=len(sources)).astype(np.int64)
         # count of each slot's source among the chunk's earlier slots
         self.count_in_chunk = np.zeros(self.chunk_samples, dtype=np.int64)
@@ -236,7 +274,9 @@ class StagePlan:
 class Curriculum:
     """Global batches of packed sequences over all stages, from any position (no replay).
 
-    Stage plans are built lazily: a stage's sources are opened the first time it is reached.
+    Stage plans are built lazily: a stage's sources are checked (length of every sample) the first
+    time it is reached. Every source of every stage is opened at once, so an empty one (EmptySourceError)
+    stops the run before its first step, not at the stage that draws from it.
     """
 
     def __init__(self, data: DataConfig):
@@ -244,6 +284,11 @@ class Curriculum:
         self.data = data
         self._plans: dict[int, StagePlan] = {}
         self._opened: dict[str, SourceIndex] = {}
+        self._datasets: dict[str, IndexedMultimodalDataset] = {}
+        for stage in data.stages:
+            for source in stage.sources:
+                if source.prefix not in self._datasets:
+                    self._datasets[source.prefix] = open_nonempty(source, stage.name)
 
     def plan(self, stage: int) -> StagePlan:
         if stage not in self._plans:
@@ -251,7 +296,7 @@ class Curriculum:
             for source in self.data.stages[stage].sources:
                 key = source.prefix
                 if key not in self._opened:
-                    self._opened[key] = open_source(source, self.data)
+                    self._opened[key] = open_source(source, self.data, dataset=self._datasets[key])
                 sources.append(dataclasses.replace(self._opened[key], config=source))
             self._plans[stage] = StagePlan(stage, self.data.stages[stage], sources, self.data)
         return self._plans[stage]

@@ -10,9 +10,12 @@ balanced and built: docs/loader.md.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
@@ -21,7 +24,13 @@ from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imb
 from megasail.data.loader.config import DataConfig, StageConfig
 from megasail.data.loader.curriculum import Curriculum
 from megasail.data.loader.state import LoaderPosition, position_from_state, position_state
-from megasail.data.loader.worker import BuiltMicroBatch, MicroBatchBuilder, MicroBatchPlan
+from megasail.data.loader.worker import (
+    BuiltMicroBatch,
+    MicroBatchBuilder,
+    MicroBatchPlan,
+    init_worker,
+    worker_start_method,
+)
 
 _SUMMED = ("sequences", "samples", "images", "tiles", "tokens", "slots", "bad_images_corrupt",
            "bad_images_too_large", "bad_samples", "replaced_samples", "unreplaced_samples", "build_seconds")
@@ -127,14 +136,11 @@ class MultimodalDataLoader:
                                   self.cost_model, self._imbalances)
         workers = self.config.num_workers
         start, init = None, None
-        if workers:  # spawned workers (GPU decode) take the trainer's current device
-            from functools import partial
-
-            from megasail.data.loader.worker import init_worker, worker_start_method
-
+        if workers:  # workers die with this process; spawned ones (GPU decode) take its current device
             start = worker_start_method(self.config.worker_start, self.config.decode_backend)
             device = torch.cuda.current_device() if start != "fork" and torch.cuda.is_available() else None
-            init = partial(init_worker, start, device)
+            init = partial(init_worker, start, device, os.getpid(),
+                           threading.current_thread() is threading.main_thread())
         return iter(torch.utils.data.DataLoader(
             self.builder, sampler=_PlanSampler(plans), batch_size=None, collate_fn=_identity,
             num_workers=workers, prefetch_factor=self.config.prefetch_factor if workers else None,

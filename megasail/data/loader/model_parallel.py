@@ -96,7 +96,10 @@ class ModelParallelDataLoader:
     as the schedule's data iterator deadlocks at PP > 1 (see the module docstring).
     """
 
-    def __init__(self, config: DataConfig, cost_model=None):
+    def __init__(self, config: DataConfig, cost_model=None, make_reader=None):
+        """make_reader(dp_rank, dp_size): the reading rank's reader (an object with __next__ (one
+        micro-batch dict), mid_global_batch, position and statistics()); None = MultimodalDataLoader
+        over `config` (the validation loader passes its own)."""
         from megatron.core import parallel_state as ps
 
         self.config = config
@@ -111,8 +114,10 @@ class ModelParallelDataLoader:
         self.reads_data = self.is_first and self.tp_rank == 0
         self.reader = None
         if self.reads_data:
-            self.reader = MultimodalDataLoader(config, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                                               cost_model=cost_model)
+            if make_reader is None:
+                def make_reader(dp_rank, dp_size):
+                    return MultimodalDataLoader(config, dp_rank, dp_size, cost_model=cost_model)
+            self.reader = make_reader(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         config.validate()
         self.dp_size = ps.get_data_parallel_world_size()
         config.check_data_parallel(self.dp_size)

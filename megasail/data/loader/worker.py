@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megasail.child_processes import die_with_parent, ignore_stop_signals
 from megasail.data.format.reader import IndexedMultimodalDataset, TokenizedSample
 from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
@@ -68,13 +69,21 @@ def worker_start_method(worker_start: str, decode_backend: str) -> str:
     return "spawn" if gpu_decodes else "fork"
 
 
-def init_worker(start_method: str, device_id: int | None, worker_id: int) -> None:
-    """`worker_init_fn` of the loader's DataLoader: a spawned worker decodes on the trainer's GPU.
+def init_worker(start_method: str, device_id: int | None, trainer_pid: int, from_main_thread: bool,
+                worker_id: int) -> None:
+    """`worker_init_fn` of the loader's DataLoader: die with the trainer, and decode on its GPU.
 
-    Bound with functools.partial (picklable for spawn); `device_id` is the trainer's current CUDA
-    device, or None on CPU. A forked worker never touches CUDA.
+    Bound with functools.partial (picklable for spawn). `trainer_pid` is the process that started the
+    workers and `from_main_thread` whether its main thread did (the parent-death signal follows the
+    starting thread: megasail.child_processes). `device_id` is the trainer's current CUDA device,
+    or None on CPU; a spawned worker decodes on it, a forked worker never touches CUDA.
     """
     del worker_id
+    # A forkserver worker's parent is the fork server, which lives while any worker holds its
+    # liveness pipe (each one does): the watch thread alone ends such a worker.
+    direct = start_method != "forkserver"
+    ignore_stop_signals()  # a SIGTERM to the whole job asks the trainer to save: the workers keep serving it
+    die_with_parent(trainer_pid, death_signal=from_main_thread and direct, direct_child=direct)
     if start_method != "fork" and device_id is not None:
         decode.enable_gpu_decode_in_worker(device_id)
 

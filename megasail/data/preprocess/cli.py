@@ -9,7 +9,13 @@ from dataclasses import MISSING, fields
 
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.rejects import REJECT_REASONS
-from megasail.data.preprocess.run import InternalErrors, PreprocessError, WorkerDied, run_preprocess
+from megasail.data.preprocess.run import (
+    InternalErrors,
+    NoSamplesKept,
+    PreprocessError,
+    WorkerDied,
+    run_preprocess,
+)
 from megasail.data.text.template import TEMPLATES
 
 EPILOG = (
@@ -21,11 +27,15 @@ input records (JSON Lines, one object per line; kinds detected per record):
   text          {"text": "..."}
   webdataset    .tar shards of key.jpg|png|webp + key.txt|json (img2dataset layout), streamed
 
-exit status: 0 when the run finished (rejected records are reported, not fatal);
+exit status: 0 when the run finished with at least one sample (rejected records are reported,
+               not fatal);
              2 when a check before any work failed (nothing was written);
              3 when a worker process died (killed, out of memory): rerun with --resume;
              4 when megasail raised on more records than --max-internal-errors (a bug, not bad
-               input; tracebacks in PREFIX.internal_errors.jsonl, no manifest written).
+               input; tracebacks in PREFIX.internal_errors.jsonl, no manifest written);
+             5 when the run finished but kept no sample (every record rejected, or no record read):
+               the top reject reasons are printed; the prefix is written with 0 samples and its
+               manifest, and training refuses it.
 reject reasons: """
     + ", ".join(REJECT_REASONS)
     + """
@@ -91,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PreprocessConfig(**vars(args))
     try:
         result = run_preprocess(cfg)
+    except NoSamplesKept as e:
+        _print_report(cfg, e.result, report_json)
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    _print_report(cfg, result, report_json)
+    return 0
+
+
+def _print_report(cfg: PreprocessConfig, result: dict, report_json: str | None) -> None:
     m, rt = result["manifest"], result["runtime"]
     c = m["counts"]
     print(
@@ -130,4 +149,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(
                 {"counts": c, "rejected_by_reason": m["rejected_by_reason"], "runtime": rt}, f, indent=2
             )
-    return 0

@@ -8,7 +8,8 @@ Record kinds (auto-detected per record by their fields, or forced with --input-f
 - text: ``{"text": str}``
 
 Image paths are relative to --image-root (or to the JSONL file's directory when none is given) and
-must stay inside it; webdataset records carry their image bytes inline.
+must stay inside it; ``SHARD.tar#MEMBER`` names a member of an uncompressed tar shard there
+(``tar_members.py``); webdataset records carry their image bytes inline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES
 from megasail.data.preprocess.images import ValidatedImage, validate_image
 from megasail.data.preprocess.rejects import RecordRejected
 from megasail.data.preprocess.sources import RawRecord
+from megasail.data.preprocess.tar_members import read_tar_member, split_member_name
 from megasail.data.text.template import Conversation, Turn
 
 _ROLE_NAMES = {
@@ -131,6 +133,12 @@ def read_image_file(root: str, name: str, max_bytes: int, where: str) -> bytes:
     path = os.path.realpath(os.path.join(real_root, name))
     if os.path.commonpath([real_root, path]) != real_root:
         raise RecordRejected("image_path_outside_root", f"image {name!r} leads outside {where}")
+    member = split_member_name(name)
+    if member is not None and not os.path.lexists(path):  # SHARD.tar#MEMBER (a file of that name wins)
+        shard = os.path.realpath(os.path.join(real_root, member[0]))
+        if os.path.commonpath([real_root, shard]) != real_root:
+            raise RecordRejected("image_path_outside_root", f"image {name!r} leads outside {where}")
+        return read_tar_member(shard, member[1], max_bytes, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

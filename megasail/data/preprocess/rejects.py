@@ -33,3 +33,42 @@ class RecordRejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+# what to try first when a reason dominates (printed with a run that kept no sample)
+REJECT_HINTS: dict[str, str] = {
+    "image_missing": "image paths are relative to --image-root, or to the JSONL file's directory without it",
+    "image_path_outside_root": "image paths must stay inside --image-root",
+    "malformed_json": "inputs must be JSON Lines, one object per line; convert a JSON array with jq -c '.[]'",
+    "missing_field": "check the record fields against --input-format (see --help)",
+    "image_tag_mismatch": "each <image> tag needs one image in the record's image field",
+    "too_long": "raise --max-seq-length, lower --max-tiles, or pass --on-too-long truncate",
+    "image_too_large": "raise --max-image-pixels or --max-image-bytes if the images are trusted",
+}
+
+
+def top_reject_reasons(rejected_by_reason: dict[str, int], limit: int = 3) -> list[tuple[str, int]]:
+    """The `limit` most frequent (reason, count), most first (ties by name)."""
+    return sorted(rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+def reject_summary(rejected_by_reason: dict[str, int], limit: int = 3) -> str:
+    """'image_missing 5, malformed_json 2 and 1 more reason(s)': the most frequent reasons first."""
+    top = top_reject_reasons(rejected_by_reason, limit)
+    text = ", ".join(f"{reason} {count}" for reason, count in top) or "none"
+    more = len(rejected_by_reason) - len(top)
+    return text + (f" and {more} more reason(s)" if more > 0 else "")
+
+
+def empty_prefix_reason(prefix: str, manifest: dict | None) -> str:
+    """Why a prefix holds no sample, from its manifest: records read and rejected, the top reasons, and
+    where each reject is listed."""
+    if manifest is None:
+        return f"{prefix}.manifest.json is missing"
+    counts = manifest.get("counts", {})
+    read, rejected = counts.get("read", "?"), counts.get("rejected", "?")
+    if read == 0:
+        return f"{prefix}.manifest.json: preprocessing read no record from its inputs"
+    return (f"{prefix}.manifest.json: {read} records read, {rejected} rejected "
+            f"({reject_summary(manifest.get('rejected_by_reason', {}))}); every reject with its file:line in "
+            f"{prefix}.rejects.jsonl")

@@ -17,14 +17,17 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
+from megasail.child_processes import die_with_parent
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.manifest import build_manifest, manifest_fingerprint
+from megasail.data.preprocess.rejects import REJECT_HINTS, REJECT_REASONS, top_reject_reasons
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
 from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
 from megasail.data.preprocess.writer import StreamingMerge
@@ -60,6 +63,41 @@ class PreprocessError(RuntimeError):
 
 class InternalErrors(RuntimeError):
     """More records than --max-internal-errors raised an unexpected exception inside megasail (a bug)."""
+
+
+class NoSamplesKept(RuntimeError):
+    """The run finished but kept no sample (every record rejected, or none read). The prefix is written,
+    its manifest saying 0 samples and why; training refuses it. `result` is run_preprocess's return."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def no_samples_message(prefix: str, manifest: dict) -> str:
+    """What a run that kept no sample tells its user: the top reject reasons with counts, hints, files."""
+    counts = manifest["counts"]
+    if counts["read"] == 0:
+        files = ", ".join(s["path"] for s in manifest["sources"][:3])
+        head = f"the inputs hold no records ({len(manifest['sources'])} file(s): {files}; blank lines are skipped)"
+    else:
+        head = f"all {counts['read']} records read were rejected"
+        if counts["internal_errors"]:
+            head = (f"of {counts['read']} records read, {counts['rejected']} were rejected and "
+                    f"{counts['internal_errors']} hit an internal error ({prefix}{INTERNAL_ERRORS_SUFFIX})")
+    lines = [f"{prefix}: no sample kept: {head}."]
+    reasons = manifest["rejected_by_reason"]
+    if reasons:
+        lines.append("Top reject reasons:")
+        for reason, count in top_reject_reasons(reasons):
+            hint = REJECT_HINTS.get(reason)
+            lines.append(f"  {count:>8} {reason}: {REJECT_REASONS[reason]}" + (f" ({hint})" if hint else ""))
+        if len(reasons) > 3:
+            lines.append(f"  ... and {len(reasons) - 3} more reason(s)")
+        lines.append(f"Every reject with its file:line: {prefix}.rejects.jsonl")
+    lines.append(f"The prefix is written with 0 samples ({prefix}.manifest.json records why) and training "
+                 "refuses it; fix the inputs and rerun with --overwrite.")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -238,8 +276,10 @@ _WORKER_CTX: UnitContext | None = None
 _WORKER_COUNTERS = None  # (records, bytes) shared with the main process for the progress bar
 
 
-def _init_worker(ctx: UnitContext, counters) -> None:
+def _init_worker(ctx: UnitContext, counters, parent_pid: int, from_main_thread: bool) -> None:
     global _WORKER_CTX, _WORKER_COUNTERS
+    # a killed run's workers would wait for units forever (they hold both ends of the task queue)
+    die_with_parent(parent_pid, death_signal=from_main_thread)
     _WORKER_CTX, _WORKER_COUNTERS = ctx, counters
 
 
@@ -365,7 +405,7 @@ def execute(plan: RunPlan) -> dict:
                 min(cfg.workers, len(pending)),
                 mp_context=spawn,
                 initializer=_init_worker,
-                initargs=(ctx, counters),
+                initargs=(ctx, counters, os.getpid(), threading.current_thread() is threading.main_thread()),
             )
             clean = False
             try:
@@ -469,8 +509,12 @@ def _report_internal_errors(cfg: PreprocessConfig, prefix: str, reports: list[di
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Plan, check and run; returns {"manifest": ..., "runtime": {...}}. Raises PreprocessError early."""
-    return execute(plan_run(cfg))
+    """Plan, check and run; returns {"manifest": ..., "runtime": {...}}. Raises PreprocessError early,
+    and NoSamplesKept after a run whose prefix holds no sample."""
+    result = execute(plan_run(cfg))
+    if result["manifest"]["num_samples"] == 0:
+        raise NoSamplesKept(no_samples_message(cfg.output_prefix, result["manifest"]), result)
+    return result
 
 
 def reconcile(manifest: dict) -> Counter:

@@ -230,6 +230,22 @@ class MultimodalTokenizer:
         return tid
 
     @property
+    def special_token_names(self) -> tuple[str, ...]:
+        """The tokens this wrapper guarantees as single special tokens (the required ones, then extras)."""
+        return REQUIRED_SPECIAL_TOKENS + tuple(t for t in self._extra if t not in REQUIRED_SPECIAL_TOKENS)
+
+    def hf_backend(self):
+        """A copy of the wrapped ``tokenizers.Tokenizer`` (kind "hf") with the required tokens added,
+        parsing special-token strings in text as transformers does (for exports); None for sentencepiece."""
+        if self._hf is None:
+            return None
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(self._hf.to_str())
+        copy.encode_special_tokens = False
+        return copy
+
+    @property
     def image_token_ids(self) -> ImageTokenIds:
         return ImageTokenIds(self.token_id(IMG_START), self.token_id(IMG_CONTEXT), self.token_id(IMG_END))
 
