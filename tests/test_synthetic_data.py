@@ -186,3 +186,39 @@ def test_cli_output_preprocesses_without_rejects(tmp_path):
     assert manifest["counts"]["written"] == 12 and manifest["counts"]["rejected"] == 0
     bad = subprocess.run(run[:-4] + ["--samples", "0"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--samples" in bad.stderr
+
+
+def test_benchmark_questions_are_true_of_their_pictures(tmp_path):
+    """--benchmark N writes, per question kind, N questions about one-shape held-out pictures whose
+    answers are what the picture's caption says (captions are checked against the pixels above), in
+    tools/evaluate.py's format (its loader reads them), with the pictures listed for tools/recaption.py.
+    Fault caught: questions paired with the next picture's shape (answers off by one picture); the
+    middle cells phrased "at the top" / "at the bottom" (then inside "at the top left": the substring
+    rule scored a wrong place right)."""
+    from megasail.evaluation.benchmarks import load_benchmark
+
+    synth.make_dataset(str(tmp_path), samples=30, heldout=30, seed=7, benchmark=12)
+    held = {r["id"]: r for r in _records(tmp_path / "heldout.jsonl")}
+    pictures = _records(tmp_path / "benchmark" / "pictures.jsonl")
+    assert len(pictures) == 12 and all(p["reference_caption"] == held[p["id"]]["caption"] for p in pictures)
+    for kind in ("colour", "shape", "where", "what_is_where"):
+        path = tmp_path / "benchmark" / f"{kind}.jsonl"
+        bench = load_benchmark(str(path))
+        assert bench.metric == "ocrbench" and len(bench.items) == 12
+        for item, line in zip(bench.items, _records(path), strict=True):
+            caption = held[line["picture"]]["caption"]
+            ((colour, shape, place),) = PHRASE.findall(caption)
+            assert item.images == [str(tmp_path / held[line["picture"]]["image"])]
+            answer = item.answers[0]
+            if kind in ("colour", "shape"):
+                assert answer == {"colour": colour, "shape": shape}[kind], line
+            elif kind == "where":
+                assert answer.endswith(f" the {place}") and caption.endswith(answer), line
+            else:
+                assert answer == caption.removeprefix("a "), line
+    places = [p for _, _, p in (PHRASE.findall(r["caption"])[0] for r in held.values())]
+    for a in set(places):
+        for b in set(places) - {a}:
+            assert f"the {a}" not in f"the {b}", (a, b)
+    with pytest.raises(ValueError, match="--benchmark"):
+        synth.make_dataset(str(tmp_path / "bad"), samples=2, heldout=3, benchmark=4)

@@ -11,6 +11,10 @@ Writes, ready for tools/preprocess_data.py (caption JSONL, see docs/preprocessin
   DIR/tokenizer/        sp.model: a small sentencepiece BPE model trained on the training
                         captions; the chat and image tokens (<|im_start|>, <|im_end|>, <img>, </img>,
                         <IMG_CONTEXT>) are control symbols of the model, and id 0 is <pad>
+  DIR/benchmark/        with --benchmark N: colour.jsonl, shape.jsonl, where.jsonl, what_is_where.jsonl,
+                        questions about N one-shape held-out pictures for tools/evaluate.py (scored by
+                        OCRBench's rule: the answer inside the prediction), and pictures.jsonl, those
+                        pictures for tools/recaption.py
   DIR/summary.json      counts, vocabulary size and the token ids a config needs (pad, image context)
 
 Each picture holds one large shape (circle, square, triangle, diamond; six colours) in a cell of a 3x3
@@ -43,16 +47,17 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-# 3x3 grid cells (row, column) -> the phrase a caption uses for them
+# 3x3 grid cells (row, column) -> the phrase a caption uses for them; none is a substring of another (a
+# benchmark answer "at the top" would be found inside a caption saying "at the top left")
 PLACES = {
     (0, 0): "at the top left",
-    (0, 1): "at the top",
+    (0, 1): "at the top center",
     (0, 2): "at the top right",
     (1, 0): "on the left",
     (1, 1): "in the center",
     (1, 2): "on the right",
     (2, 0): "at the bottom left",
-    (2, 1): "at the bottom",
+    (2, 1): "at the bottom center",
     (2, 2): "at the bottom right",
 }
 # The words that depend on the picture (the rest of a caption is grammar); eval_captions scores them apart.
@@ -79,9 +84,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def make_sample(rng: random.Random, max_shapes: int = 1) -> tuple[Image.Image, str, str]:
-    """One picture with 1..max_shapes shapes, its caption and its file format ("PNG" or "JPEG"), all
-    drawn from `rng`."""
+def make_sample(rng: random.Random, max_shapes: int = 1) -> tuple[Image.Image, str, str, list[dict]]:
+    """One picture with 1..max_shapes shapes, its caption, its file format ("PNG" or "JPEG") and its
+    shapes [{"colour", "shape", "place"}] in caption order, all drawn from `rng`."""
     long_side = rng.randint(96, 512)
     aspect = 2 ** rng.uniform(-1, 1)  # width / height in [1/2, 2]
     width, height = (
@@ -93,7 +98,7 @@ def make_sample(rng: random.Random, max_shapes: int = 1) -> tuple[Image.Image, s
     cells = rng.sample(sorted(PLACES), rng.randint(1, max_shapes))
     cells.sort()  # captions name shapes in reading order: top to bottom, left to right
     cw, ch = width / 3, height / 3
-    phrases = []
+    phrases, shapes = [], []
     for row, col in cells:
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
         side = rng.uniform(*SIDE) * min(cw, ch)
@@ -102,25 +107,75 @@ def make_sample(rng: random.Random, max_shapes: int = 1) -> tuple[Image.Image, s
         box = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
         draw_shape(draw, shape, box, COLOURS[colour])
         phrases.append(f"a {colour} {shape} {PLACES[(row, col)]}")
+        shapes.append({"colour": colour, "shape": shape, "place": PLACES[(row, col)]})
     caption = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return image, caption, rng.choice(("PNG", "JPEG"))
+    return image, caption, rng.choice(("PNG", "JPEG")), shapes
 
 
-def write_split(out_dir: str, name: str, count: int, seed: int, max_shapes: int = 1) -> list[str]:
-    """Write `count` pictures and DIR/{name}.jsonl (captions.jsonl for "train"); returns the captions."""
+def write_split(out_dir: str, name: str, count: int, seed: int, max_shapes: int = 1) -> list[dict]:
+    """Write `count` pictures and DIR/{name}.jsonl (captions.jsonl for "train"); returns the records,
+    each with its "shapes" (kept out of the JSONL: preprocessing reads caption records)."""
     rng = random.Random(f"megasail-synthetic:{seed}:{name}")  # one stream per split
-    captions = []
+    records = []
     jsonl = os.path.join(out_dir, "captions.jsonl" if name == "train" else f"{name}.jsonl")
     with open(jsonl + ".tmp", "w") as f:
         for i in tqdm(range(count), desc=f"{name} images", unit="img", disable=count == 0):
-            image, caption, fmt = make_sample(rng, max_shapes)
+            image, caption, fmt, shapes = make_sample(rng, max_shapes)
             rel = f"images/{name}_{i:06d}.{'png' if fmt == 'PNG' else 'jpg'}"
             kwargs = {"quality": 90} if fmt == "JPEG" else {}
             image.save(os.path.join(out_dir, rel), format=fmt, **kwargs)
-            f.write(json.dumps({"id": f"{name}-{i}", "image": rel, "caption": caption}) + "\n")
-            captions.append(caption)
+            record = {"id": f"{name}-{i}", "image": rel, "caption": caption}
+            f.write(json.dumps(record) + "\n")
+            records.append({**record, "shapes": shapes})
     os.replace(jsonl + ".tmp", jsonl)
-    return captions
+    return records
+
+
+# Question kinds of the benchmark, each asked of a one-shape picture: (question, answer) templates over
+# the shape's colour, shape and place. Answers are phrases a caption holds ("at the top left"), so that
+# a captioning model is scored by OCRBench's rule (the answer is a substring of the prediction).
+QUESTIONS = {
+    "colour": ("Which colour is the shape?", "{colour}"),
+    "shape": ("What shape is in the picture?", "{shape}"),
+    "where": ("Where is the {colour} {shape}?", "{place}"),
+    "what_is_where": ("What is where in the picture?", "{colour} {shape} {place}"),
+}
+
+
+def write_benchmark(out_dir: str, records: list[dict], pictures: int) -> dict[str, str]:
+    """Benchmark files for tools/evaluate.py from the first `pictures` one-shape held-out records:
+    DIR/benchmark/NAME.jsonl per question kind of QUESTIONS ({"id", "image", "question", "answers",
+    "metric": "ocrbench", "picture"}) and DIR/benchmark/pictures.jsonl (the pictures asked about, for
+    tools/recaption.py). Returns {NAME: path}."""
+    single = [r for r in records if len(r["shapes"]) == 1][:pictures]
+    if len(single) < pictures:
+        raise ValueError(
+            f"--benchmark {pictures} needs as many one-shape held-out pictures; there are {len(single)} "
+            "(raise --heldout)"
+        )
+    folder = os.path.join(out_dir, "benchmark")
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, (question, answer) in {**QUESTIONS, "pictures": (None, None)}.items():
+        paths[name] = os.path.join(folder, f"{name}.jsonl")
+        with open(paths[name] + ".tmp", "w") as f:
+            for r in single:
+                image = os.path.join("..", r["image"])
+                if name == "pictures":
+                    line = {"id": r["id"], "image": image, "reference_caption": r["caption"]}
+                else:
+                    shape = r["shapes"][0]
+                    line = {
+                        "id": f"{r['id']}-{name}",
+                        "image": image,
+                        "question": question.format(**shape),
+                        "answers": [answer.format(**shape)],
+                        "metric": "ocrbench",
+                        "picture": r["id"],
+                    }
+                f.write(json.dumps(line) + "\n")
+        os.replace(paths[name] + ".tmp", paths[name])
+    return paths
 
 
 def train_tokenizer(captions: list[str], tokenizer_dir: str, vocab_size: int) -> str:
@@ -158,7 +213,13 @@ def train_tokenizer(captions: list[str], tokenizer_dir: str, vocab_size: int) ->
 
 
 def make_dataset(
-    output: str, samples: int, heldout: int = 0, seed: int = 0, vocab_size: int = 128, max_shapes: int = 1
+    output: str,
+    samples: int,
+    heldout: int = 0,
+    seed: int = 0,
+    vocab_size: int = 128,
+    max_shapes: int = 1,
+    benchmark: int = 0,
 ) -> dict:
     """Write the whole directory (see the module docstring); returns the summary also saved as summary.json."""
     if samples < 1:
@@ -169,10 +230,15 @@ def make_dataset(
         raise ValueError(
             f"--max-shapes must lie in 1..{len(PLACES)} (one shape per grid cell), got {max_shapes}"
         )
+    if not 0 <= benchmark <= heldout:
+        raise ValueError(f"--benchmark asks about held-out pictures: 0..--heldout={heldout}, got {benchmark}")
     os.makedirs(os.path.join(output, "images"), exist_ok=True)
-    captions = write_split(output, "train", samples, seed, max_shapes)
+    captions = [r["caption"] for r in write_split(output, "train", samples, seed, max_shapes)]
+    benchmark_files = {}
     if heldout:
-        write_split(output, "heldout", heldout, seed, max_shapes)
+        held = write_split(output, "heldout", heldout, seed, max_shapes)
+        if benchmark:
+            benchmark_files = write_benchmark(output, held, benchmark)
     model = train_tokenizer(captions, os.path.join(output, "tokenizer"), vocab_size)
 
     from megasail.data.text.tokenizer import IMG_CONTEXT, MultimodalTokenizer
@@ -185,6 +251,7 @@ def make_dataset(
         "max_shapes": max_shapes,
         "captions": os.path.join(output, "captions.jsonl"),
         "heldout_captions": os.path.join(output, "heldout.jsonl") if heldout else None,
+        "benchmark": benchmark_files,
         "tokenizer": os.path.dirname(model),
         "vocab_size": tok.vocab_size,
         "pad_token_id": 0,
@@ -212,10 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="shapes per picture are drawn from 1..N (distinct grid cells)",
     )
+    ap.add_argument(
+        "--benchmark",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write DIR/benchmark/: colour, shape, where and what_is_where questions (tools/evaluate.py "
+        "files) about the first N one-shape held-out pictures, and pictures.jsonl (tools/recaption.py)",
+    )
     args = ap.parse_args(argv)
     try:
         summary = make_dataset(
-            args.output, args.samples, args.heldout, args.seed, args.vocab_size, args.max_shapes
+            args.output,
+            args.samples,
+            args.heldout,
+            args.seed,
+            args.vocab_size,
+            args.max_shapes,
+            args.benchmark,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
