@@ -13,8 +13,8 @@ Writes, ready for tools/preprocess_data.py (caption JSONL, see docs/preprocessin
                         <IMG_CONTEXT>) are control symbols of the model, and id 0 is <pad>
   DIR/benchmark/        with --benchmark N: colour.jsonl, shape.jsonl, where.jsonl, what_is_where.jsonl,
                         questions about N one-shape held-out pictures for tools/evaluate.py (scored by
-                        OCRBench's rule: the answer inside the prediction), and pictures.jsonl, those
-                        pictures for tools/recaption.py
+                        OCRBench's rule: the answer inside the prediction); "picture" names the
+                        heldout.jsonl id asked about
   DIR/summary.json      counts, vocabulary size and the token ids a config needs (pad, image context)
 
 Each picture holds one large shape (circle, square, triangle, diamond; six colours) in a cell of a 3x3
@@ -145,8 +145,7 @@ QUESTIONS = {
 def write_benchmark(out_dir: str, records: list[dict], pictures: int) -> dict[str, str]:
     """Benchmark files for tools/evaluate.py from the first `pictures` one-shape held-out records:
     DIR/benchmark/NAME.jsonl per question kind of QUESTIONS ({"id", "image", "question", "answers",
-    "metric": "ocrbench", "picture"}) and DIR/benchmark/pictures.jsonl (the pictures asked about, for
-    tools/recaption.py). Returns {NAME: path}."""
+    "metric": "ocrbench", "picture": the record's id}). Returns {NAME: path}."""
     single = [r for r in records if len(r["shapes"]) == 1][:pictures]
     if len(single) < pictures:
         raise ValueError(
@@ -156,23 +155,19 @@ def write_benchmark(out_dir: str, records: list[dict], pictures: int) -> dict[st
     folder = os.path.join(out_dir, "benchmark")
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for name, (question, answer) in {**QUESTIONS, "pictures": (None, None)}.items():
+    for name, (question, answer) in QUESTIONS.items():
         paths[name] = os.path.join(folder, f"{name}.jsonl")
         with open(paths[name] + ".tmp", "w") as f:
             for r in single:
-                image = os.path.join("..", r["image"])
-                if name == "pictures":
-                    line = {"id": r["id"], "image": image, "reference_caption": r["caption"]}
-                else:
-                    shape = r["shapes"][0]
-                    line = {
-                        "id": f"{r['id']}-{name}",
-                        "image": image,
-                        "question": question.format(**shape),
-                        "answers": [answer.format(**shape)],
-                        "metric": "ocrbench",
-                        "picture": r["id"],
-                    }
+                shape = r["shapes"][0]
+                line = {
+                    "id": f"{r['id']}-{name}",
+                    "image": os.path.join("..", r["image"]),
+                    "question": question.format(**shape),
+                    "answers": [answer.format(**shape)],
+                    "metric": "ocrbench",
+                    "picture": r["id"],
+                }
                 f.write(json.dumps(line) + "\n")
         os.replace(paths[name] + ".tmp", paths[name])
     return paths
@@ -285,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="N",
         help="also write DIR/benchmark/: colour, shape, where and what_is_where questions (tools/evaluate.py "
-        "files) about the first N one-shape held-out pictures, and pictures.jsonl (tools/recaption.py)",
+        "files) about the first N one-shape held-out pictures",
     )
     args = ap.parse_args(argv)
     try:
