@@ -83,8 +83,9 @@ echo "[quickstart] 6/6 captions and benchmark answers of the trained and the unt
   || { tail -20 "$out/untrained.log" >&2; exit 1; }
 bench="$out/raw/benchmark"
 dp2=(python -m torch.distributed.run --standalone --nproc-per-node 2)
+# --max-tiles 1 as trained (recaption.py's default is 6); a caption here is ~7 tokens, so 3 is too short
 "${dp2[@]}" tools/recaption.py --load "$out/checkpoints" --images "$out/raw/heldout.jsonl" --output "$out/recaption" \
-  --batch-size 8 --max-new-tokens 16 --overwrite --no-progress
+  --max-tiles 1 --min-caption-tokens 3 --batch-size 8 --max-new-tokens 16 --overwrite --no-progress
 questions=()
 for kind in colour shape where what_is_where; do questions+=(--benchmark "$bench/$kind.jsonl"); done
 for model in trained untrained; do
