@@ -39,7 +39,7 @@ def test_quickstart_trains_resumes_and_reads_the_pictures(repo_root, tmp_path):
     the trained model does not beat the untrained one on held-out captions, or does not beat itself shown
     swapped pictures by 10 points of content words (tools/eval_captions.py --min-margin, the quickstart's
     exit status), or if tools/recaption.py (2 writers, batch 8) loses a held-out picture or filters most,
-    or tools/evaluate.py does not score the trained model far above the untrained one.
+    or tools/evaluate.py does not score the trained model above the untrained one by 10 points.
 
     Then the quickstart's trained model answers its benchmark again at batch 1 in one process: the same
     answers as evaluate.py's at DP=2 and batch 8, and as recaption.py's captions of those pictures, but
@@ -82,7 +82,7 @@ def test_quickstart_trains_resumes_and_reads_the_pictures(repo_root, tmp_path):
     assert len(outcomes["captions"]) >= 190, {k: len(v) for k, v in outcomes.items()}
     mean = re.search(r"^\| mean \| \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", out, re.M)
     untrained_mean, trained_mean, _captions_mean = (float(x) for x in mean.groups())
-    assert trained_mean > untrained_mean + 20, out[-3000:]
+    assert trained_mean > untrained_mean + 10, out[-3000:]  # measured 31.2 against 6.2 at 150 steps
 
     bench = qs / "raw" / "benchmark"
     kinds = ("colour", "shape", "where", "what_is_where")
