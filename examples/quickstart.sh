@@ -83,7 +83,7 @@ echo "[quickstart] 6/6 captions and benchmark answers of the trained and the unt
   || { tail -20 "$out/untrained.log" >&2; exit 1; }
 bench="$out/raw/benchmark"
 dp2=(python -m torch.distributed.run --standalone --nproc-per-node 2)
-# --max-tiles 1 as trained (recaption.py's default is 6); a caption here is ~7 tokens, so 3 is too short
+# --max-tiles 1 as trained (recaption.py defaults to 6); captions here are ~7 tokens, under its default minimum of 8
 "${dp2[@]}" tools/recaption.py --load "$out/checkpoints" --images "$out/raw/heldout.jsonl" --output "$out/recaption" \
   --max-tiles 1 --min-caption-tokens 3 --batch-size 8 --max-new-tokens 16 --overwrite --no-progress
 questions=()
