@@ -41,11 +41,11 @@ def main(argv=None) -> float | None:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megasail.models.param_count import global_param_counts
+    from megasail.models.synthetic import synthetic_batch
     from megasail.runtime import destroy, initialize
     from megasail.training.model_builder import build_model_chunks, wrap_ddp
-    from megasail.training.param_count import global_param_counts
     from megasail.training.step import forward_step, reported_loss
-    from megasail.training.synthetic import synthetic_batch
 
     p = cfg.parallel
     initialize(p.tensor, p.pipeline, p.virtual_pipeline, p.context, seed=cfg.seed)

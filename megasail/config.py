@@ -75,6 +75,10 @@ class TrainConfig:
     recompute: str = doc("activation recomputation: none, selective (attention core) or full (whole layers)", "none")
     recompute_num_layers: int = doc("with recompute=full: layers per recomputed block (megatron 'uniform')", 1)
     timeout_minutes: int = doc("collective timeout of the process group", 30)
+    memory_check: bool = doc(
+        "refuse at start-up a run whose estimated memory per rank (megasail.models.memory) exceeds the free "
+        "GPU memory, or the available host RAM shared by the local ranks on a CPU; false skips it", True
+    )
 
     def validate(self) -> None:
         if self.iters is not None and self.iters < 0:
@@ -190,6 +194,28 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = doc("global seed (model init, data order)", 1234)
 
+    def __post_init__(self) -> None:
+        derive_data_settings(self.data, self.model)
+
+
+def derive_data_settings(data: DataConfig, model: ModelConfig) -> None:
+    """Set the data keys that follow from the model (DERIVED_KEYS), so each value is set in one place."""
+    data.tile_size = model.vision.image_size  # the loader tiles images at the size the ViT was built for
+
+
+# keys derived from another key: never read from a config file or override, never written to one
+DERIVED_KEYS = {"data.tile_size": "model.vision.image_size"}
+
+# keys a config no longer takes, each with what to do instead
+RETIRED_KEYS = {
+    "data.tile_size": "the tile side is derived from model.vision.image_size: set model.vision.image_size instead",
+    "data.cost_model": (
+        "data-parallel balancing is priced from the run's own model config (model.*), so there is nothing to "
+        "choose: remove the key"
+    ),
+}
+RETIRED_CHOICES = ("error", "ignore")
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
@@ -260,29 +286,50 @@ def _dotted_keys(tree: Any, prefix: str = "") -> set[str]:
     return keys
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig) -> Any:
+def _without_retired(tree: DictConfig, source: str, path: str | None, retired: str) -> DictConfig:
+    """The file's or override's keys less RETIRED_KEYS: refused with what to set instead (retired="error"),
+    or dropped (retired="ignore": configs saved by an earlier version inside checkpoints)."""
+    for key in sorted(_dotted_keys(OmegaConf.to_container(tree)) & set(RETIRED_KEYS)):
+        if retired == "error":
+            where = source + (_line_of(path, key) if path else "")
+            raise ConfigError(f"{where}: '{key}' is no longer a config key: {RETIRED_KEYS[key]}")
+        parent, leaf = key.rsplit(".", 1)
+        node = OmegaConf.select(tree, parent)
+        if isinstance(node, DictConfig):
+            node.pop(leaf)
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig, retired: str = "error"
+) -> Any:
     """Build a typed config: schema defaults <- YAML file <- dotted overrides (``a.b=value``).
 
+    A key of RETIRED_KEYS is refused with what to set instead; retired="ignore" drops such keys
+    (a config an earlier version saved in a checkpoint). DERIVED_KEYS follow from their source.
     The result's ``explicit_keys`` (frozenset of dotted keys) names the values the file or the
     overrides set, as opposed to schema defaults.
     """
+    if retired not in RETIRED_CHOICES:
+        raise ValueError(f"retired must be one of {RETIRED_CHOICES}, got {retired!r}")
     default = schema()
     cfg = OmegaConf.structured(default)
+    layers = []  # (tree, source, path) in merge order
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path), default, path=str(path))
+        layers.append((OmegaConf.load(path), str(path), str(path)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tensor=2)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", default)
-    obj = OmegaConf.to_object(cfg)
+        layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'", None))
     explicit = set()
-    if path is not None:
-        explicit |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(path)))
-    for item in overrides or []:
-        explicit |= _dotted_keys(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+    for tree, source, file in layers:
+        tree = _without_retired(tree, source, file, retired)
+        cfg = _merge(cfg, tree, source, default, path=file)
+        explicit |= _dotted_keys(OmegaConf.to_container(tree))
+    obj = OmegaConf.to_object(cfg)
     # which values the user chose (vs schema defaults): unset ones may be taken from the data's manifests
     obj.explicit_keys = frozenset(explicit)
     for section in ("model", "parallel", "train", "optim", "checkpoint"):
@@ -305,6 +352,8 @@ def config_help(schema=RunConfig) -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(inst, f.name)
+            if f"{prefix}{f.name}" in DERIVED_KEYS:
+                continue
             if dataclasses.is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.")
                 continue
@@ -322,9 +371,17 @@ def config_help(schema=RunConfig) -> str:
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML (logged at start, written to LOGGING_DIR/config.yaml, saved with
     checkpoints)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: Any) -> dict:
-    """The resolved config as plain nested dicts and lists (wandb's run config)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The resolved config as plain nested dicts and lists (wandb's run config), less DERIVED_KEYS."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for key in DERIVED_KEYS:
+        parent, leaf = key.rsplit(".", 1)
+        node = tree
+        for part in parent.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree

@@ -24,17 +24,30 @@ gradients flow through 2x (its attention core 3x), a frozen one with nothing tra
 while only the projector trains) 1x; real tokens only, LLM attention causal within each sample. --mfu
 (default 0.35, the low end of open VLM trainers) is the share of --gpu's dense peak assumed for every
 stage; a measured --tokens-per-s-per-gpu (tools/bench_train.py's tokens/s, sample tokens) replaces it
-for every stage instead.
+for every stage instead, and --from-metrics runs/X/metrics.jsonl measures it: the median tokens_per_s of
+each stage's steady steps (the first --metrics-skip rows of every stage are left out), divided by the
+GPUs of that run (--metrics-gpus); a planned stage the metrics do not name takes the median of all of
+them, and the run's packing efficiency (1 - loader padding_fraction) replaces the default one.
+
+Memory per GPU (megasail.models.memory: weights, fp32 gradient buffer and Adam state of what the stage
+trains under the distributed optimizer, activations of the micro-batches the 1F1B schedule holds, the
+ViT on pipeline stage 0, logits on the last, the backward working set) is printed for every pipeline
+rank of every stage; a stage whose largest rank needs more than --memory-fraction of --gpu's memory
+(--gpu-memory-gb overrides it) is flagged with what to change. Activations assume Transformer Engine's
+flash attention unless model.transformer_impl=local (then the s x s softmax of the unfused core
+attention is kept: --attention overrides).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 
-from megasail.models import flops
+from megasail.models import flops, memory
 from megasail.models.flops import GPU_PEAKS, Peak, StepFlops
 
 
@@ -53,6 +66,10 @@ class StagePlan:
     tokens_per_s: float  # sample tokens per second over all GPUs
     tokens_per_s_source: str
     days: float
+    memory: list[dict] = field(default_factory=list)  # per pipeline rank (memory.StageMemory.gib())
+    memory_gib: float = 0.0  # the largest pipeline rank's total
+    memory_rank: int = 0
+    fits: bool | None = None  # memory_gib within memory_fraction of the GPU (None: GPU memory unknown)
 
 
 @dataclass
@@ -79,6 +96,14 @@ class RunPlan:
     tiles_per_sequence: float
     samples_per_sequence: float
     pipeline_bubble: float
+    split_suggested: bool = False  # first_stage_llm_layers is the ViT-aware suggestion, not the config's
+    recompute: str = "none"
+    attention: str = "flash"
+    gpu: str = ""
+    device: str = "gpu"
+    gpu_memory_gib: float | None = None
+    memory_fraction: float = 0.9
+    remedies: str = ""  # what lowers memory per GPU from this layout
     stages: list[StagePlan] = field(default_factory=list)
 
     @property
@@ -122,6 +147,71 @@ def pipeline_bubble(pipeline: int, micro_batches: int, virtual_pipeline: int | N
     return (pipeline - 1) / (v * micro_batches + pipeline - 1)
 
 
+@dataclass
+class MeasuredThroughput:
+    """Sample tokens/s per GPU measured by a run (``read_metrics_throughput``)."""
+
+    path: str
+    gpus: int
+    by_stage: dict[str, float]  # stage name -> median tokens/s per GPU of its steady steps
+    overall: float  # median over every steady step
+    steady_steps: int
+    packing_efficiency: float | None  # 1 - the loader's padding_fraction at the last row
+
+    def for_stage(self, name: str) -> tuple[float, str]:
+        if name in self.by_stage:
+            return self.by_stage[name], f"median of {self.path} (stage {name})"
+        return self.overall, f"median of {self.path} (all stages)"
+
+
+def read_metrics_throughput(path: str, gpus: int | None = None, skip: int = 3) -> MeasuredThroughput:
+    """Median ``tokens_per_s`` of a metrics.jsonl's steady steps, per GPU: the first ``skip`` rows of
+    each stage (start-up, first allocations, a stage's rebuild) are left out; ``gpus`` is the measured
+    run's GPU count (rows that record ``world_size`` give it). Raises ValueError naming the file."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f"{path}:{number}: not a JSON object (a metrics.jsonl of pretrain_vlm.py?)"
+                ) from None
+            if isinstance(row, dict) and isinstance(row.get("tokens_per_s"), (int, float)):
+                rows.append(row)
+    if gpus is None:
+        gpus = next((int(r["world_size"]) for r in rows if r.get("world_size")), None)
+    if gpus is None or gpus < 1:
+        raise ValueError(
+            f"--from-metrics {path}: give --metrics-gpus N, the GPUs (processes) of the run "
+            "that wrote it (its rows do not record a world size)"
+        )
+    by_stage: dict[str, list[float]] = {}
+    seen: dict[str, int] = {}
+    for row in rows:
+        stage = str(row.get("stage", ""))
+        seen[stage] = seen.get(stage, 0) + 1
+        if seen[stage] > skip:
+            by_stage.setdefault(stage, []).append(float(row["tokens_per_s"]) / gpus)
+    steady = [x for values in by_stage.values() for x in values]
+    if not steady:
+        raise ValueError(
+            f"--from-metrics {path}: {len(rows)} step rows, none after the first {skip} of "
+            "each stage (lower --metrics-skip or measure more steps)"
+        )
+    padding = rows[-1].get("loader", {}).get("padding_fraction")
+    return MeasuredThroughput(
+        path,
+        gpus,
+        {k: statistics.median(v) for k, v in by_stage.items()},
+        statistics.median(steady),
+        len(steady),
+        1.0 - padding if isinstance(padding, (int, float)) else None,
+    )
+
+
 def make_plan(
     run,
     nodes: int,
@@ -132,17 +222,35 @@ def make_plan(
     mfu: float = 0.35,
     gpu: str = "H100-SXM",
     peak: Peak | None = None,
-    packing_efficiency: float = 0.99,
+    packing_efficiency: float | None = None,
     tiles_per_sequence: float | None = None,
     samples_per_sequence: float | None = None,
+    measured: MeasuredThroughput | None = None,
+    gpu_memory_gib: float | None = None,
+    memory_fraction: float = 0.9,
+    attention: str | None = None,
+    device: str = "gpu",
 ) -> RunPlan:
     """The plan of `run` (a RunConfig with data.stages) on nodes x gpus_per_node GPUs.
 
     tiles_per_sequence defaults to 3/4 of a sequence being image tokens (caption pretraining);
     samples_per_sequence (for sample budgets) defaults to seq_length / 2048 (SFT samples average
     about 2k tokens). Each stage's time is its step FLOPs at `mfu` of `gpu`'s peaks (`peak` overrides
-    them), or its sample tokens at a stated tokens_per_s_per_gpu. Raises ValueError when the layout does
+    them), or its sample tokens at a stated tokens_per_s_per_gpu, or at the `measured` throughput (whose
+    packing efficiency then replaces the default 0.99 unless one is given). Memory per pipeline rank
+    comes from megasail.models.memory against gpu_memory_gib (default: `gpu`'s), `attention` "flash"
+    (default unless model.transformer_impl=local) or "unfused", on `device` "gpu" (or "cpu": a CPU run's
+    composite RMSNorm and host-resident batches). Raises ValueError when the layout does
     not divide the GPUs or the batch."""
+    if packing_efficiency is None:
+        measured_packing = measured.packing_efficiency if measured is not None else None
+        packing_efficiency = measured_packing or 0.99
+    if attention is None:
+        attention = "unfused" if run.model.transformer_impl == "local" else "flash"
+    if attention not in ("flash", "unfused"):
+        raise ValueError(f"attention must be flash or unfused, got {attention!r}")
+    if gpu_memory_gib is None and device == "gpu":
+        gpu_memory_gib = memory.GPU_MEMORY_GIB.get(gpu)
     p, d = run.parallel, run.data
     gpus = nodes * gpus_per_node
     model_parallel = p.tensor * p.pipeline * p.context
@@ -197,21 +305,38 @@ def make_plan(
         tiles_per_sequence=tiles,
         samples_per_sequence=per_seq,
         pipeline_bubble=pipeline_bubble(p.pipeline, micro_batches, p.virtual_pipeline),
+        split_suggested=p.first_stage_llm_layers is None and first is not None,
+        recompute=run.train.recompute,
+        attention=attention,
+        gpu=gpu,
+        device=device,
+        gpu_memory_gib=gpu_memory_gib,
+        memory_fraction=memory_fraction,
     )
+    # memory follows the split the run will use: parallel.first_stage_llm_layers, else even
+    layout = memory.MemoryLayout.from_run(run, dp, tiles, flash_attention=attention == "flash", device=device)
+    plan.remedies = memory.remedies(layout)
     for stage in d.stages:
         if stage.budget_tokens is not None:
             iterations = math.ceil(stage.budget_tokens / sample_tokens)
         elif stage.budget_samples is not None:
             iterations = math.ceil(stage.budget_samples / (d.global_batch_size * per_seq))
+        elif run.train.iters is not None:  # runs until train.iters steps in all, as the loop does
+            iterations = max(run.train.iters - sum(s.iterations for s in plan.stages), 0)
         else:
             raise ValueError(
-                f"stage {stage.name!r} has no budget: a plan needs budget_tokens or budget_samples"
+                f"stage {stage.name!r} has no budget: a plan needs budget_tokens, budget_samples or "
+                "train.iters"
             )
         per_sequence = sequence_step_flops(
             run.model, d.seq_length, tiles, per_seq, stage.trainable, packing_efficiency
         )
         step = StepFlops(*(d.global_batch_size * x for x in per_sequence.as_tuple()))
-        if tokens_per_s_per_gpu is not None:
+        if measured is not None:
+            rate, source = measured.for_stage(stage.name)
+            seconds = sample_tokens / (rate * gpus)
+            source = f"{rate:,.0f} tokens/s per GPU, {source}"
+        elif tokens_per_s_per_gpu is not None:
             seconds = sample_tokens / (tokens_per_s_per_gpu * gpus)
             source = f"stated {tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
         else:
@@ -234,13 +359,27 @@ def make_plan(
                 days,
             )
         )
+        ranks = memory.stage_memory(run.model, layout, list(stage.trainable))
+        largest = memory.largest_stage(ranks)
+        entry = plan.stages[-1]
+        entry.memory = [r.gib() for r in ranks]
+        entry.memory_gib, entry.memory_rank = largest.total / memory.GIB, largest.pp_rank
+        if gpu_memory_gib is not None:
+            entry.fits = entry.memory_gib <= memory_fraction * gpu_memory_gib
     return plan
 
 
 def format_plan(plan: RunPlan) -> str:
     """Human-readable plan: layout lines, then one table row per stage."""
     vpp = f", VPP={plan.virtual_pipeline}" if plan.virtual_pipeline else ""
-    split = f", first stage LLM layers={plan.first_stage_llm_layers}" if plan.first_stage_llm_layers else ""
+    split = ""
+    if plan.first_stage_llm_layers:
+        split = f", first stage LLM layers={plan.first_stage_llm_layers}"
+        if plan.split_suggested:
+            split += (
+                f" (suggested: set parallel.first_stage_llm_layers={plan.first_stage_llm_layers}; memory "
+                "below is for the even split the config gives)"
+            )
     lines = [
         f"plan: {plan.model or 'model'} on {plan.gpus} GPUs ({plan.nodes} nodes x {plan.gpus_per_node})",
         f"  layout: TP={plan.tensor}, PP={plan.pipeline}{vpp}, CP={plan.context}, DP={plan.data_parallel}{split}",
@@ -252,20 +391,64 @@ def format_plan(plan: RunPlan) -> str:
         f"{plan.samples_per_sequence:g} samples per sequence",
         "",
         "| stage | trains | budget | iterations | TFLOP/step | GFLOP/token | step s | tokens/s (all GPUs) "
-        "| days | time from |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| days | time from | GiB/GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in plan.stages:
-        budget = (
-            f"{s.budget_tokens:,} tokens" if s.budget_tokens is not None else f"{s.budget_samples:,} samples"
-        )
+        if s.budget_tokens is not None:
+            budget = f"{s.budget_tokens:,} tokens"
+        else:
+            budget = f"{s.budget_samples:,} samples" if s.budget_samples is not None else "train.iters"
+        flag = " DOES NOT FIT" if s.fits is False else ""
         lines.append(
             f"| {s.name} | {'+'.join(s.trainable) or '-'} | {budget} | {s.iterations:,} | "
             f"{s.step_tflops:,.0f} | {s.gflops_per_token:.2f} | {s.step_seconds:.2f} | "
-            f"{s.tokens_per_s:,.0f} | {s.days:.2f} | {s.tokens_per_s_source} |"
+            f"{s.tokens_per_s:,.0f} | {s.days:.2f} | {s.tokens_per_s_source} | {s.memory_gib:.1f}{flag} |"
         )
-    lines.append(f"| total | | | {plan.total_iterations:,} | | | | | {plan.total_days:.2f} | |")
-    return "\n".join(lines)
+    lines.append(f"| total | | | {plan.total_iterations:,} | | | | | {plan.total_days:.2f} | | |")
+    return "\n".join(lines + [""] + format_memory(plan))
+
+
+def format_memory(plan: RunPlan) -> list[str]:
+    """The memory table (GiB per GPU, every pipeline rank of every stage) and a line per stage that
+    does not fit."""
+    where = "GPU" if plan.device == "gpu" else "CPU process"
+    if plan.gpu_memory_gib:
+        name = plan.gpu if plan.device == "gpu" else "budget"
+        budget = f"{name} {plan.gpu_memory_gib:g} GiB, flagged above {plan.memory_fraction:.0%}"
+    else:
+        budget = "no budget: give --gpu-memory-gb"
+    extra = (
+        "the CUDA context, NCCL buffers and fragmentation (1-3 GiB) come on top"
+        if plan.device == "gpu"
+        else "the interpreter and libraries (about 0.6 GiB per process) come on top"
+    )
+    lines = [
+        f"memory per {where} in GiB ({budget}; megasail.models.memory): {plan.micro_batch_size} x "
+        f"{plan.seq_length} tokens per micro-batch, recompute={plan.recompute}, {plan.attention} attention, "
+        f"distributed optimizer over DP={plan.data_parallel}; {extra}",
+        "",
+        "| PP rank | stage | params | weights | grads | optimizer | activations (micro-batches) | logits "
+        "| inputs | backward | total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in plan.stages:
+        for m in s.memory:
+            mark = " *" if m["pp_rank"] == s.memory_rank and len(s.memory) > 1 else ""
+            cells = [f"{m['pp_rank']}{mark}", s.name, f"{m['params'] / 1e9:.3f}B"]
+            cells += [f"{m[k + '_gib']:.2f}" for k in ("weights", "grads", "optimizer")]
+            cells.append(f"{m['activations_gib']:.2f} ({m['in_flight']})")
+            cells += [f"{m[k + '_gib']:.2f}" for k in ("logits", "inputs", "transient", "total")]
+            lines.append("| " + " | ".join(cells) + " |")
+    if plan.stages and len(plan.stages[0].memory) > 1:
+        lines.append("(* the pipeline rank that needs the most)")
+    for s in plan.stages:
+        if s.fits is False:
+            lines.append(
+                f"WARNING: stage {s.name} needs {s.memory_gib:.1f} GiB on pipeline rank {s.memory_rank}, "
+                f"more than {plan.memory_fraction:.0%} of {plan.gpu_memory_gib:g} GiB: {plan.remedies}"
+            )
+    return lines
 
 
 def compose_config_yaml(
@@ -367,10 +550,54 @@ def main(argv: list[str] | None = None) -> int:
         help="dense peak per GPU instead of --gpu's: BF16 or BF16,FP8 TFLOP/s (e.g. 989,1979)",
     )
     ap.add_argument(
+        "--from-metrics",
+        default=None,
+        metavar="METRICS_JSONL",
+        help="time every stage at the measured throughput of this metrics.jsonl (median tokens_per_s of each "
+        "stage's steady steps per GPU) instead of --mfu",
+    )
+    ap.add_argument(
+        "--metrics-gpus", type=int, default=None, help="GPUs (processes) of the run that wrote --from-metrics"
+    )
+    ap.add_argument(
+        "--metrics-skip",
+        type=int,
+        default=3,
+        help="first rows of each stage --from-metrics leaves out (default 3)",
+    )
+    ap.add_argument(
         "--packing-efficiency",
         type=float,
-        default=0.99,
-        help="sample tokens per token slot (docs/loader.md measures 0.995-0.999)",
+        default=None,
+        help="sample tokens per token slot (default 0.99, docs/loader.md measures 0.995-0.999; with "
+        "--from-metrics: the measured run's)",
+    )
+    ap.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="memory per GPU in GiB instead of --gpu's ("
+        + ", ".join(f"{k} {v:g}" for k, v in memory.GPU_MEMORY_GIB.items())
+        + ")",
+    )
+    ap.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="flag a stage whose estimate exceeds this share of the GPU's memory (default 0.9)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="memory of a GPU run (default) or of CPU processes (tiny runs: host-resident batches)",
+    )
+    ap.add_argument(
+        "--attention",
+        choices=("flash", "unfused"),
+        default=None,
+        help="core attention the memory estimate assumes (default: flash; unfused with "
+        "model.transformer_impl=local)",
     )
     ap.add_argument("--tiles-per-sequence", type=float, default=None, help="image tiles per packed sequence")
     ap.add_argument(
@@ -402,11 +629,20 @@ def main(argv: list[str] | None = None) -> int:
             init_checkpoint=args.init_checkpoint,
         )
         run = compose_run_config(args.config, args.stage, args.overrides, **composed)
+        if run.data.path is not None and not run.data.stages:
+            from megasail.training.checks import resolve_stages  # data.path: one stage training everything
+
+            resolve_stages(run)
         if args.write_config:
             with open(args.write_config, "w") as f:
                 f.write(compose_config_yaml(args.config, args.stage, args.overrides, **composed))
         if args.no_plan:
             return 0
+        measured = None
+        if args.from_metrics and args.tokens_per_s_per_gpu is not None:
+            raise ValueError("give --from-metrics or --tokens-per-s-per-gpu, not both")
+        if args.from_metrics:
+            measured = read_metrics_throughput(args.from_metrics, args.metrics_gpus, args.metrics_skip)
         plan = make_plan(
             run,
             args.nodes,
@@ -419,14 +655,17 @@ def main(argv: list[str] | None = None) -> int:
             packing_efficiency=args.packing_efficiency,
             tiles_per_sequence=args.tiles_per_sequence,
             samples_per_sequence=args.samples_per_sequence,
+            measured=measured,
+            gpu_memory_gib=args.gpu_memory_gb,
+            memory_fraction=args.memory_fraction,
+            attention=args.attention,
+            device=args.device,
         )
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # StartupError is a ValueError
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
     print(format_plan(plan))
     if args.json:
-        import json
-
         print(
             json.dumps(
                 {**asdict(plan), "total_days": plan.total_days, "total_iterations": plan.total_iterations}

@@ -3,9 +3,10 @@ and the one check they all go through.
 
 Each package that touches a private attribute (or relies on how a library builds something) does it in
 its own compat module: ``megasail/checkpoint/compat.py``, ``megasail/training/compat.py``,
-``megasail/data/compat.py`` and ``megasail/runtime/cpu_backend.py``. Those reach the attribute through
-``private_attr`` here, which returns it or raises ``PrivateAPIError`` with one line naming the megasail
-package, the attribute, the version it was written for, the version installed and what to do.
+``megasail/models/compat.py``, ``megasail/data/compat.py`` and ``megasail/runtime/cpu_backend.py``. Those
+reach the attribute through ``private_attr`` here, which returns it or raises ``PrivateAPIError`` with
+one line naming the megasail package, the attribute, the version it was written for, the version
+installed and what to do.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 
 from megasail.convert.hf_internvl import model_config_from_hf
 from megasail.models.config import ModelConfig
-from megasail.training.init import tp_shard
+from megasail.models.init import tp_shard
 
 TINY_IMAGE_TOKEN = 250  # inside the tiny vocabulary
 

@@ -122,7 +122,7 @@ def test_training_init_needs_megatrons_normal_init_to_be_a_partial(monkeypatch):
     Fault caught: is_elementwise_normal without the check (returns False, no error)."""
     from megatron.core import utils
 
-    from megasail.training import compat
+    from megasail.models import compat
 
     def closure_init(sigma):
         return lambda tensor: torch.nn.init.normal_(tensor, 0.0, sigma)
@@ -132,13 +132,13 @@ def test_training_init_needs_megatrons_normal_init_to_be_a_partial(monkeypatch):
     try:
         thing = "init_method_normal returning functools.partial(torch.nn.init.normal_, ...)"
         _raises(
-            _message("megasail.training", "megatron-core", thing),
+            _message("megasail.models", "megatron-core", thing),
             lambda: compat.is_elementwise_normal(closure_init(0.02)),
         )
         monkeypatch.delattr(utils, "init_method_normal")
         compat._megatron_normal_is_partial.cache_clear()
         _raises(
-            _message("megasail.training", "megatron-core", "utils.init_method_normal"),
+            _message("megasail.models", "megatron-core", "utils.init_method_normal"),
             lambda: compat.is_elementwise_normal(closure_init(0.02)),
         )
     finally:
@@ -151,7 +151,7 @@ def test_training_init_tells_megatrons_normal_init_apart():
     Fault caught: comparing with torch.nn.init.normal (no underscore): every init reads as not elementwise."""
     from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
-    from megasail.training.compat import is_elementwise_normal
+    from megasail.models.compat import is_elementwise_normal
 
     assert is_elementwise_normal(init_method_normal(0.02))
     assert is_elementwise_normal(scaled_init_method_normal(0.02, 4))

@@ -32,22 +32,32 @@ def _run(cmd, repo_root, timeout=600, env=None):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_quickstart_trains_resumes_and_beats_untrained(repo_root, tmp_path):
-    """The README's first command as a new user runs it (the suite's only full quickstart, ~3 min on 2 cores),
-    with MEGASAIL_NO_INSTALL=1 so nothing is installed into the checkout. Fails if a step of it breaks, if
-    the loss does not fall, if the second run does not resume the first run's checkpoint, or if the
-    trained model does not beat the untrained one on held-out captions (tools/eval_captions.py, which the
-    quickstart runs last; tools/make_synthetic_data.py and tools/preprocess_data.py run before it)."""
+def test_quickstart_trains_resumes_and_reads_the_pictures(repo_root, tmp_path):
+    """The README's first command as a new user runs it (the suite's only full quickstart), with
+    MEGASAIL_NO_INSTALL=1 so nothing is installed into the checkout, at 150 steps. Fails if a step of it
+    breaks, if the loss does not fall, if the second run does not resume the first run's checkpoint, if
+    the trained model does not beat the untrained one on held-out captions, or does not beat itself shown
+    swapped pictures by 10 points of content words (tools/eval_captions.py --min-margin, the quickstart's
+    exit status), or if tools/recaption.py (2 writers, batch 8) loses a held-out picture or filters most,
+    or tools/evaluate.py does not score the trained model above the untrained one by 10 points.
+
+    Then the quickstart's trained model answers its benchmark again at batch 1 in one process: the same
+    answers as evaluate.py's at DP=2 and batch 8, and as recaption.py's captions of those pictures, but
+    near-ties (top two logits within 1e-5, counted by evaluate.py).
+    Fault caught: the images of a batch handed to the wrong rows (planted: the tile list reversed in
+    Generator.generate -> at batch 8 a question is answered about another picture; at batch 1 not);
+    recaption.py at its default 6 tiles on this 1-tile model (other captions, most filtered too_short)."""
     env = {
         "MEGASAIL_NO_INSTALL": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
         "QUICKSTART_DIR": str(tmp_path / "qs"),
-        "QUICKSTART_SAMPLES": "400",
-        "QUICKSTART_STEPS": "20",
+        "QUICKSTART_SAMPLES": "900",
+        "QUICKSTART_STEPS": "150",
+        "QUICKSTART_BENCHMARK": "8",
     }
-    out = _run(["bash", "examples/quickstart.sh"], repo_root, timeout=900, env=env)
+    out = _run(["bash", "examples/quickstart.sh"], repo_root, timeout=1200, env=env)
     assert "tp=2" in out
-    assert re.search(r"resumed from \S+iter_0000010 at step 10", out), out[-3000:]
+    assert re.search(r"resumed from \S+iter_0000075 at step 75", out), out[-3000:]
     first, last = (
         float(x) for x in re.search(r"\[quickstart\] loss ([0-9.]+) at step 1 -> ([0-9.]+)", out).groups()
     )
@@ -55,8 +65,44 @@ def test_quickstart_trains_resumes_and_beats_untrained(repo_root, tmp_path):
     rows = dict(re.findall(r"^\| (untrained|trained \(step \d+\)) \| ([0-9.]+)%", out, re.M))
     trained = next(v for k, v in rows.items() if k.startswith("trained"))
     assert float(trained) > float(rows["untrained"]) + 20, rows
+    margin = float(re.search(r"the picture adds ([-+0-9.]+) points \(at least 10 needed\)", out).group(1))
+    assert margin >= 10, out[-3000:]
     steps = [json.loads(line)["step"] for line in open(tmp_path / "qs" / "logs" / "metrics.jsonl")]
-    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= 16  # one run continued the other
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= 140  # one run continued the other
+
+    qs = tmp_path / "qs"
+    outcomes = {
+        kind: [
+            json.loads(line) for p in sorted((qs / "recaption").glob(f"{kind}-*.jsonl")) for line in open(p)
+        ]
+        for kind in ("captions", "filtered", "rejects")
+    }
+    ids = [r["id"] for rows in outcomes.values() for r in rows]
+    assert sorted(ids) == sorted(f"heldout-{i}" for i in range(200))  # each held-out picture once
+    assert len(outcomes["captions"]) >= 190, {k: len(v) for k, v in outcomes.items()}
+    mean = re.search(r"^\| mean \| \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", out, re.M)
+    untrained_mean, trained_mean, _captions_mean = (float(x) for x in mean.groups())
+    assert trained_mean > untrained_mean + 10, out[-3000:]  # measured 31.2 against 6.2 at 150 steps
+
+    bench = qs / "raw" / "benchmark"
+    kinds = ("colour", "shape", "where", "what_is_where")
+    one = tmp_path / "batch1"
+    _run([sys.executable, "tools/evaluate.py", "--load", str(qs / "checkpoints"), "--output-dir", str(one),
+          *(a for k in kinds for a in ("--benchmark", str(bench / f"{k}.jsonl"))),
+          "--batch-size", "1", "--max-new-tokens", "16", "--no-progress"], repo_root)  # fmt: skip
+    dp2, recaptioned = qs / "evaluate" / "trained", qs / "evaluate" / "captions"
+    for kind in kinds:
+        near = set()
+        for run in (one, dp2):
+            near |= set(json.loads((run / "scores.json").read_text())["benchmarks"][kind]["near_tie_ids"])
+        answers = [
+            {r["id"]: r["prediction"] for r in map(json.loads, open(run / f"{kind}.predictions.jsonl"))}
+            for run in (one, dp2, recaptioned)
+        ]
+        assert answers[0].keys() == answers[1].keys() and len(answers[0]) == 8, kind
+        for other in answers[1:]:
+            differ = [i for i in answers[0] if i not in near and answers[0][i] != other.get(i)]
+            assert differ == [], (kind, differ, answers)
 
 
 @pytest.mark.distributed
@@ -153,6 +199,8 @@ def test_bench_train_table_beside_gpt_with_vit_aware_split(repo_root, tmp_path):
         assert r["tflops_per_device"] > 0 and r["mfu"] is None and r["hfu"] is None  # no peak on CPU
     sail = rows["sailvl"]
     assert 0 < sail["tokens_per_s"] < sail["slots_per_s"]  # padding is not counted as tokens
+    # megasail.models.memory's estimate of rank 0 beside the measured peak, which also holds the GPT model
+    assert 0 < sail["est_mem_gib"] < sail["mem_gb"] and "| est GiB | peak GB |" in out
     # the split for the synthetic captions: one 256-token tile per ~275-token sample
     assert sail["split"] in {
         suggest_first_stage_layers(cfg.model, 2, cfg.data.seq_length, t) for t in (3.0, 3.5, 3.7)

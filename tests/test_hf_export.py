@@ -370,7 +370,7 @@ def caption_checkpoint(tmp_path_factory):
     config = tiny_model_config()
     config.image_token_id = summary["image_token_id"]
     run = RunConfig(
-        model=config, data=DataConfig(path=prefix, max_tiles=2, tile_size=config.vision.image_size)
+        model=config, data=DataConfig(path=prefix, max_tiles=2)
     )
     runtime.initialize(1, 1)
     try:

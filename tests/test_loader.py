@@ -254,6 +254,7 @@ def _pipeline_schedule_fed_by_loader(rank, world_size, prefix, vpp):
     from model_utils import tiny_model_config
 
     from megasail.config import ParallelConfig
+    from megasail.data.loader.balance import SequenceCostModel
     from megasail.data.loader.model_parallel import build_data_loader
     from megasail.runtime import initialize
     from megasail.training import build_model_chunks, forward_step
@@ -268,8 +269,10 @@ def _pipeline_schedule_fed_by_loader(rank, world_size, prefix, vpp):
     seq = 64
     config = DataConfig(stages=[StageConfig("text", [SourceConfig(prefix)], trainable=["language"])],
                         seq_length=seq, global_batch_size=4, micro_batch_size=1, num_workers=0,
-                        pack_chunk_samples=16, pack_window=8, pad_token_id=TINY_VOCAB_PAD, cost_model="tiny", seed=3)
-    loader, reference = build_data_loader(config), MultimodalDataLoader(config)
+                        pack_chunk_samples=16, pack_window=8, pad_token_id=TINY_VOCAB_PAD, seed=3)
+    tiny_costs = SequenceCostModel.from_preset("tiny")
+    loader = build_data_loader(config, cost_model=tiny_costs)
+    reference = MultimodalDataLoader(config, cost_model=tiny_costs)
     forward_backward = get_forward_backward_func()
     for _ in range(2):
         # the rule: fetch the whole step first (a collective on the pipeline group), then run the schedule

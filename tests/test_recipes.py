@@ -5,6 +5,7 @@ packing efficiency 0.99, the stage budgets of the SAIL-VL paper), not by the pla
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -86,7 +87,7 @@ def test_pretrain_dry_run_plan_arithmetic(model, nodes, tp, tps):
         iters_total += iters
     assert rows["pretrain_alignment"][1] == "projector" and rows["pretrain_advance"][1] == "vision+projector"
     assert _num(rows["total"][3]) == iters_total and abs(_num(rows["total"][8]) - days_total) < 0.011
-    assert "pretrain_vlm.py --config" in out and f"--nnodes {nodes}" in out
+    assert "pretrain_vlm.py --config" in out and f"srun --nodes {nodes} --ntasks-per-node 8" in out
 
 
 def test_pretrain_dry_run_defaults_to_each_stage_at_one_mfu():
@@ -112,6 +113,67 @@ def test_pretrain_script_refuses_bad_arguments():
     assert bad.returncode == 2 and "unknown argument '--nodse'" in bad.stderr
     helped = _run(["bash", "examples/pretrain_655b.sh", "--help"])
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and "TOKENS_PER_S_PER_GPU" in helped.stdout
+
+
+def test_pretrain_script_reads_its_recipe_yaml(tmp_path):
+    """The recipe's values come from examples/configs/recipes/pretrain_655b.yaml: a copy with another
+    global batch, layout and plan default changes the plan.
+
+    Fault caught: the script ignoring the recipe's `setting` lines (its old values written in bash)."""
+    import yaml
+
+    recipe = yaml.safe_load(open(os.path.join(REPO, "examples/configs/recipes/pretrain_655b.yaml")))
+    recipe["settings"]["data.global_batch_size"] = 256
+    recipe["models"]["8b"]["settings"]["parallel.tensor"] = 2
+    recipe["plan"]["nodes"] = 4
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--recipe", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "on 32 GPUs (4 nodes x 8)" in proc.stdout and "TP=2, PP=1, CP=1, DP=16" in proc.stdout
+    assert f"{256 * 8192:,} token slots per step" in proc.stdout
+    del recipe["models"]["8b"]
+    path.write_text(yaml.safe_dump(recipe))
+    bad = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--recipe", str(path)])
+    assert bad.returncode == 2 and "no model '8b' under models" in bad.stderr
+
+
+def test_pretrain_launch_makes_every_rank_a_slurm_task_that_gets_sigterm(tmp_path):
+    """Under Slurm the script asks for SIGTERM 600 s before the time limit and launches one srun task per
+    GPU whose process becomes the trainer (exec), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM_*, so
+    Slurm's signal reaches the trainer itself (which saves and exits 0), not a torchrun that kills its
+    workers 30 s later. A stand-in srun runs task 9 of 16 (node 1, local 1); a stand-in trainer reports.
+
+    Fault caught: a command after the trainer in the task's shell (`...; echo done`: the signalled pid is
+    that bash, not the trainer), and RANK taken from SLURM_LOCALID."""
+    header = open(os.path.join(REPO, "examples/pretrain_655b.sh")).read().split("set -euo")[0]
+    assert "#SBATCH --signal=TERM@600" in header and "#SBATCH --ntasks-per-node=8" in header
+    bin_dir, trainer_dir, report = tmp_path / "bin", tmp_path / "trainer", tmp_path / "report"
+    bin_dir.mkdir()
+    trainer_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node-a\necho node-b\n")
+    # srun: run the task command as task 9 of 16, with the trainer stand-in first on PATH; report its pid
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nwhile [ \"$1\" != bash ]; do shift; done\n"
+        f"PATH={trainer_dir}:$PATH SLURM_PROCID=9 SLURM_LOCALID=1 SLURM_NTASKS=16 SLURM_NTASKS_PER_NODE=8 "
+        f"\"$@\" & echo \"task_pid=$!\" >> {report}; wait $!\n"
+    )
+    (trainer_dir / "python3").write_text(
+        f"#!/bin/bash\necho \"trainer_pid=$$ rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE "
+        f"master=$MASTER_ADDR:$MASTER_PORT args=$*\" >> {report}\n"
+    )
+    for f in (bin_dir / "scontrol", bin_dir / "srun", trainer_dir / "python3"):
+        f.chmod(0o755)
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--model", "2b", "--nodes", "2", "--run-dir",
+                 str(tmp_path / "run")],
+                env_extra={"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[a-b]",
+                           "PATH": f"{bin_dir}:{os.environ['PATH']}", "MEGASAIL_SYSTEM_PYTHON": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(item.split("=", 1) for item in report.read_text().split() if "=" in item)
+    assert lines["task_pid"] == lines["trainer_pid"]  # the signalled task is the trainer
+    assert (lines["rank"], lines["local"], lines["world"]) == ("9", "1", "16")
+    assert lines["master"] == "node-a:29500"
+    assert (tmp_path / "run" / "config.yaml").is_file()
 
 
 def _llm_forward_2b(tokens: float, pairs: float) -> float:
@@ -229,6 +291,93 @@ def test_plan_pipeline_layout_bubble_and_sample_budgets():
     run.data.global_batch_size = 63
     with pytest.raises(ValueError, match="global_batch_size 63"):
         make_plan(run, nodes=2, gpus_per_node=8)
+
+
+def _memory_rows(out: str) -> dict[tuple[str, str], list[str]]:
+    """Rows of the plan's memory table by (pipeline rank, stage)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0].rstrip(" *").isdigit() and len(cells) == 11:
+            rows[(cells[0].rstrip(" *"), cells[1])] = cells
+    return rows
+
+
+def test_pretrain_dry_run_prints_memory_per_gpu():
+    """The 2B recipe (TP=1, DP=128, bf16) prints memory per GPU per stage: 2 bytes per parameter for the
+    weights, 4 per trained parameter for the fp32 gradient buffer, Adam's 12 bytes per trained parameter
+    over 128 DP ranks, and the fp32 logits softmax of an 8192-token micro-batch.
+
+    Fails if frozen parts are given gradients or optimizer state (alignment trains the projector only),
+    if the optimizer state is not divided over DP, or the logits are left out."""
+    proc = _run(["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "2b", "--nodes", "16"])
+    assert proc.returncode == 0, proc.stderr
+    rows, stages = _memory_rows(proc.stdout), _stage_rows(proc.stdout)
+    gib, total = 2**30, 2_089_762_304
+    for name, trained in (("pretrain_alignment", 8_662_016), ("pretrain_advance", 8_662_016 + 304_012_288)):
+        cells = rows[("0", name)]
+        assert _num(cells[2].rstrip("B")) == pytest.approx(total / 1e9, abs=1e-3)
+        assert _num(cells[3]) == pytest.approx(total * 2 / gib, abs=0.006)
+        assert _num(cells[4]) == pytest.approx(trained * 4 / gib, abs=0.006)
+        assert _num(cells[5]) == pytest.approx(trained * 12 / 128 / gib, abs=0.006)
+        assert _num(cells[7]) == pytest.approx(8192 * 151936 * 4 / gib, abs=0.006)
+        assert _num(stages[name][10]) == pytest.approx(_num(cells[10]), abs=0.06)  # the stage table's
+    assert "DOES NOT FIT" not in proc.stdout and "WARNING" not in proc.stdout
+
+
+@pytest.mark.parametrize("gpu,fits", [("H100-SXM", False), ("H200", True)])
+def test_plan_flags_a_stage_that_does_not_fit_the_gpu(gpu, fits):
+    """SAIL-VL-8B at TP=1: the advance stage (ViT trains on 24 tiles, 8192 tokens) needs about 82 GiB per
+    GPU: flagged on an 80 GiB H100 with what to change, not on a 141 GiB H200.
+
+    Fails if the GPU memory table is wrong or a stage above --memory-fraction of it passes unflagged."""
+    script = ["bash", "examples/pretrain_655b.sh", "--dry-run", "--model", "8b", "--nodes", "4", "--gpu", gpu]
+    proc = _run([*script, "--", "parallel.tensor=1", "parallel.sequence_parallel=false"])
+    assert proc.returncode == 0, proc.stderr
+    advance = _stage_rows(proc.stdout)["pretrain_advance"]
+    assert 0.9 * 80 < _num(advance[10]) < 0.9 * 141
+    assert ("DOES NOT FIT" in advance[10]) is not fits
+    warning = "WARNING: stage pretrain_advance needs"
+    assert (warning in proc.stdout) is not fits
+    if not fits:
+        assert "raise parallel.tensor or parallel.pipeline" in proc.stdout
+    assert "DOES NOT FIT" not in _stage_rows(proc.stdout)["pretrain_alignment"][10]
+
+
+def _write_metrics(path, rows):
+    with open(path, "w") as f:
+        for step, (stage, tokens_per_s) in enumerate(rows, 1):
+            f.write(json.dumps({"step": step, "stage": stage, "tokens_per_s": tokens_per_s,
+                                "loader": {"padding_fraction": 0.2}}) + "\n")
+
+
+def test_plan_from_metrics_times_each_stage_at_its_steady_median(tmp_path):
+    """--from-metrics: each stage's median tokens/s after its first --metrics-skip rows, per GPU of the
+    measured run (8 here), times that stage; a stage the metrics do not name takes the median of all
+    steady rows; the run's packing efficiency (1 - padding_fraction = 0.8) sets the sample tokens.
+
+    Fails if the warm-up rows stay in the median, one median serves every stage, the rate is not divided
+    by --metrics-gpus, or the default packing efficiency is kept."""
+    metrics = tmp_path / "metrics.jsonl"
+    _write_metrics(metrics, [("pretrain_alignment", x) for x in (100, 200, 4000, 4400, 4200)]
+                   + [("pretrain_advance", x) for x in (50, 60, 3300, 3100)])
+    base = [sys.executable, "-m", "megasail.plan", "--config", "examples/configs/sail_vl_2b.yaml",
+            "--nodes", "2", "--stage", "examples/configs/stages/pretrain_alignment.yaml",
+            "--stage", "examples/configs/stages/pretrain_advance.yaml",
+            "--stage", "examples/configs/stages/sft_knowledge.yaml", "data.global_batch_size=64"]
+    proc = _run([*base, "--from-metrics", str(metrics), "--metrics-gpus", "8", "--metrics-skip", "2"])
+    assert proc.returncode == 0, proc.stderr
+    rows = _stage_rows(proc.stdout)
+    sample_tokens = 64 * 8192 * 0.8
+    for name, per_gpu in (("pretrain_alignment", 4200 / 8), ("pretrain_advance", 3200 / 8),
+                          ("sft_knowledge", 4000 / 8)):
+        assert _num(rows[name][6]) == pytest.approx(sample_tokens / (per_gpu * 16), abs=0.006), rows[name]
+        assert f"{per_gpu:,.0f} tokens/s per GPU" in rows[name][9] and "metrics.jsonl" in rows[name][9]
+    assert "packing efficiency 0.8" in proc.stdout
+    missing = _run([*base, "--from-metrics", str(metrics)])
+    assert missing.returncode == 2 and "--metrics-gpus" in missing.stderr
+    short = _run([*base, "--from-metrics", str(metrics), "--metrics-gpus", "8", "--metrics-skip", "5"])
+    assert short.returncode == 2 and "none after the first 5" in short.stderr
 
 
 @pytest.mark.distributed

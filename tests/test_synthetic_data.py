@@ -42,8 +42,9 @@ def _cell(place: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """Pictures of 1-3 shapes (the geometry and caption joins of several); the default is one."""
     out = tmp_path_factory.mktemp("synth")
-    synth.make_dataset(str(out), samples=60, heldout=10, seed=3)
+    synth.make_dataset(str(out), samples=60, heldout=10, seed=3, max_shapes=3)
     return out
 
 
@@ -54,7 +55,7 @@ def _records(path):
 def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
     """Fails if the seed is not the only source of randomness (e.g. an unseeded rng) or is ignored."""
     again = tmp_path / "again"
-    synth.make_dataset(str(again), samples=60, heldout=10, seed=3)
+    synth.make_dataset(str(again), samples=60, heldout=10, seed=3, max_shapes=3)
     for name in (
         "captions.jsonl",
         "heldout.jsonl",
@@ -67,14 +68,14 @@ def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
         if (data / name).exists() or (again / name).exists():
             assert filecmp.cmp(data / name, again / name, shallow=False), name
     other = tmp_path / "other"
-    synth.make_dataset(str(other), samples=60, heldout=0, seed=4)
+    synth.make_dataset(str(other), samples=60, heldout=0, seed=4, max_shapes=3)
     assert _records(other / "captions.jsonl") != _records(data / "captions.jsonl")
 
 
 def test_training_split_does_not_depend_on_heldout(data, tmp_path):
     """Fails if the held-out samples are drawn from the training split's random stream."""
     no_heldout = tmp_path / "no_heldout"
-    synth.make_dataset(str(no_heldout), samples=60, heldout=0, seed=3)
+    synth.make_dataset(str(no_heldout), samples=60, heldout=0, seed=3, max_shapes=3)
     assert _records(no_heldout / "captions.jsonl") == _records(data / "captions.jsonl")
     train = {r["caption"] for r in _records(data / "captions.jsonl")}
     held = [r["caption"] for r in _records(data / "heldout.jsonl")]
@@ -90,7 +91,7 @@ def test_captions_say_what_is_where(data):
         img = np.asarray(Image.open(data / rec["image"]).convert("RGB")).astype(int)
         h, w, _ = img.shape
         sizes.add((w, h))
-        background = img[0:2, 0:2].reshape(-1, 3).mean(0)  # corners hold background unless a shape sits there
+        background = np.median(img.reshape(-1, 3), 0)  # shapes cover under a third of the picture
         phrases = PHRASE.findall(rec["caption"])
         assert phrases and len(phrases) == rec["caption"].count(" a ") + 1, rec["caption"]
         named = {}
@@ -108,6 +109,28 @@ def test_captions_say_what_is_where(data):
                     strong = np.abs(cell - background).max(1) > 100
                     assert strong.mean() < 0.02, (rec, row, col)
     assert len(sizes) > 30 and min(w / h for w, h in sizes) < 0.7 and max(w / h for w, h in sizes) > 1.4
+
+
+def test_default_pictures_hold_one_large_shape(tmp_path):
+    """Fails if the default is not one shape per picture (the quickstart relies on it), if shapes are
+    small (under half of a cell's shorter side: a few ViT patches at 448px), or if --max-shapes is
+    not range-checked."""
+    synth.make_dataset(str(tmp_path), samples=40, seed=5)
+    for rec in _records(tmp_path / "captions.jsonl"):
+        (colour, _shape, place), *rest = PHRASE.findall(rec["caption"]) or [(None, None, None)]
+        assert colour and not rest, rec["caption"]
+        img = np.asarray(Image.open(tmp_path / rec["image"]).convert("RGB")).astype(int)
+        h, w, _ = img.shape
+        row, col = _cell(place)
+        cell = img[row * h // 3 : (row + 1) * h // 3, col * w // 3 : (col + 1) * w // 3]
+        painted = np.abs(cell - np.array(RGB[colour])).max(2) < 50
+        side = min(h, w) / 3
+        # the shape's bounding box spans at least half the cell's shorter side (JPEG edges aside)
+        ys, xs = np.nonzero(painted)
+        assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 2 >= 0.5 * side, rec
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="--max-shapes"):
+            synth.make_dataset(str(tmp_path / "bad"), samples=2, max_shapes=bad)
 
 
 def test_tokenizer_holds_template_tokens_and_whole_words(data):
@@ -163,3 +186,37 @@ def test_cli_output_preprocesses_without_rejects(tmp_path):
     assert manifest["counts"]["written"] == 12 and manifest["counts"]["rejected"] == 0
     bad = subprocess.run(run[:-4] + ["--samples", "0"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--samples" in bad.stderr
+
+
+def test_benchmark_questions_are_true_of_their_pictures(tmp_path):
+    """--benchmark N writes, per question kind, N questions about one-shape held-out pictures whose
+    answers are what the picture's caption says (captions are checked against the pixels above), in
+    tools/evaluate.py's format (its loader reads them).
+    Fault caught: questions paired with the next picture's shape (answers off by one picture); the
+    middle cells phrased "at the top" / "at the bottom" (then inside "at the top left": the substring
+    rule scored a wrong place right)."""
+    from megasail.evaluation.benchmarks import load_benchmark
+
+    synth.make_dataset(str(tmp_path), samples=30, heldout=30, seed=7, benchmark=12)
+    held = {r["id"]: r for r in _records(tmp_path / "heldout.jsonl")}
+    for kind in ("colour", "shape", "where", "what_is_where"):
+        path = tmp_path / "benchmark" / f"{kind}.jsonl"
+        bench = load_benchmark(str(path))
+        assert bench.metric == "ocrbench" and len(bench.items) == 12
+        for item, line in zip(bench.items, _records(path), strict=True):
+            caption = held[line["picture"]]["caption"]
+            ((colour, shape, place),) = PHRASE.findall(caption)
+            assert item.images == [str(tmp_path / held[line["picture"]]["image"])]
+            answer = item.answers[0]
+            if kind in ("colour", "shape"):
+                assert answer == {"colour": colour, "shape": shape}[kind], line
+            elif kind == "where":
+                assert answer.endswith(f" the {place}") and caption.endswith(answer), line
+            else:
+                assert answer == caption.removeprefix("a "), line
+    places = [p for _, _, p in (PHRASE.findall(r["caption"])[0] for r in held.values())]
+    for a in set(places):
+        for b in set(places) - {a}:
+            assert f"the {a}" not in f"the {b}", (a, b)
+    with pytest.raises(ValueError, match="--benchmark"):
+        synth.make_dataset(str(tmp_path / "bad"), samples=2, heldout=3, benchmark=4)

@@ -7,15 +7,15 @@ import pytest
 import torch
 from dist_utils import run_distributed_test
 
-from megasail.training.init import tp_shard
+from megasail.models.init import tp_shard
 
 pytestmark = [pytest.mark.distributed]
 
 
 def _init(rank, world_size, tp, out):
     from megasail.config import load_config
+    from megasail.models.init import global_names, init_weights
     from megasail.runtime import initialize
-    from megasail.training.init import global_names, init_weights
     from megasail.training.model_builder import build_model_chunks
 
     # a vocabulary of several init blocks, so shards start inside and across blocks
@@ -67,8 +67,8 @@ def _foreign_linears(rank, world_size, out):
     VocabParallelEmbedding) and with those modules re-classed to a class megatron's layer classes are not
     (as Transformer Engine's linears are not), their parameters untouched."""
     from megasail.config import load_config
+    from megasail.models.init import init_weights
     from megasail.runtime import initialize
-    from megasail.training.init import init_weights
     from megasail.training.model_builder import build_model_chunks
 
     cfg = load_config(None, ["model.language.vocab_size=512", "model.precision=fp32", "model.transformer_impl=local",
@@ -121,8 +121,8 @@ def test_initialisation_follows_the_parallel_attributes_not_the_layer_class(tmp_
 def _te_init(rank, world_size, out):
     from megasail.config import load_config
     from megasail.convert.hf_internvl import to_te_layout
+    from megasail.models.init import init_weights
     from megasail.runtime import initialize
-    from megasail.training.init import init_weights
     from megasail.training.model_builder import build_model_chunks
 
     weights = {}

@@ -105,8 +105,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     from megasail.config import load_config
     from megasail.models.flops import FlopsModel, run_peak, step_metrics
+    from megasail.models.synthetic import synthetic_batch
     from megasail.runtime import destroy, initialize
-    from megasail.training.synthetic import synthetic_batch
 
     cfg = load_config(args.config, args.overrides)
     initialize(1, 1, seed=cfg.seed)

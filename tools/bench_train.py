@@ -24,6 +24,11 @@ alike. Rows report medians over the timed steps:
   split             LLM layers on pipeline stage 0 (which also runs the ViT): the ViT-aware split of
                     megasail.models.flops.suggest_first_stage_layers unless --even-split or
                     parallel.first_stage_llm_layers is given
+  est GiB           memory of rank 0 (pipeline stage 0) by megasail.models.memory, the model the plan and
+                    the start-up check use, at the dataset's tiles per sequence
+  peak GB           rank 0's metrics mem_gb: torch.cuda.max_memory_allocated on a GPU, the process's
+                    peak RSS on a CPU (plus the interpreter and libraries, about 0.6 GB); either also
+                    holds the GPT model timed beside it, so it bounds the estimate from above
 
 Without --data a small synthetic caption set is made (tools/make_synthetic_data.py, then
 tools/preprocess_data.py at --max-tiles 1) in a temporary directory.
@@ -207,10 +212,13 @@ def slowest_seconds(fn) -> float:
 
 
 def worker(args) -> None:
+    import torch
     import torch.distributed as dist
 
     from megasail.config import load_config
+    from megasail.models import memory
     from megasail.models.flops import step_metrics, suggest_first_stage_layers
+    from megasail.models.specs import use_transformer_engine
     from megasail.plan import pipeline_bubble
     from megasail.runtime import destroy, init_process_group, initialize
     from megasail.training.checks import check_run
@@ -228,6 +236,13 @@ def worker(args) -> None:
     init_process_group(cfg.train.timeout_minutes)
     check_run(cfg, dist.get_world_size())
     initialize(p.tensor, p.pipeline, p.virtual_pipeline, p.context, seed=cfg.seed)
+    layout = memory.MemoryLayout.from_run(
+        cfg, dist.get_world_size() // (p.tensor * p.pipeline * p.context),
+        tiles_per_sequence(args.data, d.seq_length, cfg.model.tokens_per_tile),
+        flash_attention=use_transformer_engine(cfg.model.transformer_impl),
+        device="gpu" if torch.cuda.is_available() else "cpu",
+    )
+    estimate = memory.stage_memory(cfg.model, layout, cfg.data.stages[0].trainable)[0]
     trainer = Trainer(cfg)
     gpt, gpt_flops = gpt_step(cfg, trainer)
     metrics, gpt_times = [], []
@@ -265,6 +280,8 @@ def worker(args) -> None:
             "mfu": _median_or_none([x["mfu"] for x in metrics]),
             "hfu": _median_or_none([x["hfu"] for x in metrics]),
             "losses": [x["loss"] for x in metrics],
+            "est_mem_gib": estimate.total / memory.GIB,
+            "mem_gb": max(x["mem_gb"] for x in metrics),
         }
     ]
     gpt_s = statistics.median(gpt_times)
@@ -289,8 +306,9 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- launcher
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | HFU | bubble | split |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layout | step s | tokens/s | slots/s | TFLOP/s/device | MFU | HFU | bubble | split "
+        "| est GiB | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         layout = (
@@ -303,7 +321,9 @@ def format_table(rows: list[dict]) -> str:
         split = (str(r["split"] or "even")) if r["pp"] > 1 and r["model"] == "sailvl" else "-"
         lines.append(
             f"| {r['model']} | {layout} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {hfu} | {bubble} | {split} |"
+            f"{r['slots_per_s']:,.0f} | {r['tflops_per_device']:.4f} | {mfu} | {hfu} | {bubble} | {split} "
+            "| "
+            + (f"{r['est_mem_gib']:.2f} | {r['mem_gb']:.2f} |" if "est_mem_gib" in r else "- | - |")
         )
     return "\n".join(lines)
 

@@ -28,8 +28,9 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megasail.models.config import PRECISIONS  # noqa: E402  (plain dataclasses: --help stays fast)
+
 log = logging.getLogger("convert")
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_size(text: str) -> int:
@@ -61,7 +62,7 @@ def parse_args(argv=None):
         choices=("transformers", "remote-code"),
         help="HF key layout written with --to hf (transformers loads 'transformers' without remote code)",
     )
-    p.add_argument("--precision", choices=tuple(_DTYPES), help="dtype written (default: the input's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="dtype written (default: the input's)")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json, sentencepiece .model or their directory, written into a HF export as "
@@ -116,8 +117,7 @@ def _run_config_yaml(config, raw: dict) -> str:
     data = DataConfig(
         max_tiles=raw.get("max_dynamic_patch", DataConfig.max_tiles),
         min_tiles=raw.get("min_dynamic_patch", DataConfig.min_tiles),
-        tile_size=config.vision.image_size,
-    )
+    )  # the tile side follows the model (RunConfig derives data.tile_size)
     return to_yaml(RunConfig(model=config, data=data))
 
 
@@ -177,8 +177,6 @@ def _tokenizer_for(args, data_tokenizer: str | None = None) -> str | None:
 
 
 def to_hf(args) -> None:
-    import torch
-
     from megasail.convert.hf_dir import write_hf_directory
 
     run_config = None
@@ -194,7 +192,7 @@ def to_hf(args) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
             f.write(meta["config"])
             f.flush()
-            run_config = load_config(f.name, ["model.transformer_impl=local"])
+            run_config = load_config(f.name, ["model.transformer_impl=local"], retired="ignore")
         config = run_config.model
         if args.precision:
             config.precision = args.precision
@@ -222,7 +220,9 @@ def to_hf(args) -> None:
         def produce(name):
             return hf.tensor(by_recipe[name])
 
-    dtype = getattr(torch, _DTYPES[config.precision])
+    from megasail.models.mcore_config import PRECISION_DTYPES
+
+    dtype = PRECISION_DTYPES[config.precision]
     from megasail.data.text.tokenizer import MultimodalTokenizer
     from megasail.inference.loading import data_settings, hf_prompt_settings
 

@@ -4,7 +4,7 @@
 #      packing, an FP8 step, stage switches with overlapped grad reduce and param gather, async saves,
 #      DALI `mixed` decode in spawned loader workers against PIL per tile
 #   2. tools/bench_train.py: the SAIL-VL-2B config at TP=1, bf16 and (with TE) FP8, a few steps:
-#      tokens/s, TFLOP/s per GPU, MFU
+#      tokens/s, TFLOP/s per GPU, MFU, the memory estimate of megasail.models.memory beside the peak
 #   3. tools/bench_images.py: DALI `mixed` against the CPU backends, tiles/s
 # then prints one markdown table and exits non-zero when anything failed. Without CUDA it prints one line
 # and exits 0 (CI runs that path).
@@ -61,7 +61,8 @@ for r in data["rows"] if isinstance(data, dict) else data:
     layout = f"TP={r.get('tp')} {'FP8' if r.get('fp8') else 'bf16'}"
     print(f"| bench_train 2B {layout} | pass | {fmt(r.get('step_s'), '.2f')} s/step | "
           f"{fmt(r.get('tokens_per_s'), ',.0f')} tokens/s, {fmt(r.get('tflops_per_device'), '.0f')} TFLOP/s/GPU, "
-          f"MFU {fmt(r.get('mfu'), '.1%')} |")
+          f"MFU {fmt(r.get('mfu'), '.1%')}, memory estimated {fmt(r.get('est_mem_gib'), '.1f')} GiB / peak "
+          f"{fmt(r.get('mem_gb') and r['mem_gb'] * 1e9 / 2**30, '.1f')} GiB |")
 EOF
 )
 else

@@ -20,6 +20,7 @@ from megasail.data.format.inspect import (
     render_sample,
 )
 from megasail.data.format.reader import IncompleteDatasetError, IndexedMultimodalDataset
+from megasail.data.images.tiling import DEFAULT_MAX_TILES
 from megasail.data.text.tokenizer import MultimodalTokenizer, TokenizerError
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tiles",
         type=int,
         default=None,
-        help="tile budget for token counts (default: the manifest's max_tiles, else 12)",
+        help=f"tile budget for token counts (default: the manifest's max_tiles, else {DEFAULT_MAX_TILES})",
     )
     p.add_argument(
         "--sample",
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteDatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_tiles = args.max_tiles or (ds.manifest or {}).get("max_tiles", 12)
+    max_tiles = args.max_tiles or (ds.manifest or {}).get("max_tiles", DEFAULT_MAX_TILES)
     result: dict = {"summary": dataset_summary(ds, max_tiles)}
     if args.sample is not None:
         if not -len(ds) <= args.sample < len(ds):

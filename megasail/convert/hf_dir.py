@@ -29,10 +29,12 @@ from megasail.convert.recipes import (
     recipes,
     unused_vit_layer,
 )
+from megasail.data.images.tiling import DEFAULT_MAX_TILES
 from megasail.data.text.tokenizer import MultimodalTokenizer
 from megasail.inference.prompt import PromptSettings
 from megasail.inference.prompt import stop_token_ids as stop_token_ids_of
 from megasail.models.config import ModelConfig
+from megasail.models.mcore_config import PRECISION_DTYPES
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -92,9 +94,8 @@ def hf_dtype(raw: dict) -> str:
         or raw.get("text_config", raw.get("llm_config", {})).get("torch_dtype")
         or "bfloat16"
     )
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-        str(text).replace("torch.", ""), "bf16"
-    )
+    by_name = {str(dtype).replace("torch.", ""): precision for precision, dtype in PRECISION_DTYPES.items()}
+    return by_name.get(str(text).replace("torch.", ""), "bf16")
 
 
 class HFSource:
@@ -225,7 +226,7 @@ def remote_code_config(
     config: ModelConfig,
     dtype: torch.dtype,
     template: str = "sailvl-chat",
-    max_tiles: int = 10,
+    max_tiles: int = DEFAULT_MAX_TILES,
     min_tiles: int = 1,
 ) -> dict:
     """config.json in InternVL-chat / SAIL-VL form (``model_type: internvl_chat``). No ``auto_map``:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from megatron.core import parallel_state
 
+from megasail.data.images.tiling import DEFAULT_MAX_TILES
 from megasail.data.text.tokenizer import MultimodalTokenizer
 from megasail.inference.prompt import PromptSettings
 from megasail.models.config import ModelConfig
@@ -82,7 +83,7 @@ def _build(config: ModelConfig, tensor: int, pipeline: int):
 
 def hf_prompt_settings(path: str, config: ModelConfig) -> PromptSettings:
     """Template and tiling a HF directory's config.json names (InternVL-chat's ``template``,
-    ``max_dynamic_patch``, ``min_dynamic_patch``; sailvl-chat and 10 tiles when absent)."""
+    ``max_dynamic_patch``, ``min_dynamic_patch``; sailvl-chat and DEFAULT_MAX_TILES when absent)."""
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     from megasail.data.text.template import TEMPLATES
@@ -90,7 +91,7 @@ def hf_prompt_settings(path: str, config: ModelConfig) -> PromptSettings:
     template = cfg.get("template") if cfg.get("template") in TEMPLATES else "sailvl-chat"
     return PromptSettings(
         template=template,
-        max_tiles=cfg.get("max_dynamic_patch", 10),
+        max_tiles=cfg.get("max_dynamic_patch", DEFAULT_MAX_TILES),
         min_tiles=cfg.get("min_dynamic_patch", 1),
         tile_size=config.vision.image_size,
         tokens_per_tile=config.tokens_per_tile,
@@ -204,7 +205,8 @@ def load_for_generation(
             f.write(meta["config"])
             f.flush()
             run_config = load_config(
-                f.name, [f"model.precision={precision}", f"model.transformer_impl={transformer_impl}"]
+                f.name, [f"model.precision={precision}", f"model.transformer_impl={transformer_impl}"],
+                retired="ignore",  # a config saved by an earlier version may hold keys since retired
             )
         config = run_config.model
         model = _build(config, tensor, pipeline)

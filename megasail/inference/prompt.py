@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megasail.data.images.decode import decode_tiles
+from megasail.data.images.tiling import DEFAULT_MAX_TILES, TILE_SIZE, TOKENS_PER_TILE
 from megasail.data.text.template import (
     Conversation,
     SegmentMode,
@@ -31,10 +32,10 @@ class PromptSettings:
 
     template: str = "sailvl-chat"
     system_message: str | None = None
-    max_tiles: int = 10
+    max_tiles: int = DEFAULT_MAX_TILES
     min_tiles: int = 1
-    tile_size: int = 448
-    tokens_per_tile: int = 256
+    tile_size: int = TILE_SIZE
+    tokens_per_tile: int = TOKENS_PER_TILE
     decode_backend: str = "pil"
 
 

@@ -222,10 +222,6 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
             f"data.seq_length={data.seq_length} exceeds model.language.max_position_embeddings="
             f"{lm.max_position_embeddings}"
         )
-    if data.tile_size != vit.image_size:
-        raise StartupError(
-            f"data.tile_size={data.tile_size} differs from model.vision.image_size={vit.image_size}"
-        )
 
 
 def check_stages_train(cfg: RunConfig) -> None:
@@ -253,6 +249,19 @@ def check_fp8(cfg: RunConfig) -> None:
         )
 
 
+def check_memory(cfg: RunConfig, world_size: int) -> None:
+    """The largest rank's memory estimate (megasail.models.memory, every curriculum stage) must fit this
+    device: free GPU memory, or available host RAM divided by the local ranks on a CPU. Skipped with
+    ``train.memory_check=false``."""
+    if not cfg.train.memory_check:
+        return
+    from megasail.training.memory_budget import memory_shortfall  # it imports torch and psutil
+
+    message = memory_shortfall(cfg, world_size)
+    if message:
+        raise StartupError(message)
+
+
 def check_run(cfg: RunConfig, world_size: int) -> None:
     """All start-up checks, in order; adopts unset values from the manifests. Raises StartupError."""
     resolve_stages(cfg)
@@ -275,3 +284,4 @@ def check_run(cfg: RunConfig, world_size: int) -> None:
         cfg.model.validate()
     except ValueError as e:
         raise StartupError(str(e)) from None
+    check_memory(cfg, world_size)

@@ -29,11 +29,11 @@ from megasail.config import RunConfig, to_dict, to_yaml
 from megasail.data.loader.model_parallel import build_data_loader
 from megasail.data.loader.validation import build_validation_loader
 from megasail.models.flops import FlopsModel, StepFlops, run_peak, step_metrics
+from megasail.models.init import init_weights
 from megasail.models.specs import use_transformer_engine
 from megasail.runtime import init_process_group, initialize
 from megasail.training.checks import StartupError, check_run
 from megasail.training.costs import cost_model
-from megasail.training.init import init_weights
 from megasail.training.metrics import MetricsLogger, memory_gb
 from megasail.training.model_builder import build_model_chunks
 from megasail.training.optim import optimizer_step
@@ -67,6 +67,13 @@ class StopSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def _slowest_and_fastest(elapsed: float) -> tuple[float, float]:
+    """The step's wall time on the slowest and on the fastest rank (one all-reduce for both)."""
+    times = torch.tensor([elapsed, -elapsed], dtype=torch.float64, device=_device())
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return times[0].item(), -times[1].item()
 
 
 def _device() -> torch.device:
@@ -355,7 +362,7 @@ class Trainer:
 
     def train_step(self) -> dict | None:
         """One optimizer step; None when the data (the last stage's budget) has ended."""
-        cfg, before = self.cfg, self.loader.position
+        before = self.loader.position
         if before.finished:
             return None
         if before.stage != self.run_state.index:
@@ -368,16 +375,7 @@ class Trainer:
         except StopIteration:
             return None
         after = self.loader.position
-        for m in r.model:
-            m.zero_grad_buffer()
-        r.optimizer.zero_grad()
-        logs = self._schedule(batches, forward_only=False)
-        terms = _step_terms(batches, logs, cfg, self.flops, r.stage.trainable, self.stop.requested)
-        terms = terms.to(_device())
-        dist.all_reduce(terms)
-        loss_sum, loss_tokens, tokens, samples, stops = terms[:5].tolist()
-        step_flops = StepFlops(*terms[5:].tolist())
-        self.stop_agreed = stops > 0
+        loss_sum, loss_tokens, tokens, samples, step_flops = self._forward_backward(batches)
         loss = loss_sum / max(loss_tokens, 1.0)
         # the step runs at the schedule's lr at the end of its data (its first step above 0); the data is
         # spent whether or not the update happens
@@ -386,18 +384,8 @@ class Trainer:
         updated, grad_norm, overflow = False, float("nan"), False
         if math.isfinite(loss):
             updated, grad_norm, overflow = optimizer_step(r.optimizer)
-        elapsed = time.perf_counter() - start
-        times = torch.tensor([elapsed, -elapsed], dtype=torch.float64, device=_device())
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        slowest, fastest = times[0].item(), -times[1].item()
-        self.step += 1
-        self.consumed["tokens"] += int(tokens)
-        self.consumed["samples"] += int(samples)
-        # an fp16 loss-scale overflow is routine (skipped, counted, but not a sign of divergence)
-        self.nan_streak = 0 if updated or overflow else self.nan_streak + 1
-        if not updated:
-            self.skipped["steps"] += 1
-            self.skipped["samples"] += int(samples)
+        slowest, fastest = _slowest_and_fastest(time.perf_counter() - start)
+        self._count_step(int(tokens), int(samples), updated, overflow)
         metrics = {
             "step": self.step,
             "stage": r.stage.name,
@@ -421,10 +409,43 @@ class Trainer:
             "loader": self.loader.statistics(),
         }
         stage_ended = after.stage != before.stage or after.finished
-        interval = cfg.train.eval_interval
+        interval = self.cfg.train.eval_interval
         if interval and (self.step % interval == 0 or stage_ended):
             metrics.update(self.evaluate() or {})
         self.losses.append(loss)
+        self._log_step(metrics, before, after)
+        if not updated and not overflow:
+            self._check_divergence(loss, grad_norm)
+        return metrics
+
+    def _forward_backward(self, batches) -> tuple[float, float, float, float, StepFlops]:
+        """The schedule over one step's micro-batches, and its sums over every rank: (loss sum, loss
+        tokens, sample tokens, samples, FLOPs). A SIGTERM seen on any rank rides along (stop_agreed)."""
+        r = self.run_state
+        for m in r.model:
+            m.zero_grad_buffer()
+        r.optimizer.zero_grad()
+        logs = self._schedule(batches, forward_only=False)
+        terms = _step_terms(batches, logs, self.cfg, self.flops, r.stage.trainable, self.stop.requested)
+        terms = terms.to(_device())
+        dist.all_reduce(terms)
+        loss_sum, loss_tokens, tokens, samples, stops = terms[:5].tolist()
+        self.stop_agreed = stops > 0
+        return loss_sum, loss_tokens, tokens, samples, StepFlops(*terms[5:].tolist())
+
+    def _count_step(self, tokens: int, samples: int, updated: bool, overflow: bool) -> None:
+        """The run's step, consumed and skipped counters, and the streak of non-finite steps."""
+        self.step += 1
+        self.consumed["tokens"] += tokens
+        self.consumed["samples"] += samples
+        # an fp16 loss-scale overflow is routine (skipped, counted, but not a sign of divergence)
+        self.nan_streak = 0 if updated or overflow else self.nan_streak + 1
+        if not updated:
+            self.skipped["steps"] += 1
+            self.skipped["samples"] += samples
+
+    def _log_step(self, metrics: dict, before, after) -> None:
+        """metrics.jsonl and the console line (stage progress and ETA), and the validation line."""
         fraction = self._stage_fraction(after) if after.stage == before.stage else 1.0
         t0, f0 = self._stage_timer
         eta = None
@@ -433,13 +454,10 @@ class Trainer:
         self.metrics.log(metrics, fraction, eta)
         if "val_loss" in metrics:
             self.metrics.print(
-                f"validation | step {self.step:>6} | {r.stage.name} | loss {metrics['val_loss']:.4f} | "
-                f"ppl {metrics['val_ppl']:.3f} | {metrics['val_samples']} samples, "
+                f"validation | step {self.step:>6} | {self.run_state.stage.name} | "
+                f"loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.3f} | {metrics['val_samples']} samples, "
                 f"{metrics['val_loss_tokens']} loss tokens"
             )
-        if not updated and not overflow:
-            self._check_divergence(loss, grad_norm)
-        return metrics
 
     def _check_divergence(self, loss: float, grad_norm: float) -> None:
         log.warning(

@@ -19,9 +19,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megasail.config import RunConfig
 from megasail.data.loader.config import StageConfig
+from megasail.models.mcore_config import PRECISION_DTYPES
 from megasail.training.model_builder import overlap_param_gather
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
 
 
@@ -38,7 +38,7 @@ def build_optimizer(cfg: RunConfig, model, stage: StageConfig):
     """megatron's (distributed) Adam over the DDP-wrapped chunks' trainable parameters."""
     lr, min_lr = stage_lr(cfg, stage)
     o, p = cfg.optim, cfg.parallel
-    dtype = _DTYPES[cfg.model.precision]
+    dtype = PRECISION_DTYPES[cfg.model.precision]
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,

@@ -209,7 +209,7 @@ def output_device(backend: str = "auto", dali_threads: int = 1) -> str:
     return _dali_tiler(dali_threads).device if on_gpu else "cpu"
 
 
-def _out_slots(out: torch.Tensor, out_tiles: Sequence[int] | None, grids: dict[int, tuple[int, int]],
+def _out_slots(out: torch.Tensor, out_tiles: Sequence[int] | None, grids: dict[int, _Grid],
                count: int, tile_size: int) -> list[torch.Tensor]:
     """The slice of `out` each image is written into (images back to back, in order)."""
     shape = (3, tile_size, tile_size)
@@ -221,7 +221,7 @@ def _out_slots(out: torch.Tensor, out_tiles: Sequence[int] | None, grids: dict[i
         if out_tiles is not None:  # a header that disagrees is already a bad image
             counts.append(int(out_tiles[index]))
         elif index in grids:
-            cols, rows = grids[index]
+            cols, rows = grids[index].cols, grids[index].rows
             counts.append(cols * rows + (cols * rows > 1))
         else:
             raise ValueError(f"image {index}: unreadable header, so its slice of `out` is unknown; pass out_tiles")
@@ -265,62 +265,28 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
         Tensors are on the GPU when DALI `mixed` decoded the batch, else on the CPU. With `out`,
         they are the views of `out` the images were written into.
     """
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    if out_tiles is not None and out is None:
-        raise ValueError("out_tiles lays out `out`; pass out as well")
-    if out_tiles is not None and len(out_tiles) != len(images):
-        raise ValueError(f"out_tiles has {len(out_tiles)} counts for {len(images)} images")
+    _check_arguments(images, on_error, out, out_tiles)
     stats = stats if stats is not None else DecodeStats()
     backend = resolve_backend(backend)
     results: list[torch.Tensor | None] = [None] * len(images)
     errors: dict[int, ImageDecodeError] = {}
-    grids: dict[int, tuple[int, int]] = {}
-    use_dali: list[int] = []
     on_gpu = backend != "pil" and _gpu_decode_allowed()
-    for index, data in enumerate(images):
-        try:
-            header = read_header(bytes(data), max_image_pixels)
-        except ImageDecodeError as error:
-            errors[index] = ImageDecodeError(index, error.kind, error.reason)
-            continue
-        cols, rows = tile_grid(header.width, header.height, max_tiles, min_tiles, tile_size)
-        if out_tiles is not None and cols * rows + (cols * rows > 1) != int(out_tiles[index]):
-            errors[index] = ImageDecodeError(index, "corrupt", f"its {header.width}x{header.height} header gives "
-                                             f"{cols * rows + (cols * rows > 1)} tiles, out_tiles says {out_tiles[index]}")
-            continue
-        grids[index] = (cols, rows)
-        if _decode_with_dali(backend, header, on_gpu):
-            use_dali.append(index)
+    grids = _tile_grids(images, (max_tiles, min_tiles, tile_size), max_image_pixels, out_tiles, errors)
+    use_dali = [i for i, grid in grids.items() if _decode_with_dali(backend, grid.header, on_gpu)]
     slots = _out_slots(out, out_tiles, grids, len(images), tile_size) if out is not None else None
-
-    if backend == "auto":
-        _log_once("image decode backend: auto -> DALI mixed (GPU)" if on_gpu else
-                  f"image decode backend: auto -> per image on CPU: DALI CPU from {AUTO_DALI_MIN_PIXELS} pixels, "
-                  "else PIL")
-    else:
-        _log_once(f"image decode backend: {backend}" + (" (DALI mixed, GPU)" if on_gpu else ""))
-
+    _log_backend(backend, on_gpu)
     device = _dali_tiler(dali_threads).device if on_gpu else "cpu"  # one device for the whole batch
     if use_dali:
-        tiler = _dali_tiler(dali_threads)
-        dali_name = "dali_cpu" if tiler.device_id is None else "dali_mixed"
-        decoded = tiler.decode_each([bytes(images[i]) for i in use_dali], [grids[i] for i in use_dali], tile_size,
-                                    outs=None if slots is None else [slots[i] for i in use_dali])
-        for index, tiles in zip(use_dali, decoded, strict=True):
-            if isinstance(tiles, Exception):
-                errors[index] = ImageDecodeError(index, "corrupt", f"DALI could not decode it: {_dali_reason(tiles)}")
-            else:
-                results[index] = tiles
-                stats.backend_counts[dali_name] += 1
+        _decode_on_dali(images, use_dali, grids, tile_size, slots, dali_threads, results, errors, stats)
     dali_set = set(use_dali)
-    for index, (cols, rows) in grids.items():
+    for index, grid in grids.items():
         if index in dali_set:
             continue
         # With a CPU `out`, PIL writes into its slice; else (no out, or out on the GPU) it is moved there.
         direct = slots is not None and slots[index].device.type == "cpu"
         try:
-            tiles = decode_tiles_pil(bytes(images[index]), cols, rows, tile_size, out=slots[index] if direct else None)
+            tiles = decode_tiles_pil(bytes(images[index]), grid.cols, grid.rows, tile_size,
+                                     out=slots[index] if direct else None)
         except Exception as error:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError... on bad data
             errors[index] = ImageDecodeError(index, "corrupt", f"{type(error).__name__}: {error}")
             continue
@@ -328,7 +294,78 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
             tiles = slots[index].copy_(tiles)
         results[index] = tiles if slots is not None else tiles.to(device)
         stats.backend_counts["pil"] += 1
+    _count(stats, results, errors)
+    if errors and on_error == "raise":
+        raise errors[min(errors)]
+    return results
 
+
+def _check_arguments(images: Sequence[bytes], on_error: str, out: torch.Tensor | None,
+                     out_tiles: Sequence[int] | None) -> None:
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if out_tiles is not None and out is None:
+        raise ValueError("out_tiles lays out `out`; pass out as well")
+    if out_tiles is not None and len(out_tiles) != len(images):
+        raise ValueError(f"out_tiles has {len(out_tiles)} counts for {len(images)} images")
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """An image's header and the tile grid it gets."""
+
+    header: ImageHeader
+    cols: int
+    rows: int
+
+
+def _tile_grids(images: Sequence[bytes], tiling: tuple[int, int, int], max_image_pixels: int,
+                out_tiles: Sequence[int] | None, errors: dict[int, ImageDecodeError]) -> dict[int, _Grid]:
+    """The tile grid of every image whose header is readable, allowed and agrees with out_tiles (by
+    index); the others go into `errors`. tiling = (max_tiles, min_tiles, tile_size)."""
+    grids = {}
+    for index, data in enumerate(images):
+        try:
+            header = read_header(bytes(data), max_image_pixels)
+        except ImageDecodeError as error:
+            errors[index] = ImageDecodeError(index, error.kind, error.reason)
+            continue
+        cols, rows = tile_grid(header.width, header.height, *tiling)
+        tiles = cols * rows + (cols * rows > 1)
+        if out_tiles is not None and tiles != int(out_tiles[index]):
+            errors[index] = ImageDecodeError(index, "corrupt", f"its {header.width}x{header.height} header gives "
+                                             f"{tiles} tiles, out_tiles says {out_tiles[index]}")
+            continue
+        grids[index] = _Grid(header, cols, rows)
+    return grids
+
+
+def _log_backend(backend: str, on_gpu: bool) -> None:
+    if backend == "auto":
+        _log_once("image decode backend: auto -> DALI mixed (GPU)" if on_gpu else
+                  f"image decode backend: auto -> per image on CPU: DALI CPU from {AUTO_DALI_MIN_PIXELS} pixels, "
+                  "else PIL")
+    else:
+        _log_once(f"image decode backend: {backend}" + (" (DALI mixed, GPU)" if on_gpu else ""))
+
+
+def _decode_on_dali(images: Sequence[bytes], indices: list[int], grids: dict[int, _Grid], tile_size: int,
+                    slots: list[torch.Tensor] | None, dali_threads: int, results: list, errors: dict,
+                    stats: DecodeStats) -> None:
+    """Decode images[indices] in one DALI batch into `results` (failures into `errors`)."""
+    tiler = _dali_tiler(dali_threads)
+    dali_name = "dali_cpu" if tiler.device_id is None else "dali_mixed"
+    decoded = tiler.decode_each([bytes(images[i]) for i in indices], [(grids[i].cols, grids[i].rows) for i in indices],
+                                tile_size, outs=None if slots is None else [slots[i] for i in indices])
+    for index, tiles in zip(indices, decoded, strict=True):
+        if isinstance(tiles, Exception):
+            errors[index] = ImageDecodeError(index, "corrupt", f"DALI could not decode it: {_dali_reason(tiles)}")
+        else:
+            results[index] = tiles
+            stats.backend_counts[dali_name] += 1
+
+
+def _count(stats: DecodeStats, results: list, errors: dict[int, ImageDecodeError]) -> None:
     for tiles in results:
         if tiles is not None:
             stats.decoded += 1
@@ -338,6 +375,3 @@ def decode_tiles(images: Sequence[bytes], max_tiles: int, *, backend: str = "aut
             stats.too_large += 1
         else:
             stats.corrupt += 1
-    if errors and on_error == "raise":
-        raise errors[min(errors)]
-    return results

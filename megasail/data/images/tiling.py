@@ -15,6 +15,8 @@ from megasail.models.config import ModelConfig
 # slot that the reader expands with TOKENS_PER_TILE context tokens per tile.
 TILE_SIZE = ModelConfig().vision.image_size
 TOKENS_PER_TILE = ModelConfig().tokens_per_tile
+# InternVL's `load_image(max_num=12)`: the one default tile budget of preprocessing, training and inference
+DEFAULT_MAX_TILES = 12
 IMAGE_WRAPPER_TOKENS = 2  # <img> ... </img> around each image's context tokens
 
 

@@ -45,6 +45,8 @@ class SequenceCostModel:
         return np.array([self.sequence_cost(s.lengths, s.num_tiles, seq_length) for s in sequences])
 
 
+DEFAULT_COST_PRESET = "sail_vl_2b"  # the loader used alone (no model config) prices sequences as the 2B model
+
 # BEGIN PRESET_COSTS: written by tools/generate_preset_costs.py from megasail.models.flops
 # (a test fails when they differ; do not edit by hand), so that the data layer imports nothing from
 # megasail.models: per token slot, per squared sample length (l^2 / 2 causal pairs), per 448px tile

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megasail.data.images.formats import DEFAULT_MAX_IMAGE_PIXELS
-from megasail.data.images.tiling import TILE_SIZE
+from megasail.data.images.tiling import DEFAULT_MAX_TILES, TILE_SIZE
 from megasail.fields import doc
 
 TRAINABLE_MODULES = ("vision", "projector", "language")  # what a stage may train
@@ -108,9 +108,13 @@ class DataConfig:
     micro_batch_size: int = doc("packed sequences per micro-batch on one data-parallel rank", 1)
     global_batch_size: int = doc("packed sequences per optimizer step over all data-parallel ranks", 8)
     seed: int = doc("data order seed: blend, per-epoch shuffles and packing derive from it", 1234)
-    max_tiles: int = doc("most 448px tiles per image (InternVL dynamic tiling)", 10)
+    max_tiles: int = doc(
+        "most tiles per image (InternVL dynamic tiling); keep it at the preprocessing's --max-tiles", DEFAULT_MAX_TILES
+    )
     min_tiles: int = doc("fewest tiles per image", 1)
-    tile_size: int = doc("tile side in pixels (model.vision.image_size)", TILE_SIZE)
+    tile_size: int = doc(
+        "tile side in pixels; derived from model.vision.image_size in a run config (not a config key)", TILE_SIZE
+    )
     pad_token_id: int = doc("id used for padding and for labels without loss (Qwen2.5 <|endoftext|>)", 151643)
     pack_window: int = doc("samples sorted together before best-fit packing (larger fills better)", 1024)
     pack_chunk_samples: int = doc(
@@ -118,10 +122,6 @@ class DataConfig:
         65536,
     )
     balance_dp: bool = doc("assign each global batch's sequences to DP ranks by estimated cost (LPT)", True)
-    cost_model: str = doc(
-        "model preset (sail_vl_2b, sail_vl_8b, tiny) whose FLOPs weigh image tiles against LLM tokens for DP balancing",
-        "sail_vl_2b",
-    )
     num_workers: int = doc("background processes that read, decode and collate micro-batches (0 = in-process)", 2)
     prefetch_factor: int = doc("micro-batches each worker prepares ahead", 2)
     decode_backend: str = doc("image decoder: auto (per image by size), pil or dali", "auto")

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from megasail.data.images import decode
-from megasail.data.loader.balance import SequenceCostModel, assign_to_ranks, imbalance
+from megasail.data.loader.balance import DEFAULT_COST_PRESET, SequenceCostModel, assign_to_ranks, imbalance
 from megasail.data.loader.config import DataConfig, StageConfig
 from megasail.data.loader.curriculum import Curriculum
 from megasail.data.loader.state import LoaderPosition, position_from_state, position_state
@@ -105,7 +105,8 @@ class MultimodalDataLoader:
     Args:
         config: DataConfig (validated here).
         dp_rank, dp_size: this rank's data-parallel position.
-        cost_model: prices sequences for DP balancing; None builds it from config.cost_model.
+        cost_model: prices sequences for DP balancing; None prices by the default model's preset
+            (DEFAULT_COST_PRESET); a training run passes its own model's.
     """
 
     def __init__(self, config: DataConfig, dp_rank: int = 0, dp_size: int = 1,
@@ -116,7 +117,7 @@ class MultimodalDataLoader:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
         self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
         if config.balance_dp and cost_model is None:
-            cost_model = SequenceCostModel.from_preset(config.cost_model)
+            cost_model = SequenceCostModel.from_preset(DEFAULT_COST_PRESET)
         self.cost_model = cost_model if config.balance_dp else None
         self.curriculum = Curriculum(config)
         sources = [[(s.prefix, s.display_name) for s in stage.sources] for stage in config.stages]

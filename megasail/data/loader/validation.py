@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from megasail.data.loader.balance import SequenceCostModel
+from megasail.data.loader.balance import DEFAULT_COST_PRESET, SequenceCostModel
 from megasail.data.loader.config import DataConfig, StageConfig
 from megasail.data.loader.curriculum import Curriculum, open_nonempty, samples_before_repeat
 from megasail.data.loader.data_loader import fetch_step, micro_batch_plans
@@ -85,7 +85,7 @@ class ValidationReader:
         held_out.budget_samples = samples_before_repeat(weights, sizes, config.pack_chunk_samples)
         self.config, self.dp_rank, self.dp_size, self.eval_iters = config, dp_rank, dp_size, eval_iters
         if config.balance_dp and cost_model is None:
-            cost_model = SequenceCostModel.from_preset(config.cost_model)
+            cost_model = SequenceCostModel.from_preset(DEFAULT_COST_PRESET)
         self.plans, last = [], LoaderPosition()
         plans = micro_batch_plans(Curriculum(config), LoaderPosition(), dp_rank, dp_size,
                                   cost_model if config.balance_dp else None)

@@ -8,12 +8,12 @@ import sys
 from dataclasses import MISSING, fields
 
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
+from megasail.data.preprocess.pool import WorkerDied
 from megasail.data.preprocess.rejects import REJECT_REASONS
 from megasail.data.preprocess.run import (
     InternalErrors,
     NoSamplesKept,
     PreprocessError,
-    WorkerDied,
     run_preprocess,
 )
 from megasail.data.text.template import TEMPLATES

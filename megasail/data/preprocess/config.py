@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from megasail.data.images.formats import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from megasail.data.images.tiling import DEFAULT_MAX_TILES
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PreprocessConfig:
         default=8192,
         metadata={"help": "longest sample in tokens: text + each image at --max-tiles (incl. <img>, </img>)"},
     )
-    max_tiles: int = field(default=12, metadata={"help": "tile budget per image used to count its tokens"})
+    max_tiles: int = field(default=DEFAULT_MAX_TILES, metadata={"help": "tile budget per image used to count its tokens"})
     on_too_long: str = field(
         default="reject",
         metadata={

@@ -12,21 +12,18 @@ Work in progress lives in P.parts/ (one finished shard per unit, plus plan.json)
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from megasail.child_processes import die_with_parent
 from megasail.data.preprocess.config import CHOICES, PreprocessConfig
 from megasail.data.preprocess.manifest import build_manifest, manifest_fingerprint
+from megasail.data.preprocess.pool import run_units_in_pool
 from megasail.data.preprocess.rejects import REJECT_HINTS, REJECT_REASONS, top_reject_reasons
 from megasail.data.preprocess.sources import InputError, InputFile, WorkUnit, expand_inputs, plan_units
 from megasail.data.preprocess.worker import UnitContext, load_report, process_unit, unit_prefix
@@ -268,31 +265,6 @@ def _check_finished(manifest_path: str, fingerprint: dict) -> None:
         )
 
 
-class WorkerDied(RuntimeError):
-    """A worker process died (killed, out of memory, crashed) and its units cannot finish in this run."""
-
-
-_WORKER_CTX: UnitContext | None = None
-_WORKER_COUNTERS = None  # (records, bytes) shared with the main process for the progress bar
-
-
-def _init_worker(ctx: UnitContext, counters, parent_pid: int, from_main_thread: bool) -> None:
-    global _WORKER_CTX, _WORKER_COUNTERS
-    # a killed run's workers would wait for units forever (they hold both ends of the task queue)
-    die_with_parent(parent_pid, death_signal=from_main_thread)
-    _WORKER_CTX, _WORKER_COUNTERS = ctx, counters
-
-
-def _add_to_shared_counters(records: int, nbytes: int) -> None:
-    for counter, delta in zip(_WORKER_COUNTERS, (records, nbytes), strict=True):
-        with counter.get_lock():
-            counter.value += delta
-
-
-# Test hook: the worker process that runs the unit with this index kills itself with SIGKILL.
-KILL_UNIT_ENV = "MEGASAIL_PREPROCESS_KILL_UNIT"
-
-
 # Test hook: the main process kills itself with SIGKILL at a named point of the run:
 #   merge:K   once K units have finished and been handed to the merge (later units still running)
 #   finish    after the last unit, before the merge is finished (copies may be in flight)
@@ -305,12 +277,6 @@ def _kill_point(name: str, finished_units: int = 0) -> None:
     point = os.environ.get(KILL_AT_ENV, "")
     if point == name or (name == "merge" and point.startswith("merge:") and finished_units >= int(point[6:])):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _run_unit_in_worker(unit: WorkUnit) -> dict:
-    if os.environ.get(KILL_UNIT_ENV) == str(unit.index):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return process_unit(unit, _WORKER_CTX, _add_to_shared_counters)
 
 
 def _worker_died_message(prefix: str, parts_dir: str, units: list[WorkUnit]) -> str:
@@ -349,98 +315,18 @@ def execute(plan: RunPlan) -> dict:
     prefix = os.path.abspath(cfg.output_prefix)
     if cfg.resume and os.path.exists(prefix + ".manifest.json"):
         shutil.rmtree(plan.parts_dir, ignore_errors=True)  # complete already; only the cleanup was cut short
-        with open(prefix + ".manifest.json", encoding="utf-8") as f:
-            return {
-                "manifest": json.load(f),
-                "runtime": {
-                    "seconds": 0.0,
-                    "writer_seconds": 0.0,
-                    "unit_seconds": 0.0,
-                    "units_wall_seconds": 0.0,
-                    "merge_seconds": 0.0,
-                    "merge_busy_seconds": 0.0,
-                    "units_run": 0,
-                    "units_resumed": len(plan.units),
-                },
-            }
-    if not cfg.resume:
-        remove_outputs(prefix, plan.parts_dir)
-    os.makedirs(plan.parts_dir, exist_ok=True)
-    plan_path = os.path.join(plan.parts_dir, PLAN_FILE)
-    with open(plan_path + ".tmp", "w") as f:
-        json.dump(plan.fingerprint, f, sort_keys=True)
-    os.replace(plan_path + ".tmp", plan_path)
-
-    reports: dict[int, dict] = {}
-    for unit in plan.units:
-        if (report := load_report(plan.parts_dir, unit)) is not None:
-            reports[unit.index] = report
+        return _finished_earlier(prefix, len(plan.units))
+    _start_parts_dir(plan, prefix)
+    reports = _kept_reports(plan)
     pending = [u for u in plan.units if u.index not in reports]
-    ctx = UnitContext(cfg, plan.tokenizer, plan.parts_dir)
     started = time.perf_counter()
     bar = _progress_bar(cfg, sum(u.end_byte - u.start_byte for u in pending))
-    records_seen = 0
-
-    def show(records: int, nbytes: int) -> None:
-        nonlocal records_seen
-        records_seen += records
-        rate = records_seen / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix_str(f"{records_seen} samples, {rate:.0f} samples/s", refresh=False)
-        bar.update(nbytes)
-
+    show = _progress_display(bar, started)
     # Shards are merged into the output in unit order while later units run (kept units first).
     merge = StreamingMerge(prefix, [(u.index, unit_prefix(plan.parts_dir, u)) for u in plan.units])
     try:
         merge.feed(reports)
-        if cfg.workers == 1 or len(pending) <= 1:
-            for unit in pending:
-                report = process_unit(unit, ctx, show)
-                reports[report["unit"]] = report
-                merge.feed(reports)
-        else:
-            spawn = mp.get_context("spawn")
-            counters = (spawn.Value("q", 0), spawn.Value("q", 0))
-            shown = [0, 0]
-            pool = ProcessPoolExecutor(
-                min(cfg.workers, len(pending)),
-                mp_context=spawn,
-                initializer=_init_worker,
-                initargs=(ctx, counters, os.getpid(), threading.current_thread() is threading.main_thread()),
-            )
-            clean = False
-            try:
-                running = {pool.submit(_run_unit_in_worker, u): u for u in pending}
-                while running:
-                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        unit = running.pop(future)
-                        try:
-                            report = future.result()
-                        except BrokenProcessPool:
-                            unfinished = [u for u in plan.units if u.index not in reports]
-                            raise WorkerDied(
-                                _worker_died_message(prefix, plan.parts_dir, unfinished)
-                            ) from None
-                        reports[report["unit"]] = report
-                    if done:
-                        merge.feed(reports)
-                        _kill_point("merge", len(reports))
-                    # Read without the lock: a killed worker may have died holding it.
-                    now = [c.get_obj().value for c in counters]
-                    show(now[0] - shown[0], now[1] - shown[1])
-                    shown = now
-                clean = True
-            finally:
-                if clean:
-                    pool.shutdown(wait=True)
-                else:
-                    processes = list((getattr(pool, "_processes", None) or {}).values())
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    for process in processes:  # stop the units still running: they are redone on --resume
-                        if process.is_alive():
-                            process.terminate()
-                    for process in processes:
-                        process.join(5)
+        _run_units(plan, prefix, pending, reports, merge, show)
         bar.refresh()
         bar.close()
         units_wall_seconds = time.perf_counter() - started
@@ -454,7 +340,93 @@ def execute(plan: RunPlan) -> dict:
         bar.close()
         merge.abort()
         raise
+    manifest = _publish(plan, prefix, ordered)
+    runtime = {
+        "seconds": time.perf_counter() - started,
+        "writer_seconds": sum(reports[u.index]["writer_seconds"] for u in pending),  # inside add_sample/finalize
+        "unit_seconds": sum(reports[u.index]["seconds"] for u in pending),  # worker time over all units
+        "units_wall_seconds": units_wall_seconds,  # wall time of the unit phase (all workers)
+        "merge_seconds": merge_seconds,
+        "merge_busy_seconds": merge.busy_seconds,  # all time inside the merger, most of it during the units
+        "units_run": len(pending),
+        "units_resumed": len(plan.units) - len(pending),
+    }
+    return {"manifest": manifest, "runtime": runtime}
 
+
+def _finished_earlier(prefix: str, num_units: int) -> dict:
+    """execute()'s result for a prefix an earlier run completed (its manifest, no work done)."""
+    with open(prefix + ".manifest.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    runtime = dict.fromkeys(
+        ("seconds", "writer_seconds", "unit_seconds", "units_wall_seconds", "merge_seconds", "merge_busy_seconds"),
+        0.0,
+    )
+    return {"manifest": manifest, "runtime": {**runtime, "units_run": 0, "units_resumed": num_units}}
+
+
+def _start_parts_dir(plan: RunPlan, prefix: str) -> None:
+    """PREFIX.parts/ with the plan's fingerprint (a fresh run first removes earlier outputs)."""
+    if not plan.config.resume:
+        remove_outputs(prefix, plan.parts_dir)
+    os.makedirs(plan.parts_dir, exist_ok=True)
+    plan_path = os.path.join(plan.parts_dir, PLAN_FILE)
+    with open(plan_path + ".tmp", "w") as f:
+        json.dump(plan.fingerprint, f, sort_keys=True)
+    os.replace(plan_path + ".tmp", plan_path)
+
+
+def _kept_reports(plan: RunPlan) -> dict[int, dict]:
+    """Reports of the units an interrupted run finished (kept in PREFIX.parts/), by unit index."""
+    reports = {}
+    for unit in plan.units:
+        if (report := load_report(plan.parts_dir, unit)) is not None:
+            reports[unit.index] = report
+    return reports
+
+
+def _progress_display(bar, started: float) -> Callable[[int, int], None]:
+    """show(records, bytes): advance the bar by bytes read, with the samples so far and their rate."""
+    records_seen = 0
+
+    def show(records: int, nbytes: int) -> None:
+        nonlocal records_seen
+        records_seen += records
+        rate = records_seen / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{records_seen} samples, {rate:.0f} samples/s", refresh=False)
+        bar.update(nbytes)
+
+    return show
+
+
+def _run_units(plan: RunPlan, prefix: str, pending: list[WorkUnit], reports: dict[int, dict],
+               merge: StreamingMerge, show: Callable[[int, int], None]) -> None:
+    """Run the pending units (in this process, or in --workers spawned ones), each report into
+    `reports` and the merge as soon as it is in."""
+    cfg = plan.config
+    ctx = UnitContext(cfg, plan.tokenizer, plan.parts_dir)
+    if cfg.workers == 1 or len(pending) <= 1:
+        for unit in pending:
+            report = process_unit(unit, ctx, show)
+            reports[report["unit"]] = report
+            merge.feed(reports)
+        return
+
+    def take(finished: list[dict]) -> None:
+        reports.update((report["unit"], report) for report in finished)
+        merge.feed(reports)
+        _kill_point("merge", len(reports))
+
+    def died_message(finished: list[dict]) -> str:
+        done = set(reports) | {report["unit"] for report in finished}
+        return _worker_died_message(prefix, plan.parts_dir, [u for u in plan.units if u.index not in done])
+
+    run_units_in_pool(pending, ctx, cfg.workers, take, show, died_message)
+
+
+def _publish(plan: RunPlan, prefix: str, ordered: list[dict]) -> dict:
+    """PREFIX.rejects.jsonl, then PREFIX.manifest.json (written last: the prefix is complete), then
+    PREFIX.parts/ removed; returns the manifest."""
     with open(prefix + ".rejects.jsonl.tmp", "w", encoding="utf-8") as out:
         for unit in plan.units:
             with open(unit_prefix(plan.parts_dir, unit) + ".rejects.jsonl", encoding="utf-8") as f:
@@ -470,19 +442,7 @@ def execute(plan: RunPlan) -> dict:
     os.replace(prefix + ".manifest.json.tmp", prefix + ".manifest.json")
     _kill_point("manifest")
     shutil.rmtree(plan.parts_dir, ignore_errors=True)
-    runtime = {
-        "seconds": time.perf_counter() - started,
-        "writer_seconds": sum(
-            reports[u.index]["writer_seconds"] for u in pending
-        ),  # inside add_sample/finalize
-        "unit_seconds": sum(reports[u.index]["seconds"] for u in pending),  # worker time over all units
-        "units_wall_seconds": units_wall_seconds,  # wall time of the unit phase (all workers)
-        "merge_seconds": merge_seconds,
-        "merge_busy_seconds": merge.busy_seconds,  # all time inside the merger, most of it during the units
-        "units_run": len(pending),
-        "units_resumed": len(plan.units) - len(pending),
-    }
-    return {"manifest": manifest, "runtime": runtime}
+    return manifest
 
 
 def _report_internal_errors(cfg: PreprocessConfig, prefix: str, reports: list[dict]) -> None:

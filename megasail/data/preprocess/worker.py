@@ -140,34 +140,10 @@ def process_unit(
                 progress(stats["read"] - reported_records, reader.bytes_read - reported_bytes)
                 reported_records, reported_bytes = stats["read"], reader.bytes_read
             try:
-                if record.error is not None:
-                    raise record.error
-                parsed = parse_record(
-                    record, cfg.input_format, cfg.image_root, cfg.max_image_pixels, cfg.max_image_bytes
-                )
-                sample = encode_sample(
-                    parsed,
-                    templates[parsed.conversation.kind],
-                    ctx.tokenizer,
-                    max_tiles=cfg.max_tiles,
-                    max_seq_length=cfg.max_seq_length,
-                    on_too_long=cfg.on_too_long,
-                    system_message=cfg.system_message,
-                )
+                sample = _encode_record(record, ctx, templates)
             except RecordRejected as e:
                 reasons[e.reason] += 1
-                message = (
-                    e.message if e.message.startswith(record.location) else f"{record.location}: {e.message}"
-                )
-                entry = {
-                    "source": unit.path,
-                    "location": record.location,
-                    "reason": e.reason,
-                    "message": message,
-                }
-                if isinstance(record.fields, dict) and isinstance(record.fields.get("id"), (str, int)):
-                    entry["id"] = record.fields["id"]  # the record's own id, when it has one
-                rejects.append(json.dumps(entry, ensure_ascii=False))
+                rejects.append(_reject_line(unit, record, e))
                 continue
             except Exception as e:  # noqa: BLE001 - a bug in megasail, not bad input: reported apart from the rejects
                 log.error("%s: internal error on this record", record.location, exc_info=e)
@@ -176,16 +152,7 @@ def process_unit(
             t0 = time.perf_counter()
             write_sample(writer, sample, unit.source_id)
             writer_seconds += time.perf_counter() - t0
-            stats["written"] += 1
-            stats["truncated"] += int(sample.truncated)
-            stats["images"] += len(sample.images)
-            stats["text_tokens"] += sample.text_tokens
-            stats["target_tokens"] += sample.target_tokens
-            stats["image_tokens"] += sample.image_tokens
-            stats["image_bytes"] += sum(len(im.data) for im in sample.images)
-            stats["reencoded_images"] += sum(
-                im.source_format not in ("JPEG", "MPO", "PNG") for im in sample.images
-            )
+            _count_written(stats, sample)
         if delay := float(os.environ.get(UNIT_DELAY_ENV, "0") or 0):
             time.sleep(delay)
         t0 = time.perf_counter()
@@ -205,18 +172,7 @@ def process_unit(
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
         "internal_errors": internal_errors,
-        "counts": {
-            k: stats[k]
-            for k in (
-                "truncated",
-                "images",
-                "reencoded_images",
-                "text_tokens",
-                "target_tokens",
-                "image_tokens",
-                "image_bytes",
-            )
-        },
+        "counts": {k: stats[k] for k in WRITTEN_COUNTS},
         "input_bytes": unit.end_byte - unit.start_byte,
         "seconds": time.perf_counter() - started,
         "writer_seconds": writer_seconds,
@@ -224,3 +180,47 @@ def process_unit(
     }
     _write_atomic(report_path(ctx.parts_dir, unit), json.dumps(report, sort_keys=True))
     return report
+
+
+def _encode_record(record, ctx: UnitContext, templates: dict):
+    """One record -> its EncodedSample; raises RecordRejected (bad input) with the reason."""
+    cfg = ctx.config
+    if record.error is not None:
+        raise record.error
+    parsed = parse_record(record, cfg.input_format, cfg.image_root, cfg.max_image_pixels, cfg.max_image_bytes)
+    return encode_sample(
+        parsed,
+        templates[parsed.conversation.kind],
+        ctx.tokenizer,
+        max_tiles=cfg.max_tiles,
+        max_seq_length=cfg.max_seq_length,
+        on_too_long=cfg.on_too_long,
+        system_message=cfg.system_message,
+    )
+
+
+def _reject_line(unit: WorkUnit, record, e: RecordRejected) -> str:
+    """The PREFIX.rejects.jsonl line of a rejected record: source, location, reason, message (and id)."""
+    message = e.message if e.message.startswith(record.location) else f"{record.location}: {e.message}"
+    entry = {"source": unit.path, "location": record.location, "reason": e.reason, "message": message}
+    if isinstance(record.fields, dict) and isinstance(record.fields.get("id"), (str, int)):
+        entry["id"] = record.fields["id"]  # the record's own id, when it has one
+    return json.dumps(entry, ensure_ascii=False)
+
+
+# what the report's "counts" add up over the written samples
+WRITTEN_COUNTS = (
+    "truncated", "images", "reencoded_images", "text_tokens", "target_tokens", "image_tokens", "image_bytes"
+)
+
+
+def _count_written(stats: Counter, sample) -> None:
+    """Add one written sample to the unit's counts."""
+    stats["written"] += 1
+    stats["truncated"] += int(sample.truncated)
+    stats["images"] += len(sample.images)
+    stats["text_tokens"] += sample.text_tokens
+    stats["target_tokens"] += sample.target_tokens
+    stats["image_tokens"] += sample.image_tokens
+    stats["image_bytes"] += sum(len(im.data) for im in sample.images)
+    stats["reencoded_images"] += sum(im.source_format not in ("JPEG", "MPO", "PNG") for im in sample.images)

@@ -18,7 +18,7 @@ import re
 import torch
 from megatron.core import parallel_state
 
-from megasail.training.compat import is_elementwise_normal
+from megasail.models.compat import is_elementwise_normal
 
 _COLUMN = re.compile(
     r"(linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$"
@@ -178,7 +178,7 @@ def init_weights(chunks, seed: int) -> int:
                 raise NotImplementedError(
                     f"no layout-independent initialiser for parameter {key} "
                     f"({type(module).__name__}.{attr}: neither a megatron parallel weight nor the patch "
-                    "embedding); add one in megasail/training/init.py"
+                    "embedding); add one in megasail/models/init.py"
                 )
             redrawn += 1
     return redrawn
