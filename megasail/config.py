@@ -139,7 +139,7 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     """Distributed checkpoints (megatron-core dist_checkpointing, torch_dist): reshardable across TP/PP/DP
-    (the optimizer state across DP only unless optimizer_sharding=fully_reshardable)."""
+    (with optimizer_sharding=dp_reshardable, the at-scale choice, the optimizer state across DP only)."""
 
     save: str | None = doc("directory to save checkpoints in (iter_NNNNNNN/ + latest marker); null = never save",
                            None)
@@ -149,11 +149,11 @@ class CheckpointConfig:
     async_save: bool = doc("write checkpoints in the background (GPU only)", False)
     weights_only: bool = doc("load only the model weights: fresh optimizer, schedule and data position", False)
     optimizer_sharding: str = doc(
-        "how a save stores the distributed optimizer's state: dp_reshardable (every data-parallel rank "
-        "writes its own shard in parallel, nothing gathered; a resume may change the DP size but not "
-        "TP/PP/VPP) or fully_reshardable (gathered per parameter onto one rank; a resume may change TP, PP, "
-        "VPP and DP)",
-        "dp_reshardable",
+        "how a save stores the distributed optimizer's state: fully_reshardable (gathered per parameter; "
+        "a resume may change TP, PP, VPP and DP) or dp_reshardable (every data-parallel rank writes its "
+        "own shard in parallel, nothing gathered: faster saves, less memory at scale; a resume may change "
+        "the DP size but not TP/PP/VPP; the 655B recipe uses it)",
+        "fully_reshardable",
     )
     overwrite: bool = doc(
         "start over in a checkpoint.save directory that holds later steps of an earlier run: its step dirs and "

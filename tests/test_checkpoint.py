@@ -216,7 +216,7 @@ def _resume_optimizer(rank, world_size, root, out_dir):
     step1 = [_batch(cfg, 1 + rank, (1, 2))]
     step2 = [_batch(cfg, 3, (2, 0)), _batch(cfg, 4, (0, 1))]  # rank r takes step2[r] at DP=2
     _train_step(wrapped, opt, sched, step1)
-    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0})  # dp_reshardable, the default
+    save_checkpoint(root, 1, wrapped, opt, sched, meta={"stage": 0}, optimizer_sharding="dp_reshardable")
     full_root = os.path.join(root, "fully_reshardable")
     save_checkpoint(
         full_root, 1, wrapped, opt, sched, meta={"stage": 0}, optimizer_sharding="fully_reshardable"
@@ -262,11 +262,11 @@ def _resume_optimizer(rank, world_size, root, out_dir):
 def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     """A checkpoint after step 1 at DP=2 (distributed optimizer) continues to step 2:
     at DP=2 bit-identically to the uninterrupted run; at TP=2 x DP=1 (the optimizer saved
-    fully_reshardable, resharded over TP and DP) to rounding (Adam divides near-zero gradients by their
-    own size: 1e-4, a hundredth of the lr); the default dp_reshardable save is refused at TP=2 with a
+    fully_reshardable, the default, resharded over TP and DP) to rounding (Adam divides near-zero gradients
+    by their own size: 1e-4, a hundredth of the lr); the dp_reshardable save is refused at TP=2 with a
     message naming its TP and the ways on; a weights-only load leaves the optimizer and schedule fresh.
-    In the default save the distributed optimizer's buffers are keys whose chunks come from both ranks'
-    files (each DP rank wrote its own half, nothing gathered); the fully_reshardable one stores
+    In the dp_reshardable save the distributed optimizer's buffers are keys whose chunks come from both
+    ranks' files (each DP rank wrote its own half, nothing gathered); the fully_reshardable one stores
     per-parameter keys instead.
 
     Fails if: the optimizer state is not saved or not loaded (Adam's first step from zero moments moves
@@ -275,8 +275,8 @@ def test_optimizer_state_resumes_exactly_and_across_dp(tmp_path):
     pipeline stage whose layers are all frozen (alignment stage, PP=2) tries to save optimizer state it
     does not have (megatron-core asserts) or the frozen-stage resume is not exact; a dp_reshardable state
     loads at another TP (planted: the layout check skipped -> megatron's load fails on missing keys with a
-    message about frozen parameters); the default save gathers (planted: the default back to
-    fully_reshardable -> no buffer key spans two ranks' files); a dp_reshardable load restores Adam's
+    message about frozen parameters); the dp_reshardable save gathers (planted: its layout
+    not passed on to megatron -> no buffer key spans two ranks' files); a dp_reshardable load restores Adam's
     step (planted: the torch Adam fix handing the pre-load step 0 over -> same layout not bit-identical).
     """
     root, out = str(tmp_path / "ckpt"), str(tmp_path)

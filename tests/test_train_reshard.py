@@ -53,7 +53,7 @@ def _one_process_resume(rank, world_size, prefixes, root):
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel.tensor=2", "checkpoint.optimizer_sharding=fully_reshardable"], ["parallel.tensor=1"]],
+    [["parallel.tensor=2"], ["parallel.tensor=1", "checkpoint.optimizer_sharding=dp_reshardable"]],
     ids=["tp2_to_tp1", "dp2_to_dp1"],
 )
 def test_checkpoint_continues_at_another_layout(datasets, tmp_path, layout):
@@ -61,8 +61,8 @@ def test_checkpoint_continues_at_another_layout(datasets, tmp_path, layout):
     the whole run at TP=1 from scratch logs the two-process run's losses. The vocabulary is left unset, as
     tiny.yaml leaves it (taken from the dataset's 305-token tokenizer).
 
-    The TP=2 run saves its optimizer fully_reshardable (one tensor per parameter, gathered); the DP=2 run
-    with the default, dp_reshardable (each DP rank writes its own shard of the optimizer buffers).
+    The TP=2 run saves its optimizer with the default, fully_reshardable (one tensor per parameter,
+    gathered); the DP=2 run dp_reshardable, the at-scale layout (each DP rank writes its own shard).
 
     Fails if the model or optimizer state is not resharded on load (the TP=1 loss differs), if the
     data position restores at another point at DP=1 (the sample tokens of steps 3-4 differ; planted:

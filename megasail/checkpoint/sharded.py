@@ -24,7 +24,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
-OPTIMIZER_SHARDING = "dp_reshardable"  # the default: parallel writes, reshardable over DP only
+OPTIMIZER_SHARDING = "fully_reshardable"  # the default keeps resume at any layout; dp_reshardable is opt-in
 
 
 def unwrap(model):
