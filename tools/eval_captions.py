@@ -111,6 +111,8 @@ def heldout_loader(cfg, prefix: str, samples: int):
 @torch.no_grad()
 def score(model, batches: list[dict], content_ids: set[int], swap_images: bool = False) -> dict:
     """Teacher-forced argmax accuracy on loss-bearing tokens, overall and on content tokens."""
+    from megasail.training.step import packed_attention
+
     totals = dict(tokens=0, correct=0, content_tokens=0, content_correct=0)
     content = torch.tensor(sorted(content_ids))
     for i, batch in enumerate(batches):
@@ -120,11 +122,13 @@ def score(model, batches: list[dict], content_ids: set[int], swap_images: bool =
             if pixels is None or previous is None or previous.shape != pixels.shape:
                 continue  # only sequences whose tile count matches the previous one's are swapped
             pixels = previous
+        batch, packed_seq_params = packed_attention(batch, model)  # the samples of a row kept apart
         logits = model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             pixel_values=pixels,
             attention_mask=batch.get("attention_mask"),
+            packed_seq_params=packed_seq_params,
         )
         mask = batch["loss_mask"].bool()
         labels = batch["labels"][mask]

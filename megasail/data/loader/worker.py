@@ -102,10 +102,6 @@ def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
     return shared_tensor(shape, torch.float32)
 
 
-def shared_bool(shape: tuple[int, ...]) -> torch.Tensor:
-    return shared_tensor(shape, torch.bool)
-
-
 class MicroBatchBuilder(torch.utils.data.Dataset):
     """Map-style dataset for torch's DataLoader: item = MicroBatchPlan -> BuiltMicroBatch.
 
@@ -247,10 +243,8 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         intact = row.bad_samples == 0
         context_id = self._image_context_id(plan)
         batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
-                               build_attention_mask=self.data.build_attention_mask,
                                pixel_allocator=shared_float32 if in_worker and device == "cpu" else None,
-                               pixel_values=pixels if intact else None,
-                               mask_allocator=shared_bool if in_worker else None)
+                               pixel_values=pixels if intact else None)
         stats = {
             "sequences": len(sequences),
             "samples": sum(len(s.samples) for s in sequences),
