@@ -313,8 +313,9 @@ def throughput_table(
             for num_workers in workers:
                 loader = MultimodalDataLoader(config(num_workers))
                 wall, cpu = time.perf_counter(), time.process_time()
-                batches = [next(loader) for _ in range(micro_batches)]
-                fetched = len(batches)
+                fetched = 0
+                for _ in range(global_batches):  # as the trainer does: a step's micro-batches, used, dropped
+                    fetched += len(loader.next_step())
                 timings[num_workers].append((time.perf_counter() - wall, time.process_time() - cpu))
                 stats = loader.statistics()
                 loader.close()

@@ -20,6 +20,7 @@ from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
 from megasail.data.loader.curriculum import PlannedSequence
 from megasail.data.loader.packing import PackedSequence, collate_packed
+from megasail.data.loader.pixel_pool import PixelBufferPool
 from megasail.data.loader.state import LoaderPosition
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         self.data = data
         self.sources_by_stage = sources_by_stage
         self._datasets: dict[str, IndexedMultimodalDataset] = {}
+        self.pixel_pool = PixelBufferPool()  # in-process batches only: workers decode into shared memory
 
     def __len__(self) -> int:  # plans come from the sampler; the length is never used to index
         return 0
@@ -233,7 +235,7 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         device = decode.output_device(self.data.decode_backend)
         if sum(tiles_of) and device == "cpu":  # DALI mixed (GPU) decodes to the GPU: concatenated there
             shape = (sum(tiles_of), 3, size, size)
-            pixels = shared_float32(shape) if in_worker else torch.empty(shape, dtype=torch.float32)
+            pixels = shared_float32(shape) if in_worker else self.pixel_pool.take(shape)
         sequences, at = [], 0
         for planned, read, n in zip(plan.sequences, reads, tiles_of, strict=True):
             out = pixels[at : at + n] if pixels is not None and n else None
