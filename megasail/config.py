@@ -213,6 +213,10 @@ RETIRED_KEYS = {
         "data-parallel balancing is priced from the run's own model config (model.*), so there is nothing to "
         "choose: remove the key"
     ),
+    "data.build_attention_mask": (
+        "the attention over packed samples is derived from model.transformer_impl (Transformer Engine reads "
+        "cu_seqlens; local layers get the block-causal mask built on the training device): remove the key"
+    ),
 }
 RETIRED_CHOICES = ("error", "ignore")
 
@@ -267,6 +271,8 @@ def _merge(base: DictConfig, other: Any, source: str, schema: Any, path: str | N
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = str(getattr(e, "full_key", "") or "") or str(e)
         where = source + (_line_of(path, key) if path else "")
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{where}: '{key}' is no longer a config key: {RETIRED_KEYS[key]}") from None
         raise ConfigError(f"{where}: unknown config key '{key}'{_closest_hint(key, _all_keys(schema))}") from None
     except ValidationError as e:
         key = str(getattr(e, "full_key", "") or "?")

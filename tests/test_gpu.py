@@ -72,7 +72,7 @@ def _thd_matches_mask(rank, world_size):
     """A packed batch (two samples per row, padding at the end) through TE's THD attention equals the local
     layers with the block-causal mask (the CPU path), per token of every real sample."""
     from megasail.convert.hf_internvl import hf_to_megasail, to_te_layout
-    from megasail.data.loader.packing import block_causal_mask
+    from megasail.models.packed_attention import block_causal_mask
     from megasail.models.sail_vl import SailVLModel
     from megasail.runtime import initialize
     from megasail.training.step import thd_inputs
@@ -90,7 +90,7 @@ def _thd_matches_mask(rank, world_size):
     lengths = [[60, 50, 18], [70, 40, 18]]  # two samples and a padding run per row
     positions = torch.cat([torch.cat([torch.arange(n) for n in row]).unsqueeze(0) for row in lengths])
     cu = torch.tensor([0] + list(torch.tensor([n for row in lengths for n in row]).cumsum(0)), dtype=torch.int32)
-    mask = torch.stack([block_causal_mask(row) for row in lengths]).unsqueeze(1)
+    mask = block_causal_mask(cu, 2, seq)
     batch = {"input_ids": ids, "position_ids": positions, "labels": ids.roll(-1, 1), "loss_mask": torch.ones(ids.shape),
              "pixel_values": pixels, "attention_mask": mask, "cu_seqlens": cu, "num_samples": torch.tensor([2, 2])}
     with torch.no_grad():

@@ -19,7 +19,6 @@ from megasail.data.images import dali
 from megasail.data.images.decode import decode_tiles
 from megasail.data.loader.config import DataConfig, SourceConfig, StageConfig
 from megasail.data.loader.data_loader import MultimodalDataLoader, micro_batch_plans
-from megasail.data.loader.packing import block_causal_mask
 
 IMAGE_IDS = {"img_start": 151665, "img_end": 151666, "img_context": 151667}
 IMAGE_SIZES = [(64, 48), (900, 448), (300, 600)]  # 1, 2+1 and 1x2+1 tiles at max_tiles 2
@@ -110,7 +109,7 @@ def test_batches_equal_the_planned_samples_read_alone(prefixes):
         segments = list(sequence.lengths) + ([config.seq_length - sequence.num_tokens]
                                              if sequence.num_tokens < config.seq_length else [])
         assert batch["cu_seqlens"].tolist() == np.concatenate([[0], np.cumsum(segments)]).tolist()
-        assert torch.equal(batch["attention_mask"][0, 0], block_causal_mask(segments))
+        assert "attention_mask" not in batch  # made from cu_seqlens on the training device
         if pixels:
             assert torch.equal(batch["pixel_values"], torch.cat(pixels))
         else:
@@ -193,26 +192,22 @@ def test_next_step_fetches_one_optimizer_step(prefixes):
         loader.next_step()
 
 
-def _model_parallel_ranks(rank, world_size, prefixes, tp, pp, build_mask):
-    from megasail.data.loader import model_parallel as loader_broadcast
+def _model_parallel_ranks(rank, world_size, prefixes, tp, pp):
     from megasail.data.loader.model_parallel import build_data_loader, stage_fields
     from megasail.runtime import initialize
 
     initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    config = make_config(prefixes, build_attention_mask=build_mask)
-    if not build_mask:  # Transformer Engine path: no rank may build the s x s mask
-        def no_mask(*args):
-            raise AssertionError("attention mask rebuilt with build_attention_mask=false")
-        loader_broadcast.attention_mask_from_cu_seqlens = no_mask
+    config = make_config(prefixes)
     loader = build_data_loader(config)
     reference = MultimodalDataLoader(config)  # what the single reader produces
     assert loader.reads_data == (rank == 0)
     is_first, is_last = pp == 1 or rank == 0, pp == 1 or rank == 1
-    wanted = set(stage_fields(is_first, is_last)) | ({"attention_mask"} if build_mask else set())
+    wanted = set(stage_fields(is_first, is_last))
     assert loader.microbatches_per_step == 4
     for _ in range(2):  # two whole global batches (4 micro-batches each at DP 1), a step at a time
         for got in loader.next_step(4):
             want = next(reference)
+            assert "attention_mask" not in got  # no rank makes the s x s mask: the forward step does
             for key, value in got.items():
                 if key in wanted:
                     assert value is not None and torch.equal(value, want[key]), (rank, key)
@@ -225,9 +220,9 @@ def _model_parallel_ranks(rank, world_size, prefixes, tp, pp, build_mask):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,build_mask", [(2, 1, True), (1, 2, True), (2, 1, False)])
-def test_model_parallel_ranks_get_their_fields_from_one_reader(prefixes, tp, pp, build_mask):
-    run_distributed_test(_model_parallel_ranks, 2, prefixes, tp, pp, build_mask)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_model_parallel_ranks_get_their_fields_from_one_reader(prefixes, tp, pp):
+    run_distributed_test(_model_parallel_ranks, 2, prefixes, tp, pp)
 
 
 TINY_VOCAB_PAD = 255  # pad id inside the tiny model's vocabulary of 256 (250 is its image token)

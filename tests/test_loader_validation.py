@@ -168,7 +168,7 @@ def _model_parallel_validation(rank, world_size, prefixes, tp, pp):
     reference = ValidationReader(config, 1, eval_iters=2)  # what the single reader produces
     assert loader.microbatches_per_step == reference.microbatches_per_step == 4
     is_first, is_last = pp == 1 or rank == 0, pp == 1 or rank == 1
-    wanted = set(stage_fields(is_first, is_last)) | {"attention_mask"}
+    wanted = set(stage_fields(is_first, is_last))
     want = evaluation(reference)
     for _ in range(2):  # two evaluations: the same steps on every rank
         steps = list(loader)

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from megasail.data.format.reader import TokenizedSample
 from megasail.data.loader.packing import (
     PackedSequence,
-    block_causal_mask,
     check_image_tokens,
     collate_packed,
     pack_samples,
     packing_efficiency,
 )
+from megasail.models.packed_attention import block_causal_mask
 
 PAD = 0
 IMG_CONTEXT = 151667
@@ -118,13 +118,15 @@ def test_collation_equals_each_sample_alone(seed, rows):
     batch = collate_packed(sequences, seq_length, PAD, img_context_id=IMG_CONTEXT)
     boundaries = batch["cu_seqlens"].tolist()
     assert boundaries[0] == 0 and boundaries[-1] == rows * seq_length
+    assert "attention_mask" not in batch  # the loader ships cu_seqlens; the mask is made on the device
+    attention_mask = block_causal_mask(batch["cu_seqlens"], rows, seq_length)
     for row, sequence in enumerate(sequences):
         at = 0
         for sample in sequence.samples:
             ref, n = alone(sample), len(sample.input_ids)
             for key in ("input_ids", "labels", "loss_mask", "position_ids"):
                 assert torch.equal(batch[key][row, at : at + n], ref[key]), key
-            block = batch["attention_mask"][row, 0]
+            block = attention_mask[row, 0]
             assert torch.equal(block[at : at + n, at : at + n], ref["masked"])
             assert block[at : at + n, :at].all() and block[at : at + n, at + n :].all()  # sees no other sample
             assert row * seq_length + at in boundaries
@@ -139,7 +141,8 @@ def test_collation_equals_each_sample_alone(seed, rows):
 
 
 def test_packed_attention_equals_each_sample_run_alone():
-    """Scaled dot-product attention over a packed row with the mask == each sample alone, causal."""
+    """Scaled dot-product attention over a packed row with the mask made from its cu_seqlens == each
+    sample alone, causal."""
     rng = np.random.default_rng(0)
     lengths = [5, 9, 3]
     samples = [TokenizedSample(rng.integers(1, 50, n).astype(np.int32), np.ones(n, bool), []) for n in lengths]
@@ -147,7 +150,7 @@ def test_packed_attention_equals_each_sample_run_alone():
     embed = torch.nn.Embedding(60, 8)
     with torch.no_grad():
         x = embed(batch["input_ids"])[:, None]  # [1, 1, s, 8]
-        packed = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=~batch["attention_mask"])
+        packed = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=~block_causal_mask(batch["cu_seqlens"], 1, 20))
         at = 0
         for sample in samples:
             y = embed(torch.tensor(sample.input_ids, dtype=torch.int64))[None, None]
@@ -168,4 +171,4 @@ def test_image_token_count_must_equal_tiles():
 
 def test_block_causal_mask_small_case():
     expected = torch.tensor([[0, 1, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
-    assert torch.equal(block_causal_mask([2, 1]), expected)
+    assert torch.equal(block_causal_mask(torch.tensor([0, 2, 3], dtype=torch.int32), 1, 3)[0, 0], expected)

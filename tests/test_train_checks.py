@@ -58,7 +58,6 @@ def test_unset_token_values_come_from_the_manifest(tmp_path):
             r"vocab_size=256 is smaller than the tokenizer of .*ds \(410 tokens\)",
         ),
         (["model.packed_sequences=false"], r"packed samples would attend to each other"),
-        (["data.build_attention_mask=false"], r"data.build_attention_mask=false but the layers are local"),
         (["parallel.tensor=3"], r"world size 2 is not divisible by parallel.tensor=3"),
         (
             ["data.global_batch_size=3"],

@@ -51,6 +51,7 @@ def _direct_loss(rank, world_size, prefixes, root, out):
     from megasail.training.checks import check_run
     from megasail.training.costs import cost_model
     from megasail.training.model_builder import build_model_chunks
+    from megasail.training.step import packed_attention
 
     cfg = _config(prefixes, root, "dp1", evaluate=True)
     init_process_group()
@@ -63,6 +64,7 @@ def _direct_loss(rank, world_size, prefixes, root, out):
     with torch.no_grad():
         for batches in val:
             for b in batches:
+                b, _ = packed_attention(b, model)  # the block-causal mask from the batch's cu_seqlens
                 losses = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
                                pixel_values=b.get("pixel_values"), attention_mask=b.get("attention_mask"),
                                labels=b["labels"])

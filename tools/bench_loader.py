@@ -166,7 +166,7 @@ def worker_start_table(num_samples: int, repeats: int, workers: int = 2) -> list
             for start in times:  # alternating, so load changes hit both
                 config = DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192,
                                     global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=workers,
-                                    decode_backend="pil", build_attention_mask=False, worker_start=start)
+                                    decode_backend="pil", worker_start=start)
                 loader = MultimodalDataLoader(config)
                 started = time.perf_counter()
                 next(loader)
@@ -205,7 +205,7 @@ def validation_table(num_samples: int, eval_iters: int, repeats: int, settings: 
             config = DataConfig(
                 stages=[StageConfig("bench", [SourceConfig(prefix)], validation_sources=[SourceConfig(prefix)])],
                 seq_length=8192, global_batch_size=2, micro_batch_size=1, max_tiles=6, num_workers=workers,
-                decode_backend="pil", build_attention_mask=False, worker_start=start)
+                decode_backend="pil", worker_start=start)
             kept = ValidationReader(config, 0, eval_iters)
             evaluate(kept)  # the first evaluation starts the workers in both cases
             reuse, rebuild = [], []
@@ -262,8 +262,9 @@ def throughput_table(
 ) -> list[str]:
     """Median over `repeats` alternating runs: decode alone, then the loader at each worker count.
 
-    Wall seconds for all; for the in-process runs (decode alone, workers=0) also process CPU
-    seconds, which a shared machine disturbs less.
+    The loader is read a global batch at a time (`next_step`), each step's batches dropped before
+    the next, as the training loop does. Wall seconds for all; for the in-process runs (decode
+    alone, workers=0) also process CPU seconds, which a shared machine disturbs less.
     """
     from megasail.data.format.reader import IndexedMultimodalDataset
     from megasail.data.images.decode import decode_tiles
@@ -288,7 +289,6 @@ def throughput_table(
                 max_tiles=6,
                 num_workers=num_workers,
                 decode_backend=backend,
-                build_attention_mask=False,
                 pack_chunk_samples=4096,
             )
 
@@ -313,11 +313,13 @@ def throughput_table(
             for num_workers in workers:
                 loader = MultimodalDataLoader(config(num_workers))
                 wall, cpu = time.perf_counter(), time.process_time()
-                batches = [next(loader) for _ in range(micro_batches)]
+                fetched = 0
+                for _ in range(global_batches):  # as the trainer does: a step's micro-batches, used, dropped
+                    fetched += len(loader.next_step())
                 timings[num_workers].append((time.perf_counter() - wall, time.process_time() - cpu))
                 stats = loader.statistics()
                 loader.close()
-                assert stats["samples"] == len(planned) and len(batches) == micro_batches
+                assert stats["samples"] == len(planned) and fetched == micro_batches
         decode_wall, decode_cpu = (float(np.median(x)) for x in zip(*timings["decode"], strict=True))
         rows.append(
             f"| decode_tiles alone | {backend} | 0 | {len(planned)} | {len(images)} | {decode_wall:.2f} "
@@ -411,8 +413,7 @@ def status():
 
 prefix, what = sys.argv[1], sys.argv[2]
 config = DataConfig(stages=[StageConfig("bench", [SourceConfig(prefix)])], seq_length=8192, global_batch_size=8,
-                    micro_batch_size=1, max_tiles=6, num_workers=0, decode_backend="pil",
-                    build_attention_mask=False)
+                    micro_batch_size=1, max_tiles=6, num_workers=0, decode_backend="pil")
 before = status()
 t1 = time.perf_counter()
 out = {"import_s": t1 - t0, "hwm_before_mb": before["VmHWM"]}

@@ -163,14 +163,18 @@ def score(model, batches: list[dict], content_ids: set[int], pixels: list | None
     """Teacher-forced argmax accuracy on loss-bearing tokens, overall and on content tokens.
 
     pixels: per batch, the pixel_values to use instead of the batch's own (the swapped control)."""
+    from megasail.training.step import packed_attention
+
     totals = dict(tokens=0, correct=0, content_tokens=0, content_correct=0)
     content = torch.tensor(sorted(content_ids))
     for i, batch in enumerate(batches):
+        batch, packed_seq_params = packed_attention(batch, model)  # the samples of a row kept apart
         logits = model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values") if pixels is None else pixels[i],
             attention_mask=batch.get("attention_mask"),
+            packed_seq_params=packed_seq_params,
         )
         mask = batch["loss_mask"].bool()
         labels = batch["labels"][mask]

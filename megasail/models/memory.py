@@ -178,7 +178,7 @@ class MemoryLayout:
     recompute: str = "none"
     recompute_num_layers: int = 1
     flash_attention: bool = True  # Transformer Engine's fused attention (no s x s softmax kept)
-    attention_mask: bool = False  # the local spec's [b, 1, s, s] bool mask built by the loader
+    attention_mask: bool = False  # the local spec's [b, 1, s, s] bool mask, built on the device
     device: str = "gpu"  # "gpu" or "cpu" (composite RMSNorm, the whole step's batches in host memory)
 
     @classmethod
@@ -201,7 +201,7 @@ class MemoryLayout:
             recompute=run.train.recompute,
             recompute_num_layers=run.train.recompute_num_layers,
             flash_attention=flash_attention,
-            attention_mask=not flash_attention and d.build_attention_mask,
+            attention_mask=not flash_attention,  # local layers: the forward step builds it from cu_seqlens
             device=device,
         )
 
@@ -493,13 +493,13 @@ def _inputs(model: ModelConfig, layout: MemoryLayout, first: bool, tiles: int, i
     """Bytes of packed micro-batches held: the whole step's on a CPU, the in-flight ones' on a GPU."""
     tokens = layout.micro_batch_size * layout.seq_length
     per_micro_batch = tokens * (3 * 8 + 4)  # ids, labels, positions (int64), loss mask (fp32)
-    if layout.attention_mask:
-        per_micro_batch += tokens * layout.seq_length  # bool [b, 1, s, s]
+    # bool [b, 1, s, s]: built by the forward step from cu_seqlens, so only in-flight micro-batches hold one
+    masks = in_flight * tokens * layout.seq_length if layout.attention_mask else 0
     if layout.device == "cpu":
         if first:
             per_micro_batch += tiles * model.vision.num_channels * model.vision.image_size**2 * 4
-        return layout.micro_batches * per_micro_batch
-    return in_flight * per_micro_batch
+        return layout.micro_batches * per_micro_batch + masks
+    return in_flight * per_micro_batch + masks
 
 
 def largest_stage(stages: list[StageMemory]) -> StageMemory:

@@ -148,13 +148,12 @@ def check_tokenizer(cfg: RunConfig, manifests: dict[str, dict]) -> None:
 
 
 def check_packing(cfg: RunConfig) -> None:
-    """The loader packs several samples per sequence: the layers must keep them apart."""
-    use_te = use_transformer_engine(cfg.model.transformer_impl)
-    if use_te:
-        if cfg.data.build_attention_mask and not _explicit(cfg, "data.build_attention_mask"):
-            cfg.data.build_attention_mask = (
-                False  # TE's THD attention reads cu_seqlens; the s^2 mask is unused
-            )
+    """The loader packs several samples per sequence: the layers must keep them apart.
+
+    Transformer Engine reads the batch's cu_seqlens (THD); local layers take the block-causal mask
+    the forward step builds from cu_seqlens on the device, which needs model.packed_sequences.
+    """
+    if use_transformer_engine(cfg.model.transformer_impl):
         return
     if not cfg.model.packed_sequences:
         if _explicit(cfg, "model.packed_sequences"):
@@ -164,11 +163,6 @@ def check_packing(cfg: RunConfig) -> None:
                 "model.packed_sequences=true (block-causal mask) or use Transformer Engine"
             )
         cfg.model.packed_sequences = True
-    if not cfg.data.build_attention_mask:
-        raise StartupError(
-            "data.build_attention_mask=false but the layers are local (no Transformer Engine): "
-            "without the block-causal mask packed samples would attend to each other"
-        )
 
 
 def check_layout(cfg: RunConfig, world_size: int) -> None:

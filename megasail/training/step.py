@@ -12,6 +12,8 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megasail.models.packed_attention import block_causal_mask
+
 
 def masked_loss_sum(loss_mask_bs: torch.Tensor, losses_bs: torch.Tensor):
     """(sum of per-token losses over loss tokens, number of loss tokens, logs), as megatron's
@@ -68,22 +70,44 @@ def _unwrap(model):
     return model
 
 
+def packed_attention(batch: dict, model) -> tuple[dict, PackedSeqParams | None]:
+    """A packed batch's attention in the form the model's layers take, from ``batch["cu_seqlens"]``.
+
+    Transformer Engine layers: the batch flattened to THD with ``PackedSeqParams`` (no mask).
+    Local layers with ``packed_sequences``: ``attention_mask`` bool [b, 1, s, s] (True = masked
+    out), made on the batch's device (call after ``batch_to_device``). Anything else, or a batch
+    without ``cu_seqlens`` (one sample per row) or that brings its own mask: unchanged, no params.
+    """
+    net = _unwrap(model)
+    if batch.get("cu_seqlens") is None:
+        return batch, None
+    if getattr(net, "use_te", False):
+        return thd_inputs(batch)
+    if getattr(net, "packed_sequences", False) and batch.get("attention_mask") is None:
+        b, s = batch["position_ids"].shape  # every pipeline stage holds position_ids
+        batch = {**batch, "attention_mask": block_causal_mask(batch["cu_seqlens"], b, s)}
+    return batch, None
+
+
 def forward_step(data_iterator, model):
     """Forward step for ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
 
     Each item of ``data_iterator`` is a dict with ``input_ids``, ``position_ids``, ``labels``,
     ``loss_mask`` ([b, s]), ``pixel_values`` ([tiles, 3, H, W] or None), and for packed samples
-    ``attention_mask`` (bool [b, 1, s, s], True = masked; local layers) and ``cu_seqlens``
-    (Transformer Engine layers take THD packed-sequence params from it instead of the mask).
+    ``cu_seqlens`` (int32 segment offsets over the flattened [b * s] stream): Transformer Engine
+    layers take THD packed-sequence params from it, local layers the block-causal mask built from
+    it on the training device (``packed_attention``).
     """
     batch = next(data_iterator)
     packed_seq_params = None
-    if getattr(_unwrap(model), "use_te", False) and batch.get("cu_seqlens") is not None:
-        batch, packed_seq_params = thd_inputs(batch)
+    if getattr(_unwrap(model), "use_te", False):
+        batch, packed_seq_params = packed_attention(batch, model)  # THD needs one host sync: before the copy
     batch = batch_to_device(batch)
     if packed_seq_params is not None:
         packed_seq_params = batch_to_device(vars(packed_seq_params))
         packed_seq_params = PackedSeqParams(**packed_seq_params)
+    else:
+        batch, _ = packed_attention(batch, model)  # local layers: the mask is made on the device
     losses_bs = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],

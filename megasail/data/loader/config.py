@@ -131,10 +131,6 @@ class DataConfig:
     replacement_tries: int = doc(
         "samples after a bad one (same source) tried as its replacement before the space becomes padding", 32
     )
-    build_attention_mask: bool = doc(
-        "build the bool [b,1,s,s] block-causal mask (local attention); false with Transformer Engine THD (cu_seqlens)",
-        True,
-    )
     worker_start: str = doc(
         "how loader workers start: auto (spawn where a GPU decodes, so each worker owns a DALI GPU pipeline; "
         "else fork), fork, spawn or forkserver",

@@ -3,9 +3,9 @@
 Only the first pipeline stage's tensor-parallel rank 0 of each data-parallel replica reads and
 decodes (a `MultimodalDataLoader`). It sends the token-side fields (no pixels, no input_ids) to
 the later stages' TP rank 0 over the pipeline group, and each stage's TP rank 0 sends its stage's
-fields over its TP group. With `build_attention_mask` set, receivers rebuild the attention mask
-from cu_seqlens (it is s^2 bytes per row, so it never goes over the wire); without it (Transformer
-Engine THD reads cu_seqlens) no rank builds one and the mask is None.
+fields over its TP group. No rank makes an attention mask: every stage gets cu_seqlens, from which
+the forward step builds the block-causal mask on the training device where the layers need one
+(`megasail.training.step.packed_attention`; Transformer Engine THD reads cu_seqlens itself).
 
 Fetching is a collective over the pipeline and tensor-parallel groups, so it must happen outside
 megatron's pipeline schedule: call `loader.next_step(num_microbatches)` once per optimizer step,
@@ -22,10 +22,10 @@ loader's broadcast over the pipeline group, a deadlock; the interleaved schedule
 next() once per (chunk, micro-batch) in an order that differs between ranks.
 
 Fields per pipeline stage (others are None):
-    first: input_ids, position_ids, pixel_values, attention_mask, cu_seqlens, num_samples
-    middle: position_ids, attention_mask, cu_seqlens, num_samples
-    last: labels, loss_mask, position_ids, attention_mask, cu_seqlens, num_samples
-    (a single stage is both first and last; attention_mask is None with build_attention_mask false)
+    first: input_ids, position_ids, pixel_values, cu_seqlens, num_samples
+    middle: position_ids, cu_seqlens, num_samples
+    last: labels, loss_mask, position_ids, cu_seqlens, num_samples
+    (a single stage is both first and last)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import torch.distributed as dist
 
 from megasail.data.loader.config import DataConfig, StageConfig
 from megasail.data.loader.data_loader import MultimodalDataLoader, fetch_step
-from megasail.data.loader.packing import block_causal_mask
 from megasail.data.loader.state import LoaderPosition, position_from_state, position_state
 
 ALL_STAGES = ("position_ids", "cu_seqlens", "num_samples")
@@ -44,7 +43,7 @@ LAST_STAGE = ("labels", "loss_mask")
 
 
 def stage_fields(is_first: bool, is_last: bool) -> tuple[str, ...]:
-    """Batch keys a pipeline stage receives (attention_mask is rebuilt, not sent)."""
+    """Batch keys a pipeline stage receives."""
     return ALL_STAGES + (FIRST_STAGE if is_first else ()) + (LAST_STAGE if is_last else ())
 
 
@@ -69,17 +68,6 @@ def broadcast_tensors(batch: dict | None, keys: tuple[str, ...], extra, src: int
         dist.broadcast(tensor, src=src, group=group)
         out[key] = tensor
     return out, extra
-
-
-def attention_mask_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> torch.Tensor:
-    """bool [b, 1, s, s] block-causal mask (True = masked out) from flattened segment offsets."""
-    bounds = cu_seqlens.tolist()
-    rows = []
-    for row in range(batch_size):
-        lo, hi = row * seq_length, (row + 1) * seq_length
-        inner = [b for b in bounds if lo <= b <= hi]
-        rows.append(block_causal_mask([b - a for a, b in zip(inner[:-1], inner[1:], strict=True)]))
-    return torch.stack(rows)[:, None]
 
 
 class ModelParallelDataLoader:
@@ -149,14 +137,13 @@ class ModelParallelDataLoader:
         return self._fetch()
 
     def _fetch(self) -> dict:
-        batch, meta, local_mask = None, None, None
+        batch, meta = None, None
         if self.reader is not None:
             try:
                 batch = next(self.reader)
                 mid = self.reader.mid_global_batch
                 # statistics travel once per global batch, so every rank (the logging one too) has them
                 meta = (self.reader.position, mid, None if mid else self.reader.statistics())
-                local_mask = batch["attention_mask"]  # None without build_attention_mask
             except StopIteration:
                 meta = None
         keys = ALL_STAGES + LAST_STAGE
@@ -172,12 +159,7 @@ class ModelParallelDataLoader:
         self._position, self._mid_global_batch, statistics = meta
         if statistics is not None:
             self._statistics = statistics
-        out = {key: batch.get(key) if key in mine else None for key in ALL_STAGES + FIRST_STAGE + LAST_STAGE}
-        out["attention_mask"] = None  # Transformer Engine THD reads cu_seqlens: no [b,1,s,s] mask at all
-        if self.config.build_attention_mask:
-            out["attention_mask"] = local_mask if local_mask is not None else attention_mask_from_cu_seqlens(
-                out["cu_seqlens"], out["position_ids"].shape[0], self.config.seq_length)
-        return out
+        return {key: batch.get(key) if key in mine else None for key in ALL_STAGES + FIRST_STAGE + LAST_STAGE}
 
     @property
     def position(self) -> LoaderPosition:

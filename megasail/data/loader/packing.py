@@ -7,7 +7,7 @@ row, in order) -> batch dict (`collate_packed`):
     batch = collate_packed([PackedSequence(samples_of_row) for ...], seq_length=8192, pad_token_id=0)
 
 The batch follows `megasail.training.step.forward_step`: every sample of a row keeps its own
-positions, labels and causal attention, exactly as if it were run alone.
+positions, labels and causal attention (from `cu_seqlens`), exactly as if it were run alone.
 """
 
 from __future__ import annotations
@@ -99,31 +99,13 @@ def sample_segments(sequence: PackedSequence, seq_length: int) -> list[int]:
     return lengths + ([seq_length - used] if used < seq_length else [])
 
 
-def block_causal_mask(segment_lengths: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-    """bool [s, s], True = masked out: token t sees tokens of its own segment up to itself.
-
-    Written into `out` (bool [s, s], e.g. one row of a batch's mask) when given.
-    """
-    # One [s, s] fill, then each diagonal block opened in place (6x faster than comparing segment
-    # ids over the whole [s, s]: 64 MiB per 8192-token row, built for every micro-batch).
-    s = sum(segment_lengths)
-    mask = (out if out is not None else torch.empty((s, s), dtype=torch.bool)).fill_(True)
-    start = 0
-    for n in segment_lengths:
-        mask[start : start + n, start : start + n].triu_(1)
-        start += n
-    return mask
-
-
 def collate_packed(
     sequences: Sequence[PackedSequence],
     seq_length: int,
     pad_token_id: int,
     img_context_id: int | None = None,
-    build_attention_mask: bool = True,
     pixel_allocator: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
     pixel_values: torch.Tensor | None = None,
-    mask_allocator: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Rows of packed samples -> the batch dict of `forward_step` (b = len(sequences), s = seq_length).
 
@@ -133,16 +115,16 @@ def collate_packed(
         labels int64 [b, s]: labels[t] = input_ids[t + 1] inside a sample; pad_token_id at a
             sample's last position and on padding.
         loss_mask float32 [b, s]: 1 where the label is a trained (TARGET) token of the same sample.
-        attention_mask bool [b, 1, s, s] or None: block-diagonal causal, True = masked out; the
-            padding is its own causal block so no row is fully masked.
         cu_seqlens int32 [segments + 1]: offsets of every segment (samples and padding of each row)
-            in the flattened [b * s] token stream, for Transformer Engine's THD PackedSeqParams.
+            in the flattened [b * s] token stream: Transformer Engine's THD PackedSeqParams take it,
+            and the local layers' block-causal mask is built from it on the training device
+            (`megasail.models.packed_attention`; the padding is its own causal block). No [b, 1, s, s]
+            mask is made here: it would be 64 MiB per 8192-token row.
         pixel_values float32 [tiles, 3, H, W] in order of appearance (row 0 first), or None.
         num_samples int64 [b]: samples in each row (padding excluded).
 
     pixel_allocator(shape) gives the float32 tensor the tiles are concatenated into (a DataLoader
-    worker passes shared memory, so handing the batch to the main process copies no pixels);
-    mask_allocator(shape) likewise gives the bool attention mask, each row built in place.
+    worker passes shared memory, so handing the batch to the main process copies no pixels).
     pixel_values, when given, already holds every row's tiles in order (the loader decodes straight
     into one tensor, `decode.decode_tiles(out=...)`): it is returned as is, nothing is concatenated,
     and `sequence.pixels` (views of it, or empty) only serve the per-row tile count checks.
@@ -152,10 +134,6 @@ def collate_packed(
     labels = torch.full((b, seq_length), pad_token_id, dtype=torch.int64)
     loss_mask = torch.zeros((b, seq_length), dtype=torch.float32)
     position_ids = torch.zeros((b, seq_length), dtype=torch.int64)
-    attention_mask = None
-    if build_attention_mask and b:
-        shape = (b, 1, seq_length, seq_length)
-        attention_mask = mask_allocator(shape) if mask_allocator else torch.empty(shape, dtype=torch.bool)
     boundaries, pixels = [0], []
     for row, sequence in enumerate(sequences):
         segments = sample_segments(sequence, seq_length)
@@ -174,8 +152,6 @@ def collate_packed(
             position_ids[row, start : start + length] = torch.arange(length)
             start += length
             boundaries.append(row * seq_length + start)
-        if attention_mask is not None:
-            block_causal_mask(segments, out=attention_mask[row, 0])
         expected_tiles = sequence.num_tiles
         got_tiles = sum(int(p.shape[0]) for p in sequence.pixels)
         if sequence.pixels and got_tiles != expected_tiles:
@@ -192,7 +168,6 @@ def collate_packed(
         "position_ids": position_ids,
         "labels": labels,
         "loss_mask": loss_mask,
-        "attention_mask": attention_mask,
         "cu_seqlens": torch.tensor(boundaries, dtype=torch.int32),
         "pixel_values": pixel_values,
         "num_samples": torch.tensor([len(s.samples) for s in sequences], dtype=torch.int64),

@@ -21,6 +21,7 @@ from megasail.data.images import decode
 from megasail.data.loader.config import DataConfig
 from megasail.data.loader.curriculum import PlannedSequence
 from megasail.data.loader.packing import PackedSequence, collate_packed
+from megasail.data.loader.pixel_pool import PixelBufferPool
 from megasail.data.loader.state import LoaderPosition
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,6 @@ def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
     return shared_tensor(shape, torch.float32)
 
 
-def shared_bool(shape: tuple[int, ...]) -> torch.Tensor:
-    return shared_tensor(shape, torch.bool)
-
-
 class MicroBatchBuilder(torch.utils.data.Dataset):
     """Map-style dataset for torch's DataLoader: item = MicroBatchPlan -> BuiltMicroBatch.
 
@@ -118,6 +115,7 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         self.data = data
         self.sources_by_stage = sources_by_stage
         self._datasets: dict[str, IndexedMultimodalDataset] = {}
+        self.pixel_pool = PixelBufferPool()  # in-process batches only: workers decode into shared memory
 
     def __len__(self) -> int:  # plans come from the sampler; the length is never used to index
         return 0
@@ -238,7 +236,7 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         device = decode.output_device(self.data.decode_backend)
         if sum(tiles_of) and device == "cpu":  # DALI mixed (GPU) decodes to the GPU: concatenated there
             shape = (sum(tiles_of), 3, size, size)
-            pixels = shared_float32(shape) if in_worker else torch.empty(shape, dtype=torch.float32)
+            pixels = shared_float32(shape) if in_worker else self.pixel_pool.take(shape)
         sequences, at = [], 0
         for planned, read, n in zip(plan.sequences, reads, tiles_of, strict=True):
             out = pixels[at : at + n] if pixels is not None and n else None
@@ -248,10 +246,8 @@ class MicroBatchBuilder(torch.utils.data.Dataset):
         intact = row.bad_samples == 0
         context_id = self._image_context_id(plan)
         batch = collate_packed(sequences, self.data.seq_length, self.data.pad_token_id, img_context_id=context_id,
-                               build_attention_mask=self.data.build_attention_mask,
                                pixel_allocator=shared_float32 if in_worker and device == "cpu" else None,
-                               pixel_values=pixels if intact else None,
-                               mask_allocator=shared_bool if in_worker else None)
+                               pixel_values=pixels if intact else None)
         stats = {
             "sequences": len(sequences),
             "samples": sum(len(s.samples) for s in sequences),
