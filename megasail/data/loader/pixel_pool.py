@@ -41,6 +41,10 @@ class PixelBufferPool:
         users = _storage_users(buffer)
         return users is not None and users == idle
 
+    def release(self) -> None:
+        """Forget every kept buffer: its memory returns once no batch uses it (to measure a run's state)."""
+        self._buffers = []
+
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         numel = 1
         for n in shape:
