@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    help="processes (GPUs) per probe's training and evaluation; >1 launches torchrun")  # fmt: skip
     p.add_argument("--save-interval", type=int, default=50,
                    help="checkpoint.interval of the probes in steps (what a killed probe resumes from)")  # fmt: skip
+    p.add_argument("--eval-saves", action="store_true",
+                   help="evaluate every save of a probe, not only the last (points for tools/fit_scaling.py --runs)")  # fmt: skip
     p.add_argument("--eval-args", default="",
                    help="more tools/evaluate.py flags, one string: --eval-args='--max-new-tokens 8'")  # fmt: skip
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of each interval")
@@ -95,7 +97,7 @@ def settings_from_args(args):
         mix=args.mix, tolerance=args.tolerance, seed=args.seed,
         trainable=[m.strip() for m in args.trainable.split(",") if m.strip()], overrides=list(args.overrides),
         eval_args=shlex.split(args.eval_args), nproc_per_node=args.nproc_per_node,
-        save_interval=args.save_interval, resamples=args.resamples, python=sys.executable,
+        save_interval=args.save_interval, eval_saves=args.eval_saves, resamples=args.resamples, python=sys.executable,
     )  # fmt: skip
 
 
@@ -106,6 +108,7 @@ def local_argv(s) -> list[str]:
             "--mode", s.mode, "--out", s.out, "--mix", repr(s.mix), "--tolerance", repr(s.tolerance),
             "--seed", str(s.seed), "--trainable", ",".join(s.trainable), "--nproc-per-node", str(s.nproc_per_node),
             "--save-interval", str(s.save_interval), "--resamples", str(s.resamples), "--no-progress"]  # fmt: skip
+    argv += ["--eval-saves"] if s.eval_saves else []
     argv += [a for b in s.benchmarks for a in ("--benchmark", b)]
     if s.base_mixture:
         argv += ["--base-mixture", s.base_mixture]

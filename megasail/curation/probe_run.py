@@ -7,7 +7,8 @@ OUT/NAME/ holds
     ckpt/                 checkpoint.save = checkpoint.load: a killed probe resumes from its last save
     metrics.jsonl         logging.dir = OUT/NAME (what tools/fit_scaling.py --runs reads), config.yaml
     train.log, eval.log   the two commands' output
-    eval/iter_NNNNNNN/    tools/evaluate.py's output for that checkpoint step (predictions, scores.json)
+    eval/iter_NNNNNNN/    tools/evaluate.py's output for that checkpoint step (predictions, scores.json); with
+                          eval_saves every kept save is evaluated, points for tools/fit_scaling.py --runs
     scores.json           a link to eval/iter_NNNNNNN/scores.json, made last: the probe is finished
 
 A rerun skips finished probes, resumes a probe whose training was cut (its checkpoint), and continues an
@@ -34,6 +35,7 @@ EVAL_DIR = "eval"
 SCORES = "scores.json"
 TRAIN_LOG = "train.log"
 EVAL_LOG = "eval.log"
+KEEP_ALL = 1_000_000  # checkpoint.keep_last when every save is evaluated
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STEP_LINE = re.compile(r"^step\s+(\d+) \| \S+\s+([\d.]+%)")
 
@@ -156,6 +158,13 @@ def checkpoint_state(root: str) -> tuple[str | None, bool]:
     return step, bool(position.get("finished"))
 
 
+def published_steps(root: str) -> list[str]:
+    """The step dirs under a checkpoint root, oldest first."""
+    from megasail.training.checkpoint import _published_steps  # the reader's own listing of complete saves
+
+    return [path for _, path in _published_steps(root)]
+
+
 def _launch(settings, script: str) -> list[str]:
     if settings.nproc_per_node > 1:
         return [settings.python, "-m", "torch.distributed.run", "--standalone",
@@ -172,6 +181,7 @@ def train_command(settings, directory: str) -> list[str]:
         f"seed={settings.seed}", f"data.seed={settings.seed}", "train.iters=null",
         f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", f"checkpoint.interval={settings.save_interval}",
         f"logging.dir={directory}",
+        *([f"checkpoint.keep_last={KEEP_ALL}"] if settings.eval_saves else []),
     ]  # fmt: skip
 
 
@@ -266,6 +276,11 @@ def run_probe(probe: Probe, settings, directory: str, say=print, on_step=None) -
                     f"probe {probe.name!r}: training exited without spending its budget (latest checkpoint "
                     f"{step}); see {log}"
                 )
+        if settings.eval_saves:  # the earlier saves first: a curve of score against samples seen
+            for earlier in published_steps(ckpt):
+                if earlier != step:
+                    say(f"[probes] {probe.name}: evaluating {os.path.basename(earlier)}")
+                    evaluate_step(settings, directory, earlier, say)
         say(f"[probes] {probe.name}: evaluating {os.path.basename(step)}")
     eval_dir = evaluate_step(settings, directory, step, say)
     _link_scores(directory, eval_dir)

@@ -54,6 +54,7 @@ class ProbeSettings:
     eval_args: list[str] = dataclasses.field(default_factory=list)
     nproc_per_node: int = 1
     save_interval: int = 50
+    eval_saves: bool = False
     resamples: int = 1000
     python: str = "python"
 
