@@ -47,10 +47,30 @@ def _args(root, mode, *extra, budget=40):
             "--out", str(root / "probes"), "--resamples", "200", "--no-progress", *extra]  # fmt: skip
 
 
-def _settings(root, mode, **kw):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import probe_sources
+def _tool():
+    """tools/probe_sources.py as a module (run in-process: a subprocess pays torch's import each time)."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("probe_sources_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Run:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _main(argv, capsys) -> _Run:
+    capsys.readouterr()
+    code = _tool().main(argv)
+    captured = capsys.readouterr()
+    return _Run(code, captured.out, captured.err)
+
+
+def _settings(root, mode, **kw):
+    probe_sources = _tool()
     args = probe_sources.parse_args(_args(root, mode))
     settings = probe_sources.settings_from_args(args)
     for k, v in kw.items():
@@ -72,26 +92,24 @@ def plant(settings, probe, right: int, step: int = 12) -> None:
     os.symlink(os.path.join("eval", f"iter_{step:07d}", "scores.json"), os.path.join(directory, "scores.json"))
 
 
-def _collect(root, mode, *extra, check=True):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, TOOL, *_args(root, mode, "--collect", *extra)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)  # fmt: skip
+def _collect(capsys, root, mode, *extra, check=True):
+    proc = _main(_args(root, mode, "--collect", *extra), capsys)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 
-def test_incremental_keeps_what_holds_the_average_and_writes_the_kept_stage(setup):
+def test_incremental_keeps_what_holds_the_average_and_writes_the_kept_stage(setup, capsys):
     """a raises the average (kept), b lowers it (dropped: c is then probed without b), c holds it within
-    the tolerance (kept); the stage file holds base + a + c. Fault caught: a kept b (the comparison's sign
-    flipped) changes the chain (c's probe would include b) and the decisions; a tolerance ignored drops c."""
+    the tolerance (kept); the stage file holds base + a + c. Fault caught: the tolerance ignored (kept only
+    when the average does not fall) drops c."""
     s = _settings(setup, "incremental")
     plant(s, probes_mod.baseline_probe(s), right=20)
     plant(s, probes_mod.incremental_probe(s, 1, [], "a"), right=30)
     plant(s, probes_mod.incremental_probe(s, 2, ["a"], "b"), right=10)
     plant(s, probes_mod.incremental_probe(s, 3, ["a"], "c"), right=29)  # 2.5 points below base + a
     stage = setup / "stage.yaml"
-    _collect(setup, "incremental", "--tolerance", "3", "--write-stage", str(stage))
+    _collect(capsys, setup, "incremental", "--tolerance", "3", "--write-stage", str(stage))
     summary = json.loads((setup / "probes" / "summary.json").read_text())
     assert [(d["candidate"], d["decision"]) for d in summary["decisions"]] == [
         ("a", "kept"), ("b", "dropped"), ("c", "kept")]  # fmt: skip
@@ -105,22 +123,22 @@ def test_incremental_keeps_what_holds_the_average_and_writes_the_kept_stage(setu
     assert owners == ["a", "base", "c"]
     assert sum(x["weight"] for x in written["sources"]) == pytest.approx(1.0)
     # without the tolerance c's 2.5-point loss drops it
-    _collect(setup, "incremental", "--tolerance", "0")
+    _collect(capsys, setup, "incremental", "--tolerance", "0")
     summary = json.loads((setup / "probes" / "summary.json").read_text())
     assert summary["kept"] == ["a"] and summary["dropped"] == ["b", "c"]
 
 
-def test_quality_ranks_and_pairs_the_gain_interval(setup):
+def test_quality_ranks_and_pairs_the_gain_interval(setup, capsys):
     """Ranks follow the averages; a probe answering exactly as the baseline has gain 0 with interval [0, 0];
-    a better one's interval lies above 0. Fault caught: an unpaired bootstrap (different draws for the two
-    probes) gives the identical probe a non-zero interval."""
+    a better one's interval lies above 0, a worse one's below. Fault caught: the gain taken as baseline minus
+    probe puts b's interval below 0."""
     s = _settings(setup, "quality")
     plant(s, probes_mod.baseline_probe(s), right=20)
     a, b, c = probes_mod.quality_probes(s)
     plant(s, a, right=20)
     plant(s, b, right=36)
     plant(s, c, right=8)
-    out = _collect(setup, "quality").stdout
+    out = _collect(capsys, setup, "quality").stdout
     summary = json.loads((setup / "probes" / "summary.json").read_text())
     by_name = {p["name"]: p for p in summary["probes"]}
     assert [by_name[n]["rank"] for n in ("b", "a", "c")] == [1, 2, 3]
@@ -130,7 +148,7 @@ def test_quality_ranks_and_pairs_the_gain_interval(setup):
     assert "| c | base 0.50 + c 0.50 | 20.00 | 20.00 | -30.00 [" in out
 
 
-def test_halving_reports_each_half_worth(setup):
+def test_halving_reports_each_half_worth(setup, capsys):
     """c has two sources: a probe without each; a half's worth is 'all' minus the probe without it.
     Fault caught: the difference taken the other way round reports the harmful half as worth points."""
     s = _settings(setup, "halving")
@@ -140,42 +158,40 @@ def test_halving_reports_each_half_worth(setup):
     assert str(setup / "c1") not in without1 and str(setup / "c2") in without1
     for probe, right in zip(plan, (20, 30, 32, 22), strict=True):
         plant(s, probe, right=right)
-    _collect(setup, "halving")
+    _collect(capsys, setup, "halving")
     summary = json.loads((setup / "probes" / "summary.json").read_text())
     worth = {h["half"]: h["worth"] for h in summary["halves"]}
     assert worth == {1: pytest.approx(-5.0), 2: pytest.approx(20.0)}
 
 
-def test_a_changed_setting_is_refused_and_collect_leaves_pending_probes(setup):
+def test_a_changed_setting_is_refused_and_collect_leaves_pending_probes(setup, capsys):
     """Rerunning into the same --out with another budget is refused naming the key; collect lists the
     probes that have not finished as pending. Fault caught: without the spec check a finished probe of
     another budget would be reported as this one's."""
     s = _settings(setup, "quality")
     plant(s, probes_mod.baseline_probe(s), right=20)
     plant(s, probes_mod.quality_probes(s)[0], right=24)
-    out = _collect(setup, "quality").stdout
+    out = _collect(capsys, setup, "quality").stdout
     assert "| b | base 0.50 + b 0.50 |  | pending |" in out
-    proc = subprocess.run([sys.executable, TOOL, *_args(setup, "quality", "--collect", budget=80)],
-                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))  # fmt: skip
+    proc = _main(_args(setup, "quality", "--collect", budget=80), capsys)
     assert proc.returncode == 2 and "budget_samples differ" in proc.stderr, proc.stderr
 
 
-def test_bad_candidates_file_names_the_entry(setup):
-    """A source without a dataset is refused before anything runs, naming file, candidate and prefix."""
+def test_bad_candidates_file_names_the_entry(setup, capsys):
+    """A source without a dataset is refused before anything runs, naming file, candidate and prefix.
+    Fault caught: without the manifest check the tool goes on and reports a pending table (exit 0)."""
     (setup / "candidates.yaml").write_text(f"a: {{prefix: {setup}/nowhere}}\n")
-    proc = _collect(setup, "quality", check=False)
+    proc = _collect(capsys, setup, "quality", check=False)
     assert proc.returncode == 2
     assert "candidates.yaml: candidate 'a' source 0: no dataset at" in proc.stderr and "nowhere" in proc.stderr
 
 
-def test_slurm_array_script_runs_one_probe_per_task(setup, tmp_path):
+def test_slurm_array_script_runs_one_probe_per_task(setup, capsys):
     """--launcher slurm writes an array of the planned probes, task k running probe k with --only; the script
-    is valid bash and each task's command names its probe. Fault caught: an off-by-one array range (one
-    probe never runs) and a task index not mapped to its probe."""
+    is valid bash and each task's command names its probe. Fault caught: an array range one too long (a task
+    with no probe)."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, TOOL, *_args(setup, "quality", "--launcher", "slurm",
-                                                        "--sbatch-arg=--time=1:00:00")],
-                          capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
+    proc = _main(_args(setup, "quality", "--launcher", "slurm", "--sbatch-arg=--time=1:00:00"), capsys)
     assert proc.returncode == 0, proc.stderr
     script = setup / "probes" / "probes.sbatch"
     text = script.read_text()
@@ -188,7 +204,6 @@ def test_slurm_array_script_runs_one_probe_per_task(setup, tmp_path):
                              env=dict(env, SLURM_ARRAY_TASK_ID=str(task)))  # fmt: skip
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.split()[-2:] == ["--only", name]
-    proc = subprocess.run([sys.executable, TOOL, *_args(setup, "incremental", "--launcher", "slurm")],
-                          capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
+    assert _main(_args(setup, "incremental", "--launcher", "slurm"), capsys).returncode == 0
     text = script.read_text()
     assert "--array" not in text and "--only" not in text and "--mode incremental" in text
