@@ -67,7 +67,7 @@ if [ -z "$init" ] && [ -z "$candidates" ] && [ ${#benchmarks[@]} -eq 0 ]; then
       optim.lr=5e-3 optim.min_lr=2e-3 checkpoint.save="$init" checkpoint.load="$init" logging.dir="$init" \
       > "$out/base_checkpoint.log" 2>&1 || { tail -20 "$out/base_checkpoint.log"; exit 1; }
   fi
-  settings+=(optim.lr=3e-3 optim.min_lr=1e-3)
+  settings+=(optim.lr=1e-3 optim.min_lr=5e-4)  # fine-tuning a trained checkpoint: small steps, less order noise
   echo "[curate] 3/3 probing the candidates in order (tools/probe_sources.py --mode incremental)"
 elif [ -z "$init" ] || [ -z "$candidates" ] || [ ${#benchmarks[@]} -eq 0 ]; then
   echo "curate_sft.sh: give --init, --candidates and --benchmark together (or none of them for the demo)" >&2
