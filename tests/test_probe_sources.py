@@ -207,3 +207,24 @@ def test_slurm_array_script_runs_one_probe_per_task(setup, capsys):
     assert _main(_args(setup, "incremental", "--launcher", "slurm"), capsys).returncode == 0
     text = script.read_text()
     assert "--array" not in text and "--only" not in text and "--mode incremental" in text
+
+
+def test_rerun_trains_nothing_when_every_probe_finished(setup, capsys):
+    """A rerun (not --collect) of a finished quality run starts no training or evaluation and leaves every
+    file as it was. Fault caught: the finished-probe skip removed (the rerun launches pretrain_vlm.py on the
+    dummy sources and fails)."""
+    s = _settings(setup, "quality")
+    plant(s, probes_mod.baseline_probe(s), right=20)
+    for probe, right in zip(probes_mod.quality_probes(s), (24, 16, 20), strict=True):
+        plant(s, probe, right=right)
+
+    def files():
+        root = setup / "probes"
+        return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in root.rglob("*")
+                if p.name != "summary.json"}  # fmt: skip
+
+    before = files()
+    proc = _main(_args(setup, "quality"), capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert files() == before
+    assert "training" not in proc.stdout and "evaluating" not in proc.stdout
