@@ -50,9 +50,10 @@ def test_curate_demo_drops_the_corrupted_source_and_quality_resumes_after_a_kill
     the printed command trains it. quality mode on the same directory: corrupted ranks last, the duplicate's
     gain interval holds 0; the probes incremental already finished are reused, not retrained (their files'
     mtimes unchanged); the duplicate probe, killed (SIGKILL to the whole process group) after its first
-    save, resumes from that save on rerun (its metrics.jsonl holds step 1 once).
+    save, resumes from that save on rerun (the save's files untouched, the budget finished).
     Fault caught: a killed probe restarted from --init (checkpoint.load dropped from the probe's command,
-    overwrite on: step 1 logged twice). The finished-probe skip's fault is caught in test_probe_sources.py.
+    overwrite on: the first save is written again; a check of metrics.jsonl's steps alone missed it:
+    each step logged once). The finished-probe skip's fault is caught in test_probe_sources.py.
     Measured on 2 shared cores: about 5.5 min when the machine is quiet, 11 min under heavy load."""
     out = tmp_path / "curate"
     proc = subprocess.run(["bash", "examples/curate_sft.sh", "--out", str(out)], cwd=REPO, env=_env(),
@@ -90,13 +91,16 @@ def test_curate_demo_drops_the_corrupted_source_and_quality_resumes_after_a_kill
     killed.wait()
     saved = int(marker.read_text())
     assert not (probes / "duplicate" / "scores.json").exists()
+    first_save = probes / "duplicate" / "ckpt" / f"iter_{saved:07d}"
+    first_save_files = _mtimes(first_save)  # a resumed run loads it; a run started over would write it again
 
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, before in finished.items():
         assert _mtimes(probes / name) == before, f"{name} was touched by the rerun"
-    steps = _steps(probes / "duplicate" / "metrics.jsonl")  # a resumed run appends from its saved step on
-    assert saved >= 4 and steps.count(1) == 1 and set(range(1, 13)) <= set(steps) and steps[-1] == 12, steps
+    assert saved >= 4 and first_save_files and _mtimes(first_save) == first_save_files
+    steps = _steps(probes / "duplicate" / "metrics.jsonl")
+    assert set(range(1, 13)) <= set(steps) and steps[-1] == 12, steps
 
     summary = json.loads((probes / "summary.json").read_text())
     by_name = {p["name"]: p for p in summary["probes"]}
