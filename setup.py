@@ -48,6 +48,7 @@ extras["dev"] = sorted(
         + extras["curation"]
         + [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # tests/run.sh runs the suite on 2 workers
             "hypothesis>=6.100",
             "ruff>=0.5",
             "scikit-image>=0.22",  # real photographs and a document scan for decode tests
