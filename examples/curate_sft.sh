@@ -61,7 +61,7 @@ if [ -z "$init" ] && [ -z "$candidates" ] && [ ${#benchmarks[@]} -eq 0 ]; then
   init="$out/base_checkpoint" candidates="$data/candidates.yaml" base_mixture="$data/base.yaml"
   benchmarks=(--benchmark "$data/benchmark/colours.jsonl")
   budget="${budget:-48}"
-  if ! "$python" -c "import sys; from megasail.training.checkpoint import latest_checkpoint as l; sys.exit(not l(sys.argv[1]))" "$init" 2>/dev/null; then
+  if ! "$python" -c "import sys; from megasail.checkpoint import latest_checkpoint as l; sys.exit(not l(sys.argv[1]))" "$init" 2>/dev/null; then
     echo "[curate] 2/3 base checkpoint: 40 steps on the base source -> $init"
     "$python" pretrain_vlm.py --config "$config" data.path="$data/sources/base" train.iters=40 "${settings[@]}" \
       optim.lr=5e-3 optim.min_lr=2e-3 checkpoint.save="$init" checkpoint.load="$init" logging.dir="$init" \

@@ -253,18 +253,7 @@ def make_plan(
         gpu_memory_gib = memory.GPU_MEMORY_GIB.get(gpu)
     p, d = run.parallel, run.data
     gpus = nodes * gpus_per_node
-    model_parallel = p.tensor * p.pipeline * p.context
-    if gpus % model_parallel:
-        raise ValueError(
-            f"{gpus} GPUs ({nodes} nodes x {gpus_per_node}) do not divide into tensor {p.tensor} x "
-            f"pipeline {p.pipeline} x context {p.context} = {model_parallel}"
-        )
-    dp = gpus // model_parallel
-    if d.global_batch_size % (d.micro_batch_size * dp):
-        raise ValueError(
-            f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
-            f"{d.micro_batch_size} x data-parallel size {dp}"
-        )
+    dp = _data_parallel_size(run, nodes, gpus_per_node)
     if not d.stages:
         raise ValueError("no stages: give data.stages in the config or --stage FILE")
     if peak is None and gpu not in GPU_PEAKS:
@@ -317,32 +306,14 @@ def make_plan(
     layout = memory.MemoryLayout.from_run(run, dp, tiles, flash_attention=attention == "flash", device=device)
     plan.remedies = memory.remedies(layout)
     for stage in d.stages:
-        if stage.budget_tokens is not None:
-            iterations = math.ceil(stage.budget_tokens / sample_tokens)
-        elif stage.budget_samples is not None:
-            iterations = math.ceil(stage.budget_samples / (d.global_batch_size * per_seq))
-        elif run.train.iters is not None:  # runs until train.iters steps in all, as the loop does
-            iterations = max(run.train.iters - sum(s.iterations for s in plan.stages), 0)
-        else:
-            raise ValueError(
-                f"stage {stage.name!r} has no budget: a plan needs budget_tokens, budget_samples or "
-                "train.iters"
-            )
+        iterations = _stage_iterations(run, stage, plan, sample_tokens, per_seq)
         per_sequence = sequence_step_flops(
             run.model, d.seq_length, tiles, per_seq, stage.trainable, packing_efficiency
         )
         step = StepFlops(*(d.global_batch_size * x for x in per_sequence.as_tuple()))
-        if measured is not None:
-            rate, source = measured.for_stage(stage.name)
-            seconds = sample_tokens / (rate * gpus)
-            source = f"{rate:,.0f} tokens/s per GPU, {source}"
-        elif tokens_per_s_per_gpu is not None:
-            seconds = sample_tokens / (tokens_per_s_per_gpu * gpus)
-            source = f"stated {tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
-        else:
-            seconds = ideal_seconds(step, peak, gpu) / (mfu * gpus)
-            fp8 = f" / {peak.fp8:g} FP8" if step.model_fp8 else ""
-            source = f"MFU {mfu:.0%} of {gpu} ({peak.bf16:g} bf16{fp8} TFLOP/s)"
+        seconds, source = _step_seconds(
+            stage.name, step, sample_tokens, gpus, measured, tokens_per_s_per_gpu, mfu, gpu, peak
+        )
         days = iterations * seconds / 86400
         plan.stages.append(
             StagePlan(
@@ -359,14 +330,78 @@ def make_plan(
                 days,
             )
         )
-        ranks = memory.stage_memory(run.model, layout, list(stage.trainable))
-        largest = memory.largest_stage(ranks)
-        entry = plan.stages[-1]
-        entry.memory = [r.gib() for r in ranks]
-        entry.memory_gib, entry.memory_rank = largest.total / memory.GIB, largest.pp_rank
-        if gpu_memory_gib is not None:
-            entry.fits = entry.memory_gib <= memory_fraction * gpu_memory_gib
+        _add_stage_memory(plan.stages[-1], run, layout, stage, gpu_memory_gib, memory_fraction)
     return plan
+
+
+def _step_seconds(
+    name: str,
+    step: StepFlops,
+    sample_tokens: float,
+    gpus: int,
+    measured,
+    tokens_per_s_per_gpu,
+    mfu,
+    gpu,
+    peak,
+) -> tuple[float, str]:
+    """Seconds per optimizer step of stage `name` and where the figure comes from: the measured
+    throughput, a stated tokens/s, else the step's own FLOPs at `mfu` of the peaks."""
+    if measured is not None:
+        rate, source = measured.for_stage(name)
+        return sample_tokens / (rate * gpus), f"{rate:,.0f} tokens/s per GPU, {source}"
+    if tokens_per_s_per_gpu is not None:
+        return (
+            sample_tokens / (tokens_per_s_per_gpu * gpus),
+            f"stated {tokens_per_s_per_gpu:,.0f} tokens/s per GPU",
+        )
+    fp8 = f" / {peak.fp8:g} FP8" if step.model_fp8 else ""
+    return ideal_seconds(step, peak, gpu) / (
+        mfu * gpus
+    ), f"MFU {mfu:.0%} of {gpu} ({peak.bf16:g} bf16{fp8} TFLOP/s)"
+
+
+def _data_parallel_size(run, nodes: int, gpus_per_node: int) -> int:
+    """The DP size of `run` on nodes x gpus_per_node GPUs; ValueError when the layout or batch does not divide."""
+    p, d = run.parallel, run.data
+    gpus = nodes * gpus_per_node
+    model_parallel = p.tensor * p.pipeline * p.context
+    if gpus % model_parallel:
+        raise ValueError(
+            f"{gpus} GPUs ({nodes} nodes x {gpus_per_node}) do not divide into tensor {p.tensor} x "
+            f"pipeline {p.pipeline} x context {p.context} = {model_parallel}"
+        )
+    dp = gpus // model_parallel
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ValueError(
+            f"data.global_batch_size {d.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{d.micro_batch_size} x data-parallel size {dp}"
+        )
+    return dp
+
+
+def _stage_iterations(run, stage, plan: RunPlan, sample_tokens: float, per_seq: float) -> int:
+    """Optimizer steps of `stage`: its token or sample budget, else what train.iters leaves after the
+    stages planned so far (as the loop runs it)."""
+    if stage.budget_tokens is not None:
+        return math.ceil(stage.budget_tokens / sample_tokens)
+    if stage.budget_samples is not None:
+        return math.ceil(stage.budget_samples / (run.data.global_batch_size * per_seq))
+    if run.train.iters is not None:
+        return max(run.train.iters - sum(s.iterations for s in plan.stages), 0)
+    raise ValueError(
+        f"stage {stage.name!r} has no budget: a plan needs budget_tokens, budget_samples or train.iters"
+    )
+
+
+def _add_stage_memory(entry: StagePlan, run, layout, stage, gpu_memory_gib, memory_fraction: float) -> None:
+    """Memory per pipeline rank of `stage` onto its plan entry, the largest rank, and whether it fits."""
+    ranks = memory.stage_memory(run.model, layout, list(stage.trainable))
+    largest = memory.largest_stage(ranks)
+    entry.memory = [r.gib() for r in ranks]
+    entry.memory_gib, entry.memory_rank = largest.total / memory.GIB, largest.pp_rank
+    if gpu_memory_gib is not None:
+        entry.fits = entry.memory_gib <= memory_fraction * gpu_memory_gib
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -512,7 +547,7 @@ def _parse_peak(text: str | None) -> Peak | None:
         raise ValueError(f"--peak-tflops {text!r}: give BF16 or BF16,FP8 TFLOP/s, e.g. 989,1979") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 4)[-1],
@@ -618,49 +653,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-checkpoint", default=None, help="the first stage starts from these weights only")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON object after the table")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.global_batch_size=512")
-    args = ap.parse_intermixed_args(argv)
+    return ap
+
+
+def _run_plan(args) -> RunPlan | None:
+    """The plan the parsed arguments ask for (None with --no-plan), after writing --write-config."""
+    composed = dict(
+        all_sources=args.all_sources,
+        budget_samples=args.budget_samples,
+        init_checkpoint=args.init_checkpoint,
+    )
+    run = compose_run_config(args.config, args.stage, args.overrides, **composed)
+    if run.data.path is not None and not run.data.stages:
+        from megasail.training.checks import resolve_stages  # data.path: one stage training everything
+
+        resolve_stages(run)
+    if args.write_config:
+        with open(args.write_config, "w") as f:
+            f.write(compose_config_yaml(args.config, args.stage, args.overrides, **composed))
+    if args.no_plan:
+        return None
+    measured = None
+    if args.from_metrics and args.tokens_per_s_per_gpu is not None:
+        raise ValueError("give --from-metrics or --tokens-per-s-per-gpu, not both")
+    if args.from_metrics:
+        measured = read_metrics_throughput(args.from_metrics, args.metrics_gpus, args.metrics_skip)
+    return make_plan(
+        run,
+        args.nodes,
+        args.gpus_per_node,
+        model_name=args.model_name,
+        tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
+        mfu=args.mfu,
+        gpu=args.gpu,
+        peak=_parse_peak(args.peak_tflops),
+        packing_efficiency=args.packing_efficiency,
+        tiles_per_sequence=args.tiles_per_sequence,
+        samples_per_sequence=args.samples_per_sequence,
+        measured=measured,
+        gpu_memory_gib=args.gpu_memory_gb,
+        memory_fraction=args.memory_fraction,
+        attention=args.attention,
+        device=args.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
 
     from megasail.config import ConfigError
 
     try:
-        composed = dict(
-            all_sources=args.all_sources,
-            budget_samples=args.budget_samples,
-            init_checkpoint=args.init_checkpoint,
-        )
-        run = compose_run_config(args.config, args.stage, args.overrides, **composed)
-        if run.data.path is not None and not run.data.stages:
-            from megasail.training.checks import resolve_stages  # data.path: one stage training everything
-
-            resolve_stages(run)
-        if args.write_config:
-            with open(args.write_config, "w") as f:
-                f.write(compose_config_yaml(args.config, args.stage, args.overrides, **composed))
-        if args.no_plan:
+        plan = _run_plan(args)
+        if plan is None:
             return 0
-        measured = None
-        if args.from_metrics and args.tokens_per_s_per_gpu is not None:
-            raise ValueError("give --from-metrics or --tokens-per-s-per-gpu, not both")
-        if args.from_metrics:
-            measured = read_metrics_throughput(args.from_metrics, args.metrics_gpus, args.metrics_skip)
-        plan = make_plan(
-            run,
-            args.nodes,
-            args.gpus_per_node,
-            model_name=args.model_name,
-            tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
-            mfu=args.mfu,
-            gpu=args.gpu,
-            peak=_parse_peak(args.peak_tflops),
-            packing_efficiency=args.packing_efficiency,
-            tiles_per_sequence=args.tiles_per_sequence,
-            samples_per_sequence=args.samples_per_sequence,
-            measured=measured,
-            gpu_memory_gib=args.gpu_memory_gb,
-            memory_fraction=args.memory_fraction,
-            attention=args.attention,
-            device=args.device,
-        )
     except (ConfigError, ValueError, OSError) as e:  # StartupError is a ValueError
         print(f"plan: error: {e}", file=sys.stderr)
         return 2

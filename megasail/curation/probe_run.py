@@ -146,8 +146,7 @@ def find_same(out: str, record: dict) -> str | None:
 
 def checkpoint_state(root: str) -> tuple[str | None, bool]:
     """(latest step dir or None, whether its run spent the stage's budget)."""
-    # today's public home of the checkpoint reader (the marker file and megasail.json)
-    from megasail.training.checkpoint import latest_checkpoint, read_meta
+    from megasail.checkpoint import latest_checkpoint, read_meta
 
     if not os.path.isdir(root):
         return None, False
@@ -160,9 +159,9 @@ def checkpoint_state(root: str) -> tuple[str | None, bool]:
 
 def published_steps(root: str) -> list[str]:
     """The step dirs under a checkpoint root, oldest first."""
-    from megasail.training.checkpoint import _published_steps  # the reader's own listing of complete saves
+    from megasail.checkpoint import published_steps as complete_saves
 
-    return [path for _, path in _published_steps(root)]
+    return [path for _, path in complete_saves(root)]
 
 
 def _launch(settings, script: str) -> list[str]:
