@@ -106,7 +106,7 @@ class Chat:
     def __init__(self, args):
         from dataclasses import replace
 
-        from megasail.inference import Generator, SamplingParams, stop_token_ids
+        from megasail.inference import Generator, SamplingParams, pad_token_id, stop_token_ids
         from megasail.inference.loading import load_for_generation
 
         loaded = load_for_generation(
@@ -136,8 +136,7 @@ class Chat:
         )
         if self.prompt.template == "caption":
             log.warning("the caption template's prompt is the images alone: question text is not used")
-        pad = self.tokenizer.token_id("<|endoftext|>") if self._has("<|endoftext|>") else 0
-        self.generator = Generator(loaded.model, pad_token_id=pad)
+        self.generator = Generator(loaded.model, pad_token_id=pad_token_id(self.tokenizer))
         self.params = SamplingParams(
             max_new_tokens=args.max_new_tokens,
             greedy=args.temperature is None,
@@ -147,13 +146,6 @@ class Chat:
             stop_token_ids=stop_token_ids(self.tokenizer),
         )
         self.use_cache = not args.no_cache
-
-    def _has(self, name: str) -> bool:
-        try:
-            self.tokenizer.token_id(name)
-            return True
-        except KeyError:
-            return False
 
     def request(self, question: str, images: list[bytes], history=()):
         from megasail.inference import Request, build_prompt

@@ -207,7 +207,7 @@ def _summary_table(run: Counter, total: Counter, elapsed: float, writers: int) -
 
 def run_recaption(cfg: RecaptionConfig) -> dict | None:
     """Caption this rank's share; returns the summary on global rank 0 (None elsewhere)."""
-    from megasail.inference import Generator, SamplingParams, stop_token_ids
+    from megasail.inference import Generator, SamplingParams, pad_token_id, stop_token_ids
     from megasail.inference.loading import load_for_generation
 
     group = _world_group()
@@ -235,10 +235,7 @@ def run_recaption(cfg: RecaptionConfig) -> dict | None:
     overrides.update({k: v for k, v in (("template", cfg.template), ("system_message", cfg.system)) if v is not None})
     prompt_settings = replace(loaded.prompt, **overrides)
     tokenizer = loaded.tokenizer
-    try:
-        pad = tokenizer.token_id("<|endoftext|>")
-    except KeyError:
-        pad = 0
+    pad = pad_token_id(tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.temperature is None,
                             temperature=cfg.temperature or 1.0, top_p=cfg.top_p, seed=cfg.seed,
                             stop_token_ids=stop_token_ids(tokenizer))  # fmt: skip

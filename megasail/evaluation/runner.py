@@ -294,7 +294,7 @@ def _predict(
 
 def _generator(cfg: EvalConfig, checkpoint: str):
     """The BatchedGenerator of this rank's part of the model loaded from ``checkpoint``."""
-    from megasail.inference import Generator, SamplingParams, stop_token_ids
+    from megasail.inference import Generator, SamplingParams, pad_token_id, stop_token_ids
     from megasail.inference.batched import BatchedGenerator, BatchingConfig
     from megasail.inference.loading import load_for_generation
 
@@ -309,10 +309,7 @@ def _generator(cfg: EvalConfig, checkpoint: str):
     overrides.update({k: v for k, v in (("template", cfg.template), ("system_message", cfg.system),
                                         ("max_tiles", cfg.max_tiles)) if v is not None})  # fmt: skip
     tokenizer = loaded.tokenizer
-    try:
-        pad = tokenizer.token_id("<|endoftext|>")
-    except KeyError:
-        pad = 0
+    pad = pad_token_id(tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.temperature is None,
                             temperature=cfg.temperature or 1.0, top_p=cfg.top_p, seed=cfg.seed,
                             stop_token_ids=stop_token_ids(tokenizer))  # fmt: skip

@@ -3,7 +3,13 @@ generation over streams of work items (``batched.py``)."""
 
 from megasail.inference.batched import BatchedGenerator, BatchingConfig, ImageReadError, ItemOutcome, WorkItem
 from megasail.inference.generate import GenerationResult, GenerationStats, Generator, Request, SamplingParams
-from megasail.inference.prompt import PromptSettings, build_prompt, build_prompt_from_tiles, stop_token_ids
+from megasail.inference.prompt import (
+    PromptSettings,
+    build_prompt,
+    build_prompt_from_tiles,
+    pad_token_id,
+    stop_token_ids,
+)
 
 __all__ = [
     "BatchedGenerator",
@@ -19,5 +25,6 @@ __all__ = [
     "WorkItem",
     "build_prompt",
     "build_prompt_from_tiles",
+    "pad_token_id",
     "stop_token_ids",
 ]

@@ -50,6 +50,15 @@ def stop_token_ids(tokenizer: MultimodalTokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def pad_token_id(tokenizer: MultimodalTokenizer) -> int:
+    """The id generation pads finished and shorter rows with: ``<|endoftext|>`` when the vocabulary has
+    it, else 0 (padding is masked out, so any id is correct; this one keeps logs readable)."""
+    try:
+        return tokenizer.token_id("<|endoftext|>")
+    except KeyError:
+        return 0
+
+
 def _answer_prefix(pieces):
     """Pieces up to where the final answer's text starts: drop the trailing separator, then the
     final answer (its target pieces)."""
